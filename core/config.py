@@ -1,0 +1,186 @@
+"""The realm's ``config.json``, loaded into pydantic models.
+
+Every section rejects unknown keys. :func:`load_config` reports *all* problems at once, each naming its
+dotted key (``training.learning_rate: Input should be greater than 0``), by raising :class:`ConfigError`.
+``python -m training config --schema`` prints :func:`config_json_schema`; the README's config reference is
+generated from the same schema by :func:`config_reference_markdown`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+CONFIG_FILENAME = "config.json"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class HeroConfig(_Section):
+    """The model being trained (the *hero* in the Tavern)."""
+
+    name: str = Field("hero", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+                      description="Folder name under models/; letters, digits, '_', '.', '-'.")
+    base_model: str | None = Field(
+        None,
+        description="Local Hugging Face model folder (relative to the realm or absolute) or a hub id resolved "
+        "from the local cache only. null: the embedded default hero (random-init Qwen3, byte-level tokenizer).",
+    )
+    default_size: Literal["nano", "micro", "tiny", "small"] = Field(
+        "micro", description="Size of the embedded default hero when base_model is null.")
+    chat_template: str | None = Field(
+        None, description="Jinja chat template overriding the tokenizer's; null keeps the tokenizer's own, "
+        "or the documented ChatML default when it has none.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the model folder to run.")
+
+
+class TrainingConfig(_Section):
+    """Optimiser, batching, precision and checkpoint cadence of the continuous SFT engine."""
+
+    learning_rate: float = Field(3e-4, gt=0, description="Peak AdamW learning rate.")
+    lr_scheduler_type: Literal["constant_with_warmup", "constant"] = Field(
+        "constant_with_warmup", description="Open-ended training: constant after warmup, never decays to zero.")
+    warmup_steps: int = Field(20, ge=0, description="Linear warmup, in optimizer steps (global).")
+    weight_decay: float = Field(0.0, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.95, ge=0, lt=1)
+    adam_epsilon: float = Field(1e-8, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping by global L2 norm.")
+    micro_batch_size: int = Field(8, ge=1, description="Rows of max_length tokens per forward pass.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    max_length: int = Field(512, ge=8, description="Tokens per row (and per example, see validation.length_policy).")
+    packing: bool = Field(True, description="Pack several examples per row; a block-diagonal mask keeps "
+                          "packed examples from attending to each other.")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on a GPU that supports it, fp32 otherwise (CPUs lack fast bf16).")
+    seed: int = Field(42, description="Seed of model init and dropout RNG.")
+    save_steps: int = Field(200, ge=1, description="Save a checkpoint every N global steps.")
+    save_interval_minutes: float = Field(15.0, gt=0, description="... and at least every N minutes of training.")
+    eval_steps: int = Field(100, ge=0, description="Evaluate held-out examples every N global steps (0: only at "
+                            "quest end).")
+    eval_holdout_every: int = Field(50, ge=0, description="Hold out every Nth valid example of a quest for "
+                                    "validation loss (0: no held-out examples).")
+    eval_max_examples: int = Field(64, ge=1, description="At most this many held-out examples per quest.")
+    max_attempts: int = Field(3, ge=1, description="A quest whose training raises is retried up to this many "
+                              "times, then failed with the error.")
+    min_trainable_token_ratio: float = Field(
+        0.01, ge=0, le=1, description="Sanity check: a quest whose completion tokens are fewer than this share "
+        "of all tokens is flagged in its report (the loss mask is probably wrong).")
+
+
+class IngestConfig(_Section):
+    """How files are taken from inbox/."""
+
+    poll_interval_seconds: float = Field(2.0, gt=0, description="Scan interval of the polling fallback, and "
+                                         "the safety-net rescan when inotify events are used.")
+    settle_seconds: float = Field(1.0, ge=0, description="A file is taken only once its size and mtime have "
+                                  "not changed for this long.")
+    use_polling: bool = Field(False, description="Force the polling observer (network filesystems).")
+    skip_duplicates: bool = Field(True, description="Skip a file whose content hash was already trained.")
+
+
+class ValidationConfig(_Section):
+    """Record validation before a file is queued."""
+
+    length_policy: Literal["truncate", "drop", "reject"] = Field(
+        "truncate", description="Examples longer than training.max_length tokens: truncate them, drop them "
+        "(listed in the report), or count them as bad lines.")
+    max_bad_line_ratio: float = Field(0.1, ge=0, le=1, description="Above this share of bad lines the whole "
+                                      "file goes to queue/failed/.")
+    max_line_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="A longer line is a bad line.")
+    field_map: dict[str, dict[str, str]] = Field(
+        default_factory=dict,
+        description="Per glob of file names, rename fields before format detection, e.g. "
+        '{"gsm8k*.jsonl": {"question": "prompt", "answer": "completion"}}.',
+    )
+
+
+class TavernConfig(_Section):
+    """The web dashboard."""
+
+    host: str = Field("127.0.0.1", description="Bind address; anything but loopback requires access_token.")
+    port: int = Field(8888, ge=1, le=65535)
+    access_token: str | None = Field(None, description="Required on every request when bound beyond loopback.")
+    max_upload_bytes: int = Field(256 * 1024 * 1024, ge=1, description="Largest quest upload accepted.")
+
+
+class RealmConfig(_Section):
+    """The whole ``config.json`` of a realm."""
+
+    hero: HeroConfig = Field(default_factory=HeroConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    tavern: TavernConfig = Field(default_factory=TavernConfig)
+
+
+class ConfigError(ValueError):
+    """Raised when ``config.json`` cannot be read or holds invalid values.
+
+    ``errors`` lists every problem as ``"dotted.key: message"``.
+    """
+
+    def __init__(self, path: Path | str, errors: list[str]):
+        self.path = str(path)
+        self.errors = errors
+        super().__init__(f"{path}: {len(errors)} problem(s):\n" + "\n".join(f"  - {e}" for e in errors))
+
+
+def _format_errors(exc: ValidationError) -> list[str]:
+    out = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(root)"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        out.append(f"{key}: {msg}")
+    return out
+
+
+def parse_config(data: dict, source: str = "<dict>") -> RealmConfig:
+    """Validate a config dict. Raises :class:`ConfigError` listing every bad key at once."""
+    try:
+        return RealmConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, _format_errors(exc)) from None
+
+
+def load_config(path: Path | str) -> RealmConfig:
+    """Load ``config.json``; a missing file means all defaults.
+
+    Raises :class:`ConfigError` on invalid JSON (naming line and column) or invalid values.
+    """
+    path = Path(path)
+    if not path.exists():
+        return RealmConfig()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(path, [f"(file): invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError(path, ["(root): must be a JSON object"])
+    return parse_config(data, str(path))
+
+
+def config_json_schema() -> dict:
+    """JSON Schema (draft 2020-12) of ``config.json``."""
+    return RealmConfig.model_json_schema()
+
+
+def config_reference_markdown() -> str:
+    """A Markdown table per section: key, type, default, description (for the README)."""
+    lines: list[str] = []
+    for section_name, field in RealmConfig.model_fields.items():
+        model = field.default_factory().__class__  # type: ignore[misc]
+        lines += [f"#### `{section_name}`", "", (model.__doc__ or "").strip(), "",
+                  "| key | type | default | description |", "|---|---|---|---|"]
+        for key, f in model.model_fields.items():
+            default = f.default_factory() if f.default_factory else f.default
+            ann = str(f.annotation).replace("typing.", "").replace("|", "\\|")
+            desc = (f.description or "").replace("|", "\\|")
+            lines.append(f"| `{key}` | `{ann}` | `{json.dumps(default)}` | {desc} |")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,188 @@
+"""The durable quest queue: folders show state, the ledger records it, one method changes it.
+
+Every state change is one atomic step: a ledger transaction that updates the row and, inside it, a
+``rename`` of the data file (and its ``.report.json``) into the state's folder. If the rename fails the
+transaction rolls back; if the process dies between rename and commit, :meth:`QuestQueue.reconcile`
+trusts the folder at the next start.
+
+Order of training: quests already ``processing`` (resume), then ``queued`` by priority high -> normal ->
+low, oldest (lowest id) first.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from core.ledger import Ledger, QuestState
+from core.realm import PRIORITIES, Realm
+
+REPORT_SUFFIX = ".report.json"
+
+ALLOWED: dict[QuestState, set[QuestState]] = {
+    QuestState.VALIDATING: {QuestState.QUEUED, QuestState.FAILED, QuestState.SKIPPED, QuestState.VALIDATING},
+    QuestState.QUEUED: {QuestState.PROCESSING, QuestState.QUEUED, QuestState.REMOVED},
+    QuestState.PROCESSING: {QuestState.COMPLETED, QuestState.QUEUED, QuestState.FAILED},
+    QuestState.FAILED: {QuestState.QUEUED, QuestState.REMOVED},
+    QuestState.COMPLETED: {QuestState.REMOVED},
+    QuestState.SKIPPED: {QuestState.REMOVED, QuestState.QUEUED},
+    QuestState.REMOVED: {QuestState.QUEUED},
+}
+
+
+class QuestStateError(RuntimeError):
+    """Raised on a transition the state machine does not allow, or for an unknown quest."""
+
+
+def folder_name(state: QuestState, priority: str) -> str:
+    return {
+        QuestState.VALIDATING: "validating",
+        QuestState.QUEUED: priority,
+        QuestState.PROCESSING: "processing",
+        QuestState.COMPLETED: "recently_completed",
+        QuestState.SKIPPED: "recently_completed",
+        QuestState.FAILED: "failed",
+        QuestState.REMOVED: "trash",
+    }[state]
+
+
+class QuestQueue:
+    """State machine of quests over a :class:`Realm`'s queue folders and its :class:`Ledger`."""
+
+    def __init__(self, realm: Realm, ledger: Ledger):
+        self.realm = realm
+        self.ledger = ledger
+
+    # paths ---------------------------------------------------------------------
+    def path_of(self, quest: dict[str, Any]) -> Path:
+        """Where the quest's data file is now, by its ledger state."""
+        folder = folder_name(QuestState(quest["state"]), quest["priority"])
+        return self.realm.queue_dir(folder) / quest["stored_name"]
+
+    def report_path_of(self, quest: dict[str, Any]) -> Path:
+        p = self.path_of(quest)
+        return p.with_name(p.name + REPORT_SUFFIX)
+
+    # admission -------------------------------------------------------------------
+    def admit(self, source: Path, priority: str = "normal", name: str | None = None) -> int:
+        """Take ``source`` (a settled file, e.g. in inbox/) into ``queue/validating/`` as a new quest.
+
+        The file is renamed (same filesystem) or copied then removed, so the inbox never holds it twice.
+        Returns the quest id. Raises ``ValueError`` for an unknown priority.
+        """
+        if priority not in PRIORITIES:
+            raise ValueError(f"priority must be one of {PRIORITIES}, got {priority!r}")
+        name = name or source.name
+        now = time.time()
+        size = source.stat().st_size
+        with self.ledger.transaction() as c:
+            cur = c.execute(
+                "INSERT INTO quests(name, stored_name, state, priority, size_bytes, created_at, updated_at) "
+                "VALUES (?,?,?,?,?,?,?)",
+                (name, "", QuestState.VALIDATING.value, priority, size, now, now),
+            )
+            quest_id = int(cur.lastrowid)
+            stored = f"{quest_id:06d}-{name}"
+            c.execute("UPDATE quests SET stored_name=? WHERE id=?", (stored, quest_id))
+            dest = self.realm.queue_dir("validating") / stored
+            _move(source, dest)
+        self.ledger.event("quest_admitted", f"{name} taken from the inbox as quest {quest_id}",
+                          quest_id=quest_id, priority=priority)
+        return quest_id
+
+    # the one place that changes state ---------------------------------------------
+    def transition(self, quest_id: int, to_state: QuestState, *, priority: str | None = None,
+                   expect: QuestState | None = None, **fields: Any) -> dict[str, Any]:
+        """Move quest ``quest_id`` to ``to_state`` (and optionally a new ``priority``), updating ``fields``.
+
+        Raises :class:`QuestStateError` for an unknown quest, a transition not in :data:`ALLOWED`, or when
+        ``expect`` is given and the quest is in another state. Returns the updated row.
+        """
+        if priority is not None and priority not in PRIORITIES:
+            raise ValueError(f"priority must be one of {PRIORITIES}, got {priority!r}")
+        now = time.time()
+        with self.ledger.transaction() as c:
+            row = c.execute("SELECT * FROM quests WHERE id=?", (quest_id,)).fetchone()
+            if row is None:
+                raise QuestStateError(f"no quest {quest_id}")
+            quest = dict(row)
+            current = QuestState(quest["state"])
+            if expect is not None and current != expect:
+                raise QuestStateError(f"quest {quest_id} is {current.value}, expected {expect.value}")
+            if to_state not in ALLOWED[current]:
+                raise QuestStateError(f"quest {quest_id}: {current.value} -> {to_state.value} is not allowed")
+            src = self.path_of(quest)
+            src_report = src.with_name(src.name + REPORT_SUFFIX)
+            updated = {**quest, **fields, "state": to_state.value, "priority": priority or quest["priority"],
+                       "updated_at": now}
+            if to_state == QuestState.PROCESSING and not quest["started_at"]:
+                updated["started_at"] = now
+            if to_state in (QuestState.COMPLETED, QuestState.FAILED, QuestState.SKIPPED):
+                updated["finished_at"] = now
+            cols = [k for k in updated if k != "id"]
+            c.execute(f"UPDATE quests SET {', '.join(f'{k}=?' for k in cols)} WHERE id=?",
+                      (*[updated[k] for k in cols], quest_id))
+            dst = self.path_of(updated)
+            if src != dst:
+                _move(src, dst)
+                if src_report.exists():
+                    _move(src_report, dst.with_name(dst.name + REPORT_SUFFIX))
+        return updated
+
+    # selection -----------------------------------------------------------------
+    def next_trainable(self, trainable_formats: set[str]) -> dict[str, Any] | None:
+        """The quest to train next, or None: a ``processing`` one first, then queued by priority, id."""
+        rows = self.ledger.list_quests([QuestState.PROCESSING])
+        rows = [r for r in rows if r["format"] in trainable_formats]
+        if rows:
+            return rows[0]
+        order = {p: i for i, p in enumerate(PRIORITIES)}
+        queued = [r for r in self.ledger.list_quests([QuestState.QUEUED], limit=100000)
+                  if r["format"] in trainable_formats]
+        queued.sort(key=lambda r: (order[r["priority"]], r["id"]))
+        return queued[0] if queued else None
+
+    def waiting(self, trainable_formats: set[str]) -> list[dict[str, Any]]:
+        """Queued quests whose format no school trains yet (e.g. preference data before DPO)."""
+        return [r for r in self.ledger.list_quests([QuestState.QUEUED], limit=100000)
+                if r["format"] not in trainable_formats]
+
+    # recovery -------------------------------------------------------------------
+    def reconcile(self) -> list[str]:
+        """Make the ledger agree with the folders after a crash between rename and commit.
+
+        A quest whose file is not where its state says but is found in another state's folder gets that
+        state (the rename happened, the commit did not). Returns notes on what was fixed.
+        """
+        notes: list[str] = []
+        for quest in self.ledger.list_quests(limit=10**9):
+            where = self.path_of(quest)
+            if where.exists():
+                continue
+            for state in QuestState:
+                for prio in PRIORITIES:
+                    cand = self.realm.queue_dir(folder_name(state, prio)) / quest["stored_name"]
+                    if cand.exists():
+                        with self.ledger.transaction() as c:
+                            c.execute("UPDATE quests SET state=?, priority=?, updated_at=? WHERE id=?",
+                                      (state.value, prio if state == QuestState.QUEUED else quest["priority"],
+                                       time.time(), quest["id"]))
+                        notes.append(f"quest {quest['id']}: file found in {cand.parent.name}/, state set to "
+                                     f"{state.value}")
+                        break
+                else:
+                    continue
+                break
+        for note in notes:
+            self.ledger.event("queue_reconciled", note, level="warning")
+        return notes
+
+
+def _move(src: Path, dst: Path) -> None:
+    """Atomic rename; never overwrites (raises FileExistsError)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists():
+        raise FileExistsError(f"{dst} already exists; refusing to overwrite")
+    os.rename(src, dst)

@@ -1,0 +1,145 @@
+"""A realm: one folder holding a hero's config, data folders, checkpoints, logs and ledger.
+
+Layout::
+
+    <realm>/config.json
+    <realm>/inbox/{high,normal,low}/      files dropped by the user
+    <realm>/queue/{validating,high,normal,low,processing,recently_completed,failed,trash}/
+    <realm>/models/<hero>/base/           the embedded default hero, when one was created
+    <realm>/models/<hero>/checkpoints/step-00001234/
+    <realm>/logs/                         daemon.log, tavern.log
+    <realm>/run/                          pid files
+    <realm>/ledger.sqlite                 the SQLite ledger (WAL)
+
+The repository root is the default realm; ``--realm DIR`` or ``REALM_HOME`` selects another.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.config import CONFIG_FILENAME, RealmConfig, load_config
+
+PRIORITIES = ("high", "normal", "low")
+QUEUE_FOLDERS = ("validating", *PRIORITIES, "processing", "recently_completed", "failed", "trash")
+REALM_ENV = "REALM_HOME"
+
+
+class RealmError(RuntimeError):
+    """Raised when a path escapes the realm or the realm cannot be created."""
+
+
+@dataclass(frozen=True)
+class Realm:
+    """Paths of one realm. All paths are absolute."""
+
+    root: Path
+
+    @classmethod
+    def at(cls, root: Path | str) -> Realm:
+        return cls(Path(root).expanduser().resolve())
+
+    # folders -----------------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.root / CONFIG_FILENAME
+
+    @property
+    def inbox(self) -> Path:
+        return self.root / "inbox"
+
+    @property
+    def queue(self) -> Path:
+        return self.root / "queue"
+
+    def queue_dir(self, name: str) -> Path:
+        if name not in QUEUE_FOLDERS:
+            raise ValueError(f"unknown queue folder {name!r}")
+        return self.queue / name
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.root / "ledger.sqlite"
+
+    def hero_dir(self, hero_name: str) -> Path:
+        return self.models / hero_name
+
+    def checkpoints_dir(self, hero_name: str) -> Path:
+        return self.hero_dir(hero_name) / "checkpoints"
+
+    def pid_file(self, process_name: str) -> Path:
+        return self.run_dir / f"{process_name}.pid"
+
+    # behaviour ---------------------------------------------------------------
+    def load_config(self) -> RealmConfig:
+        """Raises :class:`core.config.ConfigError` when config.json is invalid."""
+        return load_config(self.config_path)
+
+    def ensure_layout(self) -> None:
+        """Create every folder of the realm (idempotent)."""
+        for d in (self.inbox, *(self.inbox / p for p in PRIORITIES), self.models, self.logs, self.run_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        for name in QUEUE_FOLDERS:
+            self.queue_dir(name).mkdir(parents=True, exist_ok=True)
+
+    def confine(self, path: Path | str) -> Path:
+        """Resolve ``path`` (relative to the realm root) and refuse anything outside the realm.
+
+        Raises :class:`RealmError` on traversal (``..``, absolute paths elsewhere, symlinks out).
+        """
+        p = Path(path)
+        resolved = (p if p.is_absolute() else self.root / p).resolve()
+        if resolved != self.root and self.root not in resolved.parents:
+            raise RealmError(f"path {str(path)!r} is outside the realm {self.root}")
+        return resolved
+
+    def resolve_base_model(self, base_model: str) -> str:
+        """A base_model relative to the realm (``./x``, ``../x``, ``x/y`` that exists) becomes absolute;
+        anything else (a hub id) is returned unchanged."""
+        p = Path(base_model).expanduser()
+        candidate = p if p.is_absolute() else self.root / p
+        if candidate.exists():
+            return str(candidate.resolve())
+        return base_model
+
+
+def default_realm_root(environ: Mapping[str, str] | None = None) -> Path:
+    """``REALM_HOME`` if set, else the repository root (the folder holding this package)."""
+    env = os.environ if environ is None else environ
+    if env.get(REALM_ENV):
+        return Path(env[REALM_ENV]).expanduser().resolve()
+    return Path(__file__).resolve().parent.parent
+
+
+def init_realm(root: Path | str, base_model: str | None = None, overrides: dict | None = None) -> Realm:
+    """Create a realm folder with its layout and a ``config.json`` (an existing config is kept, with
+    ``hero.base_model`` updated when given). Returns the :class:`Realm`."""
+    realm = Realm.at(root)
+    realm.root.mkdir(parents=True, exist_ok=True)
+    realm.ensure_layout()
+    data: dict = {}
+    if realm.config_path.exists():
+        data = json.loads(realm.config_path.read_text(encoding="utf-8"))
+    for section, values in (overrides or {}).items():
+        data.setdefault(section, {}).update(values)
+    if base_model is not None:
+        data.setdefault("hero", {})["base_model"] = base_model
+    RealmConfig.model_validate(data)  # refuse to write an invalid config
+    realm.config_path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    return realm

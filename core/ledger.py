@@ -58,6 +58,7 @@ CREATE TABLE IF NOT EXISTS quests (
     report_path TEXT,
     note TEXT,
     error TEXT,
+    deferred INTEGER NOT NULL DEFAULT 0,  -- 1 after a user skip: trained after the other queued quests
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     started_at REAL,
@@ -113,7 +114,7 @@ CREATE TABLE IF NOT EXISTS kv (
 QUEST_COLUMNS = (
     "id", "name", "stored_name", "state", "priority", "attempts", "content_hash", "format", "size_bytes",
     "records", "bad_records", "examples_total", "examples_trained", "tokens", "steps", "first_global_step",
-    "last_global_step", "report_path", "note", "error", "created_at", "updated_at", "started_at", "finished_at",
+    "last_global_step", "report_path", "note", "error", "deferred", "created_at", "updated_at", "started_at", "finished_at",
 )
 
 

@@ -133,7 +133,8 @@ class QuestQueue:
 
     # selection -----------------------------------------------------------------
     def next_trainable(self, trainable_formats: set[str]) -> dict[str, Any] | None:
-        """The quest to train next, or None: a ``processing`` one first, then queued by priority, id."""
+        """The quest to train next, or None: a ``processing`` one first, then queued quests by priority and
+        age (lowest id), quests the user skipped (``deferred``) after all others."""
         rows = self.ledger.list_quests([QuestState.PROCESSING])
         rows = [r for r in rows if r["format"] in trainable_formats]
         if rows:
@@ -141,7 +142,7 @@ class QuestQueue:
         order = {p: i for i, p in enumerate(PRIORITIES)}
         queued = [r for r in self.ledger.list_quests([QuestState.QUEUED], limit=100000)
                   if r["format"] in trainable_formats]
-        queued.sort(key=lambda r: (order[r["priority"]], r["id"]))
+        queued.sort(key=lambda r: (r["deferred"], order[r["priority"]], r["id"]))
         return queued[0] if queued else None
 
     def waiting(self, trainable_formats: set[str]) -> list[dict[str, Any]]:

@@ -1,0 +1,210 @@
+"""Turn a normalized example into token ids and loss labels (supervised fine-tuning).
+
+Normalized examples (from :mod:`core.formats`) are exactly one of:
+
+- ``{"text": str}``: loss on every token; EOS appended.
+- ``{"prompt": str, "completion": str}``: the two strings concatenated as one text (TRL's standard
+  prompt-completion); loss on the tokens holding completion characters, and on the appended EOS.
+  Conversational ``prompt``/``completion`` (lists of messages) are rendered as one conversation with
+  loss on the completion's assistant messages.
+- ``{"messages": [{"role", "content"}, ...]}``: rendered with the tokenizer's chat template; loss on
+  each assistant message's tokens: its content plus the end-of-turn marker the template puts after it.
+
+Assistant spans work for any template: for assistant message ``i`` the text rendered for
+``messages[:i]`` with ``add_generation_prompt=True`` and for ``messages[:i+1]`` are both prefixes of the
+whole conversation's text, and the characters between them (trailing whitespace trimmed) are the
+assistant's. Character spans become token labels through the fast tokenizer's offsets. Templates that
+rewrite earlier turns (so the prefixes do not hold) fall back to locating the content in the text and
+extending it over a directly following special token (the end-of-turn marker).
+
+Labels follow the Hugging Face convention: aligned with ``input_ids`` (the model predicts
+``labels[t]`` from tokens ``< t``); -100 means no loss. ``labels[0]`` is always -100 since the first
+token of an example is never predicted from inside it; this also keeps packed examples from learning
+across example boundaries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TokenizedExample:
+    """One example ready for packing. ``input_ids`` and ``labels`` have equal length (tokens)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    line: int = 0
+    truncated: bool = False
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def trainable_tokens(self) -> int:
+        """Tokens that carry loss (labels != -100)."""
+        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+
+
+class ExampleError(ValueError):
+    """Raised for an example that is not one of the normalized shapes."""
+
+
+def _encode(tokenizer, text: str, add_special_tokens: bool) -> tuple[list[int], list[tuple[int, int]] | None]:
+    """Token ids and (start, end) character offsets per token (None for a slow tokenizer)."""
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]), None
+
+
+def _mask_from_spans(tokenizer, text: str, ids: list[int], offsets, spans: list[tuple[int, int]],
+                     add_special_tokens: bool) -> list[bool]:
+    """True for each token overlapping a character span ``[a, b)`` of ``text``."""
+    if offsets is not None:
+        return [any(s < b and e > a for a, b in spans) for s, e in offsets]
+    # Slow tokenizer: a span's tokens start after the tokens of the text before it (prefix tokenization).
+    mask = [False] * len(ids)
+    for a, b in spans:
+        start = len(tokenizer(text[:a], add_special_tokens=add_special_tokens)["input_ids"])
+        end = len(tokenizer(text[:b], add_special_tokens=add_special_tokens)["input_ids"])
+        for t in range(start, min(end, len(ids))):
+            mask[t] = True
+    return mask
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def assistant_spans(tokenizer, messages: list[dict], first_trainable: int = 0) -> tuple[str, list[tuple[int, int]]]:
+    """Render ``messages`` with the chat template; return ``(text, [(start, end) character span of each
+    assistant message at index >= first_trainable])``. Raises :class:`ExampleError` when the template fails."""
+    try:
+        full = _render(tokenizer, messages, False)
+    except Exception as exc:
+        raise ExampleError(f"the chat template cannot render these messages: {exc}") from exc
+    specials = sorted({t for t in getattr(tokenizer, "all_special_tokens", []) if t}, key=len, reverse=True)
+    spans: list[tuple[int, int]] = []
+    cursor = 0
+    for i, msg in enumerate(messages):
+        if msg.get("role") != "assistant":
+            continue
+        span = None
+        try:
+            pre = _render(tokenizer, messages[:i], True) if i else None
+            upto = _render(tokenizer, messages[: i + 1], False)
+        except Exception:
+            pre = upto = None
+        if pre is not None and upto is not None and full.startswith(pre) and full.startswith(upto) \
+                and len(upto) > len(pre) >= cursor:
+            start, end = len(pre), len(upto)
+            while end > start and full[end - 1].isspace():
+                end -= 1
+            span = (start, end)
+        else:  # template rewrites earlier turns: find the content, then the end-of-turn marker after it
+            content = msg.get("content") or ""
+            pos = full.find(content, cursor) if content else -1
+            if pos >= 0:
+                end = pos + len(content)
+                for tok in specials:
+                    if full.startswith(tok, end):
+                        end += len(tok)
+                        break
+                span = (pos, end)
+        if span is not None:
+            cursor = span[1]
+            if i >= first_trainable and span[1] > span[0]:
+                spans.append(span)
+    return full, spans
+
+
+def tokenize_example(example: dict, tokenizer, max_length: int | None, line: int = 0) -> TokenizedExample:
+    """Tokenize a normalized example (see the module doc) into ids and labels.
+
+    ``max_length`` (tokens): keep the first ``max_length`` tokens and set ``truncated``; None keeps all.
+    Raises :class:`ExampleError` for an unknown shape or a chat template that cannot render it.
+    """
+    eos = tokenizer.eos_token_id
+    if "messages" in example:
+        text, spans = assistant_spans(tokenizer, example["messages"])
+        ids, offsets = _encode(tokenizer, text, add_special_tokens=False)
+        mask = _mask_from_spans(tokenizer, text, ids, offsets, spans, False)
+    elif "prompt" in example and "completion" in example:
+        prompt, completion = example["prompt"], example["completion"]
+        if isinstance(prompt, list) or isinstance(completion, list):
+            prompt = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+            completion = completion if isinstance(completion, list) else [{"role": "assistant",
+                                                                            "content": completion}]
+            text, spans = assistant_spans(tokenizer, prompt + completion, first_trainable=len(prompt))
+            ids, offsets = _encode(tokenizer, text, add_special_tokens=False)
+            mask = _mask_from_spans(tokenizer, text, ids, offsets, spans, False)
+        else:
+            text = prompt + completion
+            ids, offsets = _encode(tokenizer, text, add_special_tokens=True)
+            mask = _mask_from_spans(tokenizer, text, ids, offsets, [(len(prompt), len(text))], True)
+            if eos is not None:
+                ids.append(eos)
+                mask.append(True)
+    elif "text" in example:
+        ids, _ = _encode(tokenizer, example["text"], add_special_tokens=True)
+        mask = [True] * len(ids)
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids.append(eos)
+            mask.append(True)
+    else:
+        raise ExampleError(f"not a normalized example (keys {sorted(example)}); expected text, "
+                           "prompt+completion or messages")
+    labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
+    if labels:
+        labels[0] = IGNORE_INDEX
+    truncated = max_length is not None and len(ids) > max_length
+    if truncated:
+        ids, labels = ids[:max_length], labels[:max_length]
+    return TokenizedExample(input_ids=ids, labels=labels, line=line, truncated=truncated)
+
+
+def count_tokens(example: dict, tokenizer) -> tuple[int, int]:
+    """``(tokens, trainable tokens)`` of the untruncated example (for length checks against max_length)."""
+    te = tokenize_example(example, tokenizer, None)
+    return len(te.input_ids), te.trainable_tokens
+
+
+def trainable_ratio(examples: Iterable[TokenizedExample]) -> float:
+    """Share of tokens that carry loss over ``examples`` (0.0 when there are no tokens)."""
+    total = trainable = 0
+    for te in examples:
+        total += len(te.input_ids)
+        trainable += te.trainable_tokens
+    return trainable / total if total else 0.0
+
+
+def check_trainable_ratio(tokens: int, trainable: int, min_ratio: float) -> str | None:
+    """Masked-ratio sanity check: a message when fewer than ``min_ratio`` of ``tokens`` carry loss (the
+    loss mask is probably wrong, e.g. a chat template that hides the assistant turns), else None."""
+    if tokens <= 0:
+        return "no tokens at all"
+    ratio = trainable / tokens
+    if trainable == 0:
+        return f"no token carries loss (0 of {tokens}); nothing would be learned"
+    if ratio < min_ratio:
+        return (f"only {ratio:.2%} of tokens carry loss ({trainable} of {tokens}), below "
+                f"training.min_trainable_token_ratio={min_ratio:.2%}: check the chat template / assistant turns")
+    return None
+
+
+def trainable_segments(example: TokenizedExample, tokenizer) -> list[str]:
+    """Decoded runs of consecutive trainable tokens, for eyeballing a loss mask (and tests)."""
+    out: list[list[int]] = []
+    prev = False
+    for tok, lab in zip(example.input_ids, example.labels):
+        on = lab != IGNORE_INDEX
+        if on and not prev:
+            out.append([])
+        if on:
+            out[-1].append(tok)
+        prev = on
+    return [tokenizer.decode(seg, skip_special_tokens=False) for seg in out]

@@ -1,0 +1,249 @@
+"""Checkpoints of the continuous trainer: everything needed to resume exactly.
+
+Layout of ``models/<hero>/checkpoints/step-00001234/`` (8-digit zero-padded global step)::
+
+    config.json, model.safetensors, generation_config.json   Hugging Face format (save_pretrained)
+    tokenizer.json, tokenizer_config.json, ...                the tokenizer (chat template included)
+    trainer_state.pt                                          optimizer, LR scheduler, RNG states
+    trainer_state.json                                        global_step, cursor, metrics, hero, config
+
+A checkpoint is written into ``.tmp-step-XXXXXXXX-<pid>`` in the same folder and renamed, so a folder
+named ``step-XXXXXXXX`` is always complete. Re-saving an existing step (e.g. a quest that ends exactly on
+a ``save_steps`` boundary) renames the old one to ``.old-step-...`` first; :func:`clean_incomplete`
+repairs what a crash between those renames leaves. A checkpoint that fails to load is renamed to
+``step-XXXXXXXX.corrupt`` by :func:`quarantine` (kept for inspection, ignored from then on).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT_VERSION = 1
+TRAINER_STATE_PT = "trainer_state.pt"
+TRAINER_STATE_JSON = "trainer_state.json"
+WEIGHTS_FILE = "model.safetensors"
+
+# trainer_state.json keys
+KEY_FORMAT_VERSION = "format_version"
+KEY_GLOBAL_STEP = "global_step"
+KEY_CURSOR = "cursor"
+KEY_TIME = "time"
+KEY_LOSS = "loss"
+KEY_EVAL_LOSS = "eval_loss"
+KEY_REASON = "reason"
+KEY_HERO = "hero"
+KEY_CONFIG = "config"
+# cursor keys
+KEY_QUEST_ID = "quest_id"
+KEY_EXAMPLES_DONE = "examples_done"
+KEY_QUEST_DONE = "quest_done"
+KEY_HOLDOUT_EVERY = "eval_holdout_every"  # the quest's held-out spacing: its train example indices depend on it
+# trainer_state.pt keys
+KEY_OPTIMIZER = "optimizer"
+KEY_SCHEDULER = "scheduler"
+KEY_RNG = "rng"
+KEY_RNG_PYTHON = "python"
+KEY_RNG_TORCH = "torch"
+KEY_RNG_CUDA = "cuda"
+
+STEP_DIR_RE = re.compile(r"^step-(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """Raised when a checkpoint is missing files or a file cannot be read (e.g. truncated)."""
+
+
+def checkpoint_name(global_step: int) -> str:
+    """``step-00001234``."""
+    return f"step-{global_step:08d}"
+
+
+def step_of(path: Path | str) -> int:
+    """The global step in a checkpoint folder's name. Raises ``ValueError`` for another name."""
+    m = STEP_DIR_RE.match(Path(path).name)
+    if not m:
+        raise ValueError(f"{path} is not a checkpoint folder (step-XXXXXXXX)")
+    return int(m.group(1))
+
+
+def list_checkpoints(checkpoints_dir: Path | str) -> list[Path]:
+    """Complete checkpoint folders, oldest (lowest global step) first; [] when the folder is absent."""
+    d = Path(checkpoints_dir)
+    if not d.is_dir():
+        return []
+    found = [p for p in d.iterdir() if p.is_dir() and STEP_DIR_RE.match(p.name)]
+    return sorted(found, key=step_of)
+
+
+def latest_checkpoint(checkpoints_dir: Path | str) -> Path | None:
+    found = list_checkpoints(checkpoints_dir)
+    return found[-1] if found else None
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, torch CPU and (when present) CUDA RNG states."""
+    state: dict[str, Any] = {KEY_RNG_PYTHON: random.getstate(), KEY_RNG_TORCH: torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state[KEY_RNG_CUDA] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state[KEY_RNG_PYTHON])
+    torch.set_rng_state(state[KEY_RNG_TORCH])
+    if KEY_RNG_CUDA in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state[KEY_RNG_CUDA])
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in folder.iterdir():
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(checkpoints_dir: Path | str, *, global_step: int, model, tokenizer, optimizer, scheduler,
+                    info: dict[str, Any]) -> Path:
+    """Write ``step-XXXXXXXX`` atomically and return its path.
+
+    ``model``: a transformers model (unwrapped); ``info``: the JSON part (cursor, loss, eval_loss,
+    reason, hero, config), to which ``global_step``, ``time`` and ``format_version`` are added.
+    Files are fsynced before the rename. Raises ``OSError`` (e.g. disk full) with nothing left behind.
+    """
+    d = Path(checkpoints_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    name = checkpoint_name(global_step)
+    tmp = d / f".tmp-{name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        torch.save({KEY_OPTIMIZER: optimizer.state_dict(), KEY_SCHEDULER: scheduler.state_dict(),
+                    KEY_RNG: rng_state()}, tmp / TRAINER_STATE_PT)
+        state = {KEY_FORMAT_VERSION: FORMAT_VERSION, KEY_GLOBAL_STEP: global_step, KEY_TIME: time.time(), **info}
+        (tmp / TRAINER_STATE_JSON).write_text(json.dumps(state, indent=2, default=str) + "\n", encoding="utf-8")
+        _fsync_tree(tmp)
+        final = d / name
+        old = d / f".old-{name}"
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def clean_incomplete(checkpoints_dir: Path | str) -> list[str]:
+    """Remove ``.tmp-*`` folders of interrupted saves; restore an ``.old-step-*`` whose replacement never
+    landed (else delete it). Returns notes on what was done."""
+    d = Path(checkpoints_dir)
+    notes: list[str] = []
+    if not d.is_dir():
+        return notes
+    for p in sorted(d.iterdir()):
+        if p.name.startswith(".tmp-"):
+            shutil.rmtree(p, ignore_errors=True)
+            notes.append(f"removed the interrupted save {p.name}")
+        elif p.name.startswith(".old-"):
+            final = d / p.name[len(".old-"):]
+            if final.exists():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                os.rename(p, final)
+                notes.append(f"restored {final.name} (its replacement was interrupted)")
+    return notes
+
+
+def quarantine(path: Path | str) -> Path:
+    """Rename a broken checkpoint to ``step-XXXXXXXX.corrupt`` (a unique suffix if taken); returns the path."""
+    p = Path(path)
+    dest = p.with_name(p.name + ".corrupt")
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = p.with_name(f"{p.name}.corrupt{n}")
+    os.rename(p, dest)
+    return dest
+
+
+def read_checkpoint_info(path: Path | str) -> dict[str, Any]:
+    """``trainer_state.json`` of a checkpoint (cheap: no tensors). Raises :class:`CheckpointError`."""
+    f = Path(path) / TRAINER_STATE_JSON
+    try:
+        state = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{f}: cannot read: {exc}") from exc
+    if not isinstance(state, dict) or KEY_GLOBAL_STEP not in state:
+        raise CheckpointError(f"{f}: no {KEY_GLOBAL_STEP}")
+    return state
+
+
+def verify_weights(path: Path | str) -> None:
+    """Check every ``*.safetensors`` file: header readable and file as long as the header declares.
+
+    Raises :class:`CheckpointError` for a missing, truncated or garbled file.
+    """
+    folder = Path(path)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder}: no *.safetensors weights")
+    for f in files:
+        try:
+            size = f.stat().st_size
+            with open(f, "rb") as fh:
+                header_len = int.from_bytes(fh.read(8), "little")
+                if header_len <= 0 or 8 + header_len > size:
+                    raise CheckpointError(f"{f}: truncated header")
+                header = json.loads(fh.read(header_len))
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{f}: unreadable: {exc}") from exc
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + header_len + end != size:
+            raise CheckpointError(f"{f}: {size} bytes, header declares {8 + header_len + end} (truncated?)")
+
+
+def load_trainer_state(path: Path | str) -> dict[str, Any]:
+    """Verify a checkpoint and load its trainer state.
+
+    Returns ``trainer_state.json``'s dict plus ``optimizer``, ``scheduler`` and ``rng`` from
+    ``trainer_state.pt`` (loaded with ``weights_only=True``, on CPU). Raises :class:`CheckpointError`
+    when a file is missing, truncated or unreadable.
+    """
+    folder = Path(path)
+    state = read_checkpoint_info(folder)
+    verify_weights(folder)
+    try:
+        blob = torch.load(folder / TRAINER_STATE_PT, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{folder / TRAINER_STATE_PT}: cannot load: {type(exc).__name__}: {exc}") from exc
+    for key in (KEY_OPTIMIZER, KEY_SCHEDULER, KEY_RNG):
+        if key not in blob:
+            raise CheckpointError(f"{folder / TRAINER_STATE_PT}: no {key}")
+    return {**state, **blob}
+
+
+def prune_checkpoints(checkpoints_dir: Path | str, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` (>= 1) checkpoints; returns the deleted paths."""
+    found = list_checkpoints(checkpoints_dir)
+    doomed = found[:-keep_last] if keep_last >= 1 else []
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
+    return doomed

@@ -1,0 +1,429 @@
+"""The daemon: inbox -> validated priority queue -> continuous training of the hero.
+
+Two threads in one process:
+
+- the **ingest thread** waits for inbox changes (:class:`core.ingest.InboxWatcher`), takes settled files
+  into the queue (:meth:`core.quest_queue.QuestQueue.admit`), validates them with the hero's tokenizer and
+  moves each to ``queue/<priority>/`` or ``queue/failed/`` with its report;
+- the **main thread** trains quests one after another with one persistent :class:`core.engine.Engine`
+  and obeys the control channel (ledger ``commands``: pause, resume, skip, stop).
+
+The daemon state (:class:`DaemonState`) is written to the ledger key ``daemon`` by :meth:`Daemon._set_state`
+only; its ``updated_at`` is the heartbeat. SIGTERM/SIGINT stop warmly: the current step finishes and a
+checkpoint is saved.
+"""
+
+from __future__ import annotations
+
+import copy
+import fcntl
+import logging
+import os
+import signal
+import threading
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from core.chat import count_tokens
+from core.config import RealmConfig
+from core.formats import PREFERENCE_FORMATS, SFT_FORMATS, iter_valid_records
+from core.ingest import InboxScanner, InboxWatcher
+from core.ledger import CommandState, Ledger, QuestState
+from core.quest_queue import QuestQueue, QuestStateError
+from core.realm import Realm
+from core.validation import validate_file, write_report
+
+log = logging.getLogger("realm.daemon")
+
+DAEMON_KEY = "daemon"
+TRAINABLE_FORMATS = set(SFT_FORMATS)
+HEARTBEAT_INTERVAL_SECONDS = 1.0
+
+
+class DaemonState(str, Enum):
+    STARTING = "starting"
+    IDLE = "idle"
+    TRAINING = "training"
+    PAUSED = "paused"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+class AlreadyRunning(RuntimeError):
+    """Raised when another daemon holds the realm's lock."""
+
+
+class Daemon:
+    """One realm's long-running trainer. ``run()`` returns when stopped (or idle, with ``until_idle``)."""
+
+    def __init__(self, realm: Realm, config: RealmConfig, *, until_idle: bool = False):
+        self.realm = realm
+        self.config = config
+        self.until_idle = until_idle
+        self.ledger: Ledger | None = None
+        self.queue: QuestQueue | None = None
+        self.engine = None
+        self.state = DaemonState.STARTING
+        self.paused = False
+        self._stop = threading.Event()
+        self._skip = False
+        self._lock_fd: int | None = None
+        self._status: dict[str, Any] = {}
+        self._last_heartbeat = 0.0
+        self._ingest_thread: threading.Thread | None = None
+        self._watcher: InboxWatcher | None = None
+        self._ingest_error: BaseException | None = None
+
+    # lifecycle -------------------------------------------------------------------
+    def run(self) -> int:
+        """Set up, train until stopped (or idle), clean up. Returns a process exit code (0 = ok)."""
+        self._acquire_lock()
+        try:
+            self._install_signal_handlers()
+            self.setup()
+            self._loop()
+            return 0
+        finally:
+            self.cleanup()
+
+    def setup(self) -> None:
+        from core.engine import Engine  # torch import is slow: only when a daemon really starts
+
+        self.realm.ensure_layout()
+        self.ledger = Ledger(self.realm.ledger_path)
+        self.queue = QuestQueue(self.realm, self.ledger)
+        self._set_state(DaemonState.STARTING)
+        for note in self.queue.reconcile():
+            log.warning(note)
+        self.engine = Engine(self.realm, self.config, self.ledger, logger=log)
+        self.engine.setup()
+        hero = self.engine.hero_info
+        self._status["hero"] = hero
+        if hero.get("newborn"):
+            msg = (f"training a newborn hero ({hero.get('architecture')}, {hero.get('parameters'):,} parameters, "
+                   "random init). Set hero.base_model in config.json to a Hugging Face model folder or "
+                   "cached hub id to train a real model.")
+            log.warning(msg)
+            self.ledger.event("newborn_hero", msg, level="warning")
+        self.ledger.event("daemon_started", f"daemon started at global step {self.engine.global_step}",
+                          pid=os.getpid(), global_step=self.engine.global_step)
+        # the ingest thread measures token lengths with its own tokenizer copy (fast tokenizers are not
+        # safe to share between threads)
+        self._ingest_tokenizer = copy.deepcopy(self.engine.tokenizer)
+        self._watcher = InboxWatcher(self.realm, self.config.ingest)
+        self._watcher.start()
+        self._ingest_thread = threading.Thread(target=self._ingest_loop, name="ingest", daemon=True)
+        self._ingest_thread.start()
+
+    def cleanup(self) -> None:
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.wake.set()
+            self._watcher.stop()
+        if self._ingest_thread is not None:
+            self._ingest_thread.join(timeout=30)
+        if self.engine is not None:
+            try:
+                if self.engine.global_step > self.engine.last_saved_step:
+                    self.engine.save_checkpoint("stop")
+            finally:
+                self.engine.cleanup()
+        if self.ledger is not None:
+            self._set_state(DaemonState.STOPPED)
+            self.ledger.event("daemon_stopped", "daemon stopped",
+                              global_step=self.engine.global_step if self.engine else None)
+            self.ledger.close()
+        self._release_lock()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.wake.set()
+
+    # main loop --------------------------------------------------------------------
+    def _loop(self) -> None:
+        assert self.queue is not None
+        while not self._stop.is_set():
+            self._handle_commands()
+            if self._stop.is_set():
+                break
+            if self._ingest_error is not None:
+                raise RuntimeError("ingest thread died") from self._ingest_error
+            if self.paused:
+                self._set_state(DaemonState.PAUSED)
+                self._stop.wait(0.2)
+                continue
+            quest = self.queue.next_trainable(TRAINABLE_FORMATS)
+            if quest is None:
+                if self.until_idle and self._ingest_idle():
+                    log.info("nothing trainable left: exiting (--until-idle)")
+                    break
+                self._set_state(DaemonState.IDLE, quest_id=None)
+                self._stop.wait(0.1)
+                continue
+            self._train(quest)
+
+    def _ingest_idle(self) -> bool:
+        """True when the inbox holds no file and no quest is being validated."""
+        assert self.ledger is not None
+        scanner = InboxScanner(self.realm, self.config.ingest)
+        return scanner.pending() == 0 and not self.ledger.list_quests([QuestState.VALIDATING])
+
+    def _train(self, quest: dict[str, Any]) -> None:
+        assert self.queue is not None and self.ledger is not None and self.engine is not None
+        qid = quest["id"]
+        if quest["state"] == QuestState.QUEUED.value:
+            try:
+                quest = self.queue.transition(qid, QuestState.PROCESSING, expect=QuestState.QUEUED, deferred=0)
+            except QuestStateError as exc:  # removed or re-prioritised from the Tavern meanwhile
+                log.info("quest %s changed before it started: %s", qid, exc)
+                return
+            self.ledger.event("quest_started", f"quest {quest['name']} started", quest_id=qid)
+        else:
+            self.ledger.event("quest_resumed", f"quest {quest['name']} resumed at example "
+                              f"{quest['examples_trained']}", quest_id=qid)
+        self._skip = False
+        self._set_state(DaemonState.TRAINING, quest_id=qid)
+        path = self.queue.path_of(quest)
+        dropped = set(self._dropped_lines(quest))
+        records = ((line, ex) for line, ex in iter_valid_records(path, quest["name"], self.config.validation)
+                   if line not in dropped)
+        try:
+            result = self.engine.train_quest(qid, records, examples_done=quest["examples_trained"] or 0,
+                                             should_stop=self._should_interrupt)
+        except Exception as exc:  # a failing quest must not kill the daemon
+            self._quest_raised(quest, exc)
+            return
+        if result.status == "completed":
+            self.queue.transition(qid, QuestState.COMPLETED, expect=QuestState.PROCESSING,
+                                  examples_total=result.examples_total)
+            self.ledger.event("quest_completed", f"quest {quest['name']} completed: "
+                              f"{result.examples_trained} examples in {result.steps} steps", quest_id=qid,
+                              global_step=self.engine.global_step)
+            return
+        # interrupted: stop, or skip
+        if self.engine.global_step > self.engine.last_saved_step:
+            self.engine.save_checkpoint("skip" if self._skip else "stop")
+        if self._skip:
+            self.queue.transition(qid, QuestState.QUEUED, expect=QuestState.PROCESSING, deferred=1)
+            self.ledger.event("quest_skipped", f"quest {quest['name']} went back to the queue at example "
+                              f"{result.examples_trained}", quest_id=qid)
+            self._skip = False
+
+    def _quest_raised(self, quest: dict[str, Any], exc: Exception) -> None:
+        assert self.queue is not None and self.ledger is not None
+        attempts = (quest["attempts"] or 0) + 1
+        error = f"{type(exc).__name__}: {exc}"
+        log.exception("quest %s raised (attempt %d of %d)", quest["id"], attempts,
+                      self.config.training.max_attempts)
+        if attempts >= self.config.training.max_attempts:
+            self.queue.transition(quest["id"], QuestState.FAILED, attempts=attempts, error=error)
+            self.ledger.event("quest_failed", f"quest {quest['name']} failed after {attempts} attempts: {error}",
+                              level="error", quest_id=quest["id"])
+        else:
+            self.queue.transition(quest["id"], QuestState.QUEUED, attempts=attempts, error=error)
+            self.ledger.event("quest_retry", f"quest {quest['name']} raised ({error}); retry "
+                              f"{attempts + 1} of {self.config.training.max_attempts}", level="warning",
+                              quest_id=quest["id"])
+
+    def _dropped_lines(self, quest: dict[str, Any]) -> list[int]:
+        import json
+
+        assert self.queue is not None
+        report = self.queue.report_path_of(quest)
+        if not report.exists():
+            return []
+        data = json.loads(report.read_text(encoding="utf-8"))
+        return [d["line"] for d in data.get("dropped_lines", [])]
+
+    def _should_interrupt(self) -> bool:
+        """Called by the engine between optimizer steps: handle commands, honour pause, report progress."""
+        self._handle_commands()
+        while self.paused and not self._stop.is_set() and not self._skip:
+            self._set_state(DaemonState.PAUSED)
+            self._stop.wait(0.2)
+            self._handle_commands()
+        if self.state == DaemonState.PAUSED:
+            self._set_state(DaemonState.TRAINING)
+        self._heartbeat()
+        return self._stop.is_set() or self._skip
+
+    # control channel ------------------------------------------------------------------
+    def _handle_commands(self) -> None:
+        assert self.ledger is not None
+        for cmd in self.ledger.pending_commands():
+            name = cmd["command"]
+            if name == "pause":
+                self.paused = True
+                result = "paused"
+            elif name == "resume":
+                self.paused = False
+                result = "resumed"
+            elif name == "skip":
+                if self.state in (DaemonState.TRAINING, DaemonState.PAUSED):
+                    self._skip = True
+                    result = "skipping the current quest"
+                else:
+                    result = "no quest is training"
+            elif name == "stop":
+                self.request_stop()
+                result = "stopping after a checkpoint"
+            else:
+                self.ledger.finish_command(cmd["id"], CommandState.FAILED, f"unknown command {name!r}")
+                continue
+            self.ledger.finish_command(cmd["id"], CommandState.DONE, result)
+            self.ledger.event(f"command_{name}", result)
+
+    # ingest thread ----------------------------------------------------------------------
+    def _count_tokens(self, example: dict) -> tuple[int, int]:
+        return count_tokens(example, self._ingest_tokenizer)
+
+    def _ingest_loop(self) -> None:
+        assert self._watcher is not None and self.queue is not None
+        scanner = InboxScanner(self.realm, self.config.ingest)
+        try:
+            for quest in self.ledger.list_quests([QuestState.VALIDATING]):  # interrupted validations
+                self._validate(quest["id"])
+            while not self._stop.is_set():
+                for path, priority in scanner.scan():
+                    if self._stop.is_set():
+                        break
+                    self._take(path, priority)
+                    scanner.forget(path)
+                pending = scanner.pending()
+                timeout = self.config.ingest.settle_seconds / 2 if pending else \
+                    self.config.ingest.poll_interval_seconds
+                self._watcher.wait(max(0.05, timeout))
+        except BaseException as exc:  # surfaced by the main loop
+            log.exception("ingest thread failed")
+            self._ingest_error = exc
+
+    def _take(self, path: Path, priority: str) -> None:
+        assert self.queue is not None
+        try:
+            qid = self.queue.admit(path, priority)
+        except FileNotFoundError:
+            return  # gone before we took it
+        self._validate(qid)
+
+    def _validate(self, quest_id: int) -> None:
+        assert self.queue is not None and self.ledger is not None and self.engine is not None
+        quest = self.ledger.get_quest(quest_id)
+        path = self.queue.path_of(quest)
+        try:
+            if path.is_symlink():
+                raise ValueError("symbolic links are not accepted: drop the file itself")
+            report = validate_file(path, display_name=quest["name"], config=self.config,
+                                   count_tokens=self._count_tokens)
+        except (OSError, ValueError) as exc:
+            self.queue.transition(quest_id, QuestState.FAILED, error=f"{type(exc).__name__}: {exc}")
+            self.ledger.event("quest_rejected", f"{quest['name']} rejected: {exc}", level="error",
+                              quest_id=quest_id)
+            return
+        report_path = self.queue.report_path_of(quest)
+        write_report(report, report_path)
+        info = report.to_dict()
+        fields = dict(format=info.get("format"), content_hash=info.get("content_hash"),
+                      records=info.get("lines"), bad_records=info.get("records_bad"),
+                      tokens=(info.get("tokens") or {}).get("total"), report_path=str(report_path.name))
+        if not info["accepted"]:
+            self.queue.transition(quest_id, QuestState.FAILED, error=info.get("reason"), **fields)
+            self.ledger.event("quest_rejected", f"{quest['name']} rejected: {info.get('reason')}",
+                              level="error", quest_id=quest_id)
+            return
+        duplicate = self._duplicate_of(quest_id, info.get("content_hash"))
+        if duplicate is not None:
+            note = f"identical to quest {duplicate['id']} ({duplicate['name']}, {duplicate['state']}): skipped"
+            self.queue.transition(quest_id, QuestState.SKIPPED, note=note, **fields)
+            self.ledger.event("quest_skipped_duplicate", f"{quest['name']}: {note}", quest_id=quest_id)
+            return
+        valid = info.get("examples") or 0
+        every = self.config.training.eval_holdout_every
+        fields["examples_total"] = valid - (valid // every if every else 0)
+        note = None
+        if info.get("format") in PREFERENCE_FORMATS:
+            note = "preference data: waits in the queue for the DPO school"
+        self.queue.transition(quest_id, QuestState.QUEUED, note=note, **fields)
+        self.ledger.event("quest_queued", f"{quest['name']} queued ({quest['priority']}, {info.get('format')}, "
+                          f"{info.get('records_valid')} records)", quest_id=quest_id)
+
+    def _duplicate_of(self, quest_id: int, content_hash: str | None) -> dict[str, Any] | None:
+        if not content_hash or not self.config.ingest.skip_duplicates:
+            return None
+        rows = self.ledger.query(
+            "SELECT * FROM quests WHERE content_hash=? AND id<>? AND state IN (?,?,?) ORDER BY id LIMIT 1",
+            (content_hash, quest_id, QuestState.COMPLETED.value, QuestState.QUEUED.value,
+             QuestState.PROCESSING.value))
+        return rows[0] if rows else None
+
+    # state and heartbeat ------------------------------------------------------------------
+    def _set_state(self, state: DaemonState, **fields: Any) -> None:
+        """The one place that changes the daemon state (written to the ledger key ``daemon``)."""
+        changed = state != self.state
+        self.state = state
+        self._status.update(fields)
+        if changed or time.monotonic() - self._last_heartbeat >= HEARTBEAT_INTERVAL_SECONDS:
+            self._heartbeat(force=True)
+            if changed:
+                log.info("daemon %s", state.value)
+
+    def _heartbeat(self, force: bool = False) -> None:
+        if self.ledger is None:
+            return
+        if not force and time.monotonic() - self._last_heartbeat < HEARTBEAT_INTERVAL_SECONDS:
+            return
+        self._last_heartbeat = time.monotonic()
+        status = {"state": self.state.value, "pid": os.getpid(), "quest_id": self._status.get("quest_id"),
+                  "hero": self._status.get("hero"), "paused": self.paused}
+        if self.engine is not None:
+            status.update(self._progress())
+        self.ledger.set_value(DAEMON_KEY, status)
+
+    def _progress(self) -> dict[str, Any]:
+        """global_step, tokens/s and the current quest's ETA (seconds) from the last steps' metrics."""
+        assert self.ledger is not None and self.engine is not None
+        out: dict[str, Any] = {"global_step": self.engine.global_step, "tokens_per_second": None,
+                               "eta_seconds": None, "last_checkpoint": self._status.get("last_checkpoint")}
+        recent = self.ledger.query("SELECT * FROM steps ORDER BY global_step DESC LIMIT 20")
+        if recent:
+            out["tokens_per_second"] = recent[0]["tokens_per_second"]
+            qid = self._status.get("quest_id")
+            quest = self.ledger.get_quest(qid) if qid else None
+            same = [r for r in recent if r["quest_id"] == qid]
+            if quest and len(same) >= 2 and quest["examples_total"]:
+                seconds = same[0]["time"] - same[-1]["time"]
+                examples = same[0]["example_end"] - same[-1]["example_end"]
+                if seconds > 0 and examples > 0:
+                    remaining = max(0, quest["examples_total"] - (quest["examples_trained"] or 0))
+                    out["eta_seconds"] = remaining * seconds / examples
+        latest = self.engine.latest_checkpoint_info()
+        if latest is not None:
+            out["last_checkpoint"] = latest
+        return out
+
+    # single instance ----------------------------------------------------------------------
+    def _acquire_lock(self) -> None:
+        self.realm.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.realm.run_dir / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise AlreadyRunning(f"another daemon is running on the realm {self.realm.root}") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: self.request_stop())

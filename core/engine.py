@@ -1,0 +1,474 @@
+"""The continuous trainer: one hero, one never-resetting ``global_step``, across quests and restarts.
+
+Lifecycle (torchtune/litgpt style)::
+
+    engine = Engine(realm, config, ledger)
+    engine.setup()                      # weights, optimizer, scheduler, RNG, global_step (resume)
+    result = engine.train_quest(quest_id, records, examples_done=quest["examples_trained"])
+    engine.save_checkpoint("sigterm")   # when the caller stops it
+    engine.cleanup()
+
+**Resume is exact.** A quest's records stream in file order; record ``i`` (0-based) is held out for
+evaluation when ``eval_holdout_every = N > 0`` and ``i % N == N - 1`` (the first ``eval_max_examples``
+of them form the eval set); the others are the quest's *train examples* 0, 1, 2, ... Each optimizer step
+takes the next train examples, packed into ``micro_batch_size`` x ``gradient_accumulation_steps`` rows
+(:func:`core.packing.iter_steps`), so step boundaries depend only on where the cursor starts. Each step's
+examples ``[example_start, example_end)`` and line numbers go to the ledger with its metrics, in one
+transaction. After a crash, :meth:`Engine.setup` loads the newest loadable checkpoint (global step S) and
+rolls the ledger back to S (:meth:`core.ledger.Ledger.rollback_to`), so the quest's ``examples_trained``
+is again the cursor of the weights; training restarts from there with the same optimizer, scheduler and
+RNG state: no example is replayed or skipped.
+
+**Loss.** Summed token cross-entropy over the whole optimizer step divided by the step's trainable
+tokens (exact gradient accumulation). A step whose loss or gradient norm is not finite, or that has no
+trainable token, is skipped: no optimizer update, ``global_step`` not incremented, no step row, a
+warning event; its examples count as consumed (the cursor moves on).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from core import checkpoint as ckpt
+from core.chat import TokenizedExample, count_tokens, tokenize_example
+from core.config import RealmConfig
+from core.hero import NEWBORN_HINT, HeroError, describe_model, load_model, load_tokenizer, resolve_model_source
+from core.ledger import Ledger
+from core.packing import Batch, collate, iter_steps, micro_batches, model_attention_mask, pack_rows
+from core.realm import Realm
+
+EVAL_READAHEAD_RECORDS = 20_000
+"""Records read ahead (kept as raw dicts) to fill the eval set before training a quest."""
+
+
+def is_held_out(index: int, holdout_every: int) -> bool:
+    """Whether record ``index`` (0-based, file order among valid records) is held out for evaluation."""
+    return holdout_every > 0 and index % holdout_every == holdout_every - 1
+
+
+def count_train_examples(n_records: int, holdout_every: int) -> int:
+    """Train examples among ``n_records`` valid records (the held-out ones excluded)."""
+    return n_records - (n_records // holdout_every if holdout_every > 0 else 0)
+
+
+def resolve_mixed_precision(setting: str) -> str:
+    """``training.mixed_precision`` -> accelerate's ``"no" | "bf16" | "fp16"``: ``auto`` is bf16 on a CUDA
+    GPU supporting it, else fp32; bf16/fp16 without a CUDA GPU fall back to fp32 (CPU half precision is
+    ~100x slower, see ../shared/MEASURED.md)."""
+    cuda = torch.cuda.is_available()
+    if setting == "auto":
+        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    if setting in ("bf16", "fp16") and not cuda:
+        return "no"
+    return setting
+
+
+@dataclass
+class QuestResult:
+    """What :meth:`Engine.train_quest` did. ``examples_trained``: the quest's cursor (train examples
+    consumed in total, including before a resume); ``steps``: optimizer steps of this call;
+    ``quest_steps``: of the whole quest; ``loss``: last step's loss; ``eval_loss``: last evaluation;
+    ``examples_total``: the quest's train examples (held-out excluded), None when interrupted before
+    the end of the records was read."""
+
+    status: str  # "completed" | "interrupted"
+    quest_id: int
+    examples_trained: int
+    steps: int
+    quest_steps: int
+    global_step: int
+    loss: float | None = None
+    eval_loss: float | None = None
+    eval_examples: int = 0
+    checkpoint: str | None = None
+    examples_total: int | None = None
+
+
+class _HoldoutSplit:
+    """Splits a record stream into the eval set and the indexed train examples, reading ahead so the
+    eval set is complete before training (up to ``readahead`` buffered records)."""
+
+    def __init__(self, records: Iterable[tuple[int, dict]], every: int, cap: int, readahead: int):
+        self._it = iter(records)
+        self._every, self._cap, self._readahead = every, cap, readahead
+        self._buffer: deque[tuple[int, int, dict]] = deque()
+        self.eval_records: list[tuple[int, dict]] = []
+        self._record_index = 0
+        self._train_index = 0
+        self._done = False
+
+    @property
+    def train_total(self) -> int | None:
+        """Train examples in the whole stream, once it has been read to the end."""
+        return self._train_index if self._done else None
+
+    def _pull(self) -> None:
+        try:
+            line, example = next(self._it)
+        except StopIteration:
+            self._done = True
+            return
+        if is_held_out(self._record_index, self._every):
+            if len(self.eval_records) < self._cap:
+                self.eval_records.append((line, example))
+        else:
+            self._buffer.append((self._train_index, line, example))
+            self._train_index += 1
+        self._record_index += 1
+
+    def read_ahead(self) -> None:
+        while (self._every > 0 and not self._done and len(self.eval_records) < self._cap
+               and len(self._buffer) < self._readahead):
+            self._pull()
+
+    def train_examples(self) -> Iterator[tuple[int, int, dict]]:
+        """``(train index, line, example)`` in order."""
+        while True:
+            if self._buffer:
+                yield self._buffer.popleft()
+            elif self._done:
+                return
+            else:
+                self._pull()
+
+
+class Engine:
+    """The continuous SFT trainer of one realm's hero (see the module doc)."""
+
+    def __init__(self, realm: Realm, config: RealmConfig, ledger: Ledger, logger: logging.Logger | None = None):
+        self.realm, self.config, self.ledger = realm, config, ledger
+        self.log = logger or logging.getLogger("core.engine")
+        self.checkpoints_dir = realm.checkpoints_dir(config.hero.name)
+        self.global_step = 0
+        self.model = self._raw_model = self.tokenizer = self.optimizer = self.scheduler = self.accelerator = None
+        self.mixed_precision = "no"
+        self.hero_info: dict[str, Any] = {}
+        self.cursor: dict[str, Any] | None = None  # {quest_id, examples_done, quest_done} of the weights
+        self.resume_cursor: dict[str, Any] | None = None  # the cursor of the checkpoint loaded at setup
+        self.last_loss: float | None = None
+        self.last_eval_loss: float | None = None
+        self.last_checkpoint: Path | None = None
+        self.last_saved_step = 0  # global step of the checkpoint last saved or loaded (0: none)
+        self._last_save = time.monotonic()
+
+    # --- setup ----------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Load the hero and the trainer state. Raises :class:`core.hero.HeroError` when no source loads."""
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # no tqdm bars for every save/load in the daemon's log
+        t, hero = self.config.training, self.config.hero
+        for note in ckpt.clean_incomplete(self.checkpoints_dir):
+            self.ledger.event("checkpoint_cleanup", note, level="warning")
+        self.mixed_precision = resolve_mixed_precision(t.mixed_precision)
+        if self.mixed_precision == "no" and t.mixed_precision in ("bf16", "fp16"):
+            self._warn("precision_fallback", f"mixed_precision={t.mixed_precision} needs a CUDA GPU; using fp32")
+        self.accelerator = Accelerator(mixed_precision=self.mixed_precision)
+
+        state, path = self._load_latest_checkpoint()
+        if path is None:
+            source, newborn = resolve_model_source(self.realm, hero, seed=t.seed)
+            self.model, self.tokenizer = load_model(source, hero), load_tokenizer(source, hero)
+            set_seed(t.seed)
+        else:
+            newborn = bool(state.get(ckpt.KEY_HERO, {}).get("newborn", hero.base_model is None))
+            ckpt_base = state.get(ckpt.KEY_HERO, {}).get("base_model")
+            if ckpt_base != hero.base_model:
+                self._warn("base_model_changed", f"checkpoints of hero {hero.name!r} started from {ckpt_base!r} "
+                           f"but hero.base_model is {hero.base_model!r}: resuming from the checkpoint; use a new "
+                           "hero.name to start over from the new base model")
+        self.model.config.use_cache = False
+        self.model.train()
+
+        decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,
+            fused=self.accelerator.device.type == "cuda")
+        self.scheduler = self._make_scheduler()
+        if state is not None:
+            self.optimizer.load_state_dict(state[ckpt.KEY_OPTIMIZER])
+            self.scheduler.load_state_dict(state[ckpt.KEY_SCHEDULER])
+            self._apply_hyperparameters()
+            ckpt.set_rng_state(state[ckpt.KEY_RNG])
+            self.global_step = int(state[ckpt.KEY_GLOBAL_STEP])
+            self.resume_cursor = self.cursor = state.get(ckpt.KEY_CURSOR)
+            self.last_loss, self.last_eval_loss = state.get(ckpt.KEY_LOSS), state.get(ckpt.KEY_EVAL_LOSS)
+            self.last_checkpoint, self.last_saved_step = path, self.global_step
+        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        self._raw_model = self.accelerator.unwrap_model(self.model)
+        self._attn = getattr(self._raw_model.config, "_attn_implementation", None)
+        self._mask_dtype = next(self._raw_model.parameters()).dtype
+
+        removed = self.ledger.rollback_to(self.global_step)
+        if removed:
+            self._warn("rollback", f"forgot {removed} step(s) after global step {self.global_step}: their "
+                       "weights were never checkpointed; those examples will be trained again", removed=removed)
+        self.hero_info = {"name": hero.name, "base_model": hero.base_model, **describe_model(self._raw_model),
+                          "newborn": newborn, "checkpoint": str(path) if path else None}
+        where = f"checkpoint {path.name}" if path else (hero.base_model or "the embedded default hero")
+        self.ledger.event("hero_loaded", f"hero {hero.name} at global step {self.global_step} from {where} "
+                          f"({self.hero_info['parameters']:,} parameters, {self.accelerator.device}, "
+                          f"precision {self.mixed_precision})", **self.hero_info)
+        self.log.info("hero %s: global_step %d from %s, %s parameters, device %s, precision %s", hero.name,
+                      self.global_step, where, f"{self.hero_info['parameters']:,}", self.accelerator.device,
+                      self.mixed_precision)
+        if newborn:  # the daemon records the ledger event; the log says it for any caller
+            self.log.warning(NEWBORN_HINT)
+        self._last_save = time.monotonic()
+
+    def _load_latest_checkpoint(self) -> tuple[dict | None, Path | None]:
+        """Newest checkpoint that loads (model, tokenizer, trainer state); broken ones are quarantined."""
+        for path in reversed(ckpt.list_checkpoints(self.checkpoints_dir)):
+            try:
+                state = ckpt.load_trainer_state(path)
+                self.model = load_model(path, self.config.hero)
+                self.tokenizer = load_tokenizer(path, self.config.hero)
+                return state, path
+            except (ckpt.CheckpointError, HeroError) as exc:
+                moved = ckpt.quarantine(path)
+                self._warn("checkpoint_corrupt", f"checkpoint {path.name} does not load ({exc}); moved to "
+                           f"{moved.name}, falling back to the previous one", path=str(moved))
+        return None, None
+
+    def _make_scheduler(self):
+        from transformers import get_constant_schedule, get_constant_schedule_with_warmup
+
+        t = self.config.training
+        if t.lr_scheduler_type == "constant_with_warmup":
+            return get_constant_schedule_with_warmup(self.optimizer, t.warmup_steps)
+        return get_constant_schedule(self.optimizer)
+
+    def _apply_hyperparameters(self) -> None:
+        """After restoring optimizer/scheduler state, apply the config's current values (a changed config
+        takes effect at restart); identical config -> identical values, so resume stays exact."""
+        t = self.config.training
+        self.scheduler.base_lrs = [t.learning_rate] * len(self.optimizer.param_groups)
+        lrs = [base * lam(self.scheduler.last_epoch) for base, lam in
+               zip(self.scheduler.base_lrs, self.scheduler.lr_lambdas)]
+        for group, lr, wd in zip(self.optimizer.param_groups, lrs, (t.weight_decay, 0.0)):
+            group.update(lr=lr, initial_lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+                         eps=t.adam_epsilon, weight_decay=wd)
+        self.scheduler._last_lr = lrs
+
+    # --- training --------------------------------------------------------------------------------------
+    def count_tokens(self, example: dict) -> tuple[int, int]:
+        """``(tokens, trainable tokens)`` of a normalized example, untruncated, with the hero's tokenizer."""
+        return count_tokens(example, self.tokenizer)
+
+    def _loss_sum(self, batch: Batch) -> torch.Tensor:
+        """Summed next-token cross-entropy (fp32 scalar) over the batch's trainable tokens."""
+        b = batch.to(self.accelerator.device)
+        mask = model_attention_mask(b.attention_mask, self._attn, self._mask_dtype)
+        logits = self.model(input_ids=b.input_ids, attention_mask=mask, position_ids=b.position_ids,
+                            use_cache=False).logits
+        logits = logits[:, :-1].float()
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), b.labels[:, 1:].reshape(-1),
+                               ignore_index=-100, reduction="sum")
+
+    def _pad_to(self) -> int | None:
+        return self.config.training.max_length if self.config.training.packing else None
+
+    def train_quest(self, quest_id: int, records: Iterable[tuple[int, dict]], *, examples_done: int = 0,
+                    should_stop: Callable[[], bool] = lambda: False) -> QuestResult:
+        """Train one quest from its cursor to its end (see the module doc for the exact semantics).
+
+        ``records``: ``(line, normalized example)`` in file order, valid records only (the whole quest,
+        also when resuming: held-out records are picked by position). ``examples_done``: train examples
+        already consumed (the ledger's ``examples_trained``). ``should_stop`` is called before each
+        optimizer step; when it returns True the call returns ``status="interrupted"`` without saving.
+        At the end: evaluation, a checkpoint with ``quest_done=True``, ``status="completed"``.
+        """
+        t = self.config.training
+        quest = self.ledger.get_quest(quest_id)
+        base_steps = int(quest["steps"]) if quest else 0
+        every = self._holdout_every(quest_id)
+        split = _HoldoutSplit(records, every, t.eval_max_examples, EVAL_READAHEAD_RECORDS)
+        split.read_ahead()
+        eval_set: list[TokenizedExample] = []
+        train = (tokenize_example(ex, self.tokenizer, t.max_length, line)
+                 for i, line, ex in split.train_examples() if i >= examples_done)
+        cursor, steps, evaluated_at = examples_done, 0, None
+        self.cursor = {ckpt.KEY_QUEST_ID: quest_id, ckpt.KEY_EXAMPLES_DONE: cursor, ckpt.KEY_QUEST_DONE: False,
+                       ckpt.KEY_HOLDOUT_EVERY: every}
+
+        def run_eval() -> None:
+            nonlocal evaluated_at
+            eval_set.extend(tokenize_example(ex, self.tokenizer, t.max_length, line)
+                            for line, ex in split.eval_records[len(eval_set):])
+            if eval_set and evaluated_at != self.global_step:
+                self.last_eval_loss = self.evaluate(eval_set)
+                evaluated_at = self.global_step
+                if math.isfinite(self.last_eval_loss):
+                    self.ledger.record_eval(self.global_step, quest_id, self.last_eval_loss, len(eval_set))
+
+        def result(status: str) -> QuestResult:
+            return QuestResult(status, quest_id, cursor, steps, base_steps + steps, self.global_step,
+                               self.last_loss, self.last_eval_loss, len(eval_set),
+                               str(self.last_checkpoint) if self.last_checkpoint else None, split.train_total)
+
+        pending = iter_steps(train, t.micro_batch_size * t.gradient_accumulation_steps, t.max_length, t.packing)
+        mark = time.perf_counter()  # tokens/s counts tokenization and compute, not evaluation or saving
+        rows = next(pending, None)
+        while rows is not None:
+            if should_stop():
+                return result("interrupted")
+            examples = [ex for row in rows for ex in row]
+            start, end = cursor, cursor + len(examples)
+            metrics = self._optimizer_step(rows, quest_id, start, end)
+            cursor = self.cursor[ckpt.KEY_EXAMPLES_DONE] = end  # consumed, also when the update was skipped
+            rows = next(pending, None)  # the next step, tokenized now; None: this was the quest's last
+            if metrics is None:
+                mark = time.perf_counter()
+                continue
+            loss, grad_norm, learning_rate, n_tokens = metrics
+            self.global_step += 1
+            steps += 1
+            self.last_loss = loss
+            tokens_per_second = n_tokens / max(time.perf_counter() - mark, 1e-9)
+            self.ledger.record_step(
+                global_step=self.global_step, quest_id=quest_id, loss=loss, learning_rate=learning_rate,
+                grad_norm=grad_norm, tokens=n_tokens, tokens_per_second=tokens_per_second,
+                example_start=start, example_end=end, example_lines=[e.line for e in examples],
+                quest_steps=base_steps + steps)
+            level = logging.INFO if self.global_step % 10 == 0 or steps == 1 else logging.DEBUG
+            self.log.log(level, "step %d quest %d loss %.4f lr %.3g grad_norm %.3f %.0f tokens/s examples %d-%d",
+                         self.global_step, quest_id, loss, learning_rate, grad_norm, tokens_per_second,
+                         start, end - 1)
+            if t.eval_steps and self.global_step % t.eval_steps == 0:
+                run_eval()
+            if rows is not None:  # after the last step the quest-end checkpoint follows anyway
+                if self.global_step % t.save_steps == 0:
+                    self.save_checkpoint("save_steps")
+                elif time.monotonic() - self._last_save >= t.save_interval_minutes * 60:
+                    self.save_checkpoint("save_interval")
+            mark = time.perf_counter()
+
+        run_eval()
+        self.cursor[ckpt.KEY_QUEST_DONE] = True
+        self.save_checkpoint("quest_end")
+        return result("completed")
+
+    def _holdout_every(self, quest_id: int) -> int:
+        """``eval_holdout_every`` for this quest: the value it started with when resuming it from the
+        checkpoint's cursor (train example indices depend on it), else the config's."""
+        every = self.config.training.eval_holdout_every
+        rc = self.resume_cursor
+        if rc and rc.get(ckpt.KEY_QUEST_ID) == quest_id and not rc.get(ckpt.KEY_QUEST_DONE):
+            pinned = rc.get(ckpt.KEY_HOLDOUT_EVERY, every)
+            if pinned != every:
+                self._warn("holdout_pinned", f"quest {quest_id} started with eval_holdout_every={pinned}; "
+                           f"keeping it (not {every}) so its example indices stay valid", quest_id=quest_id)
+            return pinned
+        return every
+
+    def _optimizer_step(self, rows: list[list[TokenizedExample]], quest_id: int, start: int,
+                        end: int) -> tuple[float, float, float, int] | None:
+        """Forward/backward over the step's micro-batches, clip, update. Returns ``(loss, grad_norm,
+        learning_rate, tokens)``, or None when the update was skipped (no trainable token, non-finite loss
+        or gradient norm, fp16 overflow); warnings name the examples [start, end) of the quest."""
+        t = self.config.training
+        batches = [collate(mb, self.tokenizer.pad_token_id, self._pad_to())
+                   for mb in micro_batches(rows, t.micro_batch_size)]
+        n_trainable = sum(b.num_trainable for b in batches)
+        if n_trainable == 0:
+            self._warn("empty_step", f"examples {start}-{end - 1} of quest {quest_id} carry no trainable "
+                       "token (all masked or truncated away); skipped", quest_id=quest_id)
+            return None
+        loss_total = torch.zeros((), device=self.accelerator.device)
+        for b in batches:
+            loss_sum = self._loss_sum(b)
+            self.accelerator.backward(loss_sum / n_trainable)  # normalized over the whole optimizer step
+            loss_total += loss_sum.detach()
+        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), t.max_grad_norm)
+        # the step's only host sync: two scalars for the metrics
+        loss, norm = torch.stack([loss_total / n_trainable, grad_norm.float().to(loss_total.device)]).tolist()
+        learning_rate = self.optimizer.param_groups[0]["lr"]
+        if not math.isfinite(loss) or (not math.isfinite(norm) and self.mixed_precision != "fp16"):
+            self.optimizer.zero_grad(set_to_none=True)
+            lines = [ex.line for row in rows for ex in row]
+            self._warn("nonfinite_loss", f"loss {loss} / grad_norm {norm} at examples {start}-{end - 1} of quest "
+                       f"{quest_id}: update skipped", quest_id=quest_id, lines=lines)
+            return None
+        self.optimizer.step()
+        skipped = self.accelerator.optimizer_step_was_skipped  # fp16 loss scaling found inf gradients
+        self.optimizer.zero_grad(set_to_none=True)
+        if skipped:
+            return None
+        self.scheduler.step()
+        return loss, norm, learning_rate, sum(b.num_tokens for b in batches)
+
+    @torch.no_grad()
+    def evaluate(self, examples: list[TokenizedExample]) -> float:
+        """Mean next-token loss (nats per trainable token) over ``examples`` (truncated to max_length);
+        NaN when they hold no trainable token. Consumes no RNG, so it never perturbs training."""
+        t = self.config.training
+        self.model.eval()
+        try:
+            total = torch.zeros((), device=self.accelerator.device)
+            n = 0
+            for mb in micro_batches(pack_rows(examples, t.max_length, t.packing), t.micro_batch_size):
+                batch = collate(mb, self.tokenizer.pad_token_id, self._pad_to())
+                if batch.num_trainable:
+                    total += self._loss_sum(batch)
+                    n += batch.num_trainable
+        finally:
+            self.model.train()
+        return (total / n).item() if n else float("nan")
+
+    # --- checkpoints and teardown -----------------------------------------------------------------------
+    def save_checkpoint(self, reason: str) -> Path:
+        """Save ``step-<global_step>`` atomically (replacing one of the same step) with the current cursor;
+        ``reason``: e.g. save_steps, save_interval, quest_end, sigterm. Returns its path. Raises ``OSError``."""
+        hero = {k: self.hero_info.get(k) for k in ("name", "base_model", "architecture", "parameters", "newborn")}
+        info = {ckpt.KEY_CURSOR: self.cursor, ckpt.KEY_LOSS: self.last_loss, ckpt.KEY_EVAL_LOSS: self.last_eval_loss,
+                ckpt.KEY_REASON: reason, ckpt.KEY_HERO: hero, ckpt.KEY_CONFIG: self.config.model_dump()}
+        started = time.perf_counter()
+        path = ckpt.save_checkpoint(self.checkpoints_dir, global_step=self.global_step, model=self._raw_model,
+                                    tokenizer=self.tokenizer, optimizer=self.optimizer, scheduler=self.scheduler,
+                                    info=info)
+        self.last_checkpoint, self.last_saved_step = path, self.global_step
+        self.hero_info["checkpoint"] = str(path)
+        self._last_save = time.monotonic()
+        seconds = time.perf_counter() - started
+        self.ledger.event("checkpoint_saved", f"checkpoint {path.name} saved ({reason}, {seconds:.1f} s)",
+                          step=self.global_step, path=str(path), reason=reason, cursor=self.cursor)
+        self.log.info("checkpoint %s saved (%s) in %.1f s", path, reason, seconds)
+        return path
+
+    def latest_checkpoint_info(self) -> dict[str, Any] | None:
+        """``{"step", "path"}`` of the checkpoint last saved or loaded, None before the first."""
+        if self.last_checkpoint is None:
+            return None
+        return {"step": ckpt.step_of(self.last_checkpoint), "path": str(self.last_checkpoint)}
+
+    def cleanup(self) -> None:
+        """Release the model and optimizer (and GPU memory) and reset accelerate's process state."""
+        from accelerate.state import AcceleratorState, GradientState
+
+        if self.accelerator is not None:
+            self.accelerator.free_memory()
+        self.model = self._raw_model = self.optimizer = self.scheduler = self.accelerator = None
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _warn(self, kind: str, message: str, **data: Any) -> None:
+        self.log.warning(message)
+        self.ledger.event(kind, message, level="warning", **data)

@@ -1,0 +1,543 @@
+"""Record formats of quest files: detection, field mapping and normalization to the engine's examples.
+
+Formats follow TRL's dataset types and their standard field names:
+
+==========================  ==================================================================
+``text``                    ``{"text": str}``
+``messages``                ``{"messages": [{"role", "content"}, ...]}``, roles system/user/assistant/tool
+``prompt_completion``       ``{"prompt", "completion"}``: both strings, or both lists of messages
+``preference``              ``{"prompt", "chosen", "rejected"}`` (explicit prompt)
+``preference_implicit``     ``{"chosen", "rejected"}`` (prompt inside each, e.g. hh-rlhf)
+``alpaca``                  ``{"instruction", "input"?, "output", "system"?, "history"?}``
+``sharegpt``                ``{"conversations": [{"from", "value"}, ...], "system"?}``
+==========================  ==================================================================
+
+:func:`normalize` turns a record into exactly one canonical example shape:
+
+- SFT: ``{"text": str}``, ``{"prompt": str, "completion": str}`` or
+  ``{"messages": [{"role": str, "content": str}, ...]}`` (message-list prompt/completion, alpaca and
+  sharegpt all become ``messages``; the loss is then on every assistant message).
+- preference: ``{"prompt": str | list[message] | None, "chosen": str | list, "rejected": str | list}``.
+
+Every problem with a record raises :class:`RecordError` with a human reason. Files are read by
+:func:`open_text_lines` (plain or gzip by magic bytes, UTF-8 with optional BOM, CRLF tolerated, one
+undecodable or over-long line is one bad line) and :func:`iter_valid_records` is what the trainer reads.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import gzip
+import io
+import json
+import math
+import re
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from core.config import ValidationConfig
+
+TEXT = "text"
+MESSAGES = "messages"
+PROMPT_COMPLETION = "prompt_completion"
+PREFERENCE = "preference"
+PREFERENCE_IMPLICIT = "preference_implicit"
+ALPACA = "alpaca"
+SHAREGPT = "sharegpt"
+
+SFT_FORMATS = frozenset({TEXT, MESSAGES, PROMPT_COMPLETION, ALPACA, SHAREGPT})
+PREFERENCE_FORMATS = frozenset({PREFERENCE, PREFERENCE_IMPLICIT})
+ALL_FORMATS = (PREFERENCE, PREFERENCE_IMPLICIT, MESSAGES, SHAREGPT, PROMPT_COMPLETION, ALPACA, TEXT)
+
+#: Fields that identify each format (all required), in detection order (first match wins).
+FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
+    PREFERENCE: ("prompt", "chosen", "rejected"),
+    PREFERENCE_IMPLICIT: ("chosen", "rejected"),
+    MESSAGES: ("messages",),
+    SHAREGPT: ("conversations",),
+    PROMPT_COMPLETION: ("prompt", "completion"),
+    ALPACA: ("instruction", "output"),
+    TEXT: ("text",),
+}
+
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {
+    "human": "user", "user": "user",
+    "gpt": "assistant", "assistant": "assistant", "model": "assistant", "chatgpt": "assistant",
+    "bard": "assistant", "bing": "assistant", "function_call": "assistant",
+    "system": "system",
+    "tool": "tool", "function": "tool", "observation": "tool",
+}
+_SHAREGPT_ROLE_TEXT = "human/user, gpt/assistant/model, system, tool/function/observation, function_call"
+
+UTF8_BOM = b"\xef\xbb\xbf"
+GZIP_MAGIC = b"\x1f\x8b"
+_READ_BUFFER_BYTES = 1 << 20
+_LONE_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+class RecordError(ValueError):
+    """A record (one line) that cannot be used; ``str(exc)`` is the human reason."""
+
+
+class CorruptFileError(ValueError):
+    """The file as a whole cannot be read (broken or truncated gzip stream)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# field_map
+# --------------------------------------------------------------------------------------------------
+def field_map_for(file_name: str, field_map: dict[str, dict[str, str]]) -> dict[str, str]:
+    """Merge the mappings of every glob in ``field_map`` that matches ``file_name``.
+
+    Only the base name is matched (``fnmatch`` rules), as given, without a ``.gz`` suffix and without a
+    ``high_``/``low_`` priority prefix, so ``"gsm8k*.jsonl"`` also maps ``gsm8k_train.jsonl.gz`` and
+    ``high_gsm8k.jsonl``. Later globs win for the same source field.
+    Returns ``{source_field: target_field}`` (empty when nothing matches).
+    """
+    name = Path(file_name).name
+    names = {name}
+    for prefix in ("high_", "low_"):
+        if name.lower().startswith(prefix):
+            names.add(name[len(prefix):])
+    names |= {n[:-3] for n in names if n.lower().endswith(".gz")}
+    merged: dict[str, str] = {}
+    for pattern, mapping in field_map.items():
+        if any(fnmatch.fnmatch(n, pattern) for n in names):
+            merged.update(mapping)
+    return merged
+
+
+def apply_field_map(record: dict, mapping: dict[str, str]) -> dict:
+    """Return ``record`` with keys renamed by ``mapping`` (``{source: target}``; swaps work).
+
+    Raises :class:`RecordError` when a target field already exists in the record and is not itself
+    renamed away (the two values would collide).
+    """
+    if not mapping or not any(src in record for src in mapping):
+        return record
+    out: dict = {}
+    for key, value in record.items():
+        if key not in mapping:
+            out[key] = value
+    for src, dst in mapping.items():
+        if src in record:
+            if dst in out:
+                raise RecordError(f"field_map renames '{src}' to '{dst}' but the record already has '{dst}'")
+            out[dst] = record[src]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# detection
+# --------------------------------------------------------------------------------------------------
+def _fits(record: dict, fmt: str) -> bool:
+    return all(f in record for f in FORMAT_FIELDS[fmt])
+
+
+def detect_format(record: dict) -> str:
+    """Name of the format whose identifying fields the record has (see :data:`FORMAT_FIELDS`).
+
+    Raises :class:`RecordError` naming the fields found, a missing partner field when one is evident
+    (``"missing field 'completion'"``), and the formats that exist.
+    """
+    if not isinstance(record, dict):
+        raise RecordError(f"record must be a JSON object, got {_type_name(record)}")
+    for fmt in ALL_FORMATS:
+        if _fits(record, fmt):
+            return fmt
+    found = sorted(str(k) for k in record)
+    for fmt in (PREFERENCE_IMPLICIT, PROMPT_COMPLETION, ALPACA):
+        present = [f for f in FORMAT_FIELDS[fmt] if f in record]
+        if present:
+            missing = [f for f in FORMAT_FIELDS[fmt] if f not in record]
+            raise RecordError(f"missing field '{missing[0]}' (found fields {found}; format '{fmt}' needs "
+                              f"{list(FORMAT_FIELDS[fmt])})")
+    formats = "; ".join(f"{fmt} {{{', '.join(fields)}}}" for fmt, fields in FORMAT_FIELDS.items())
+    shown = found[:20] + (["..."] if len(found) > 20 else [])
+    raise RecordError(f"no known format: found fields {shown}; formats are {formats}; other names can be "
+                      "mapped with validation.field_map in config.json")
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+# --------------------------------------------------------------------------------------------------
+# normalization
+# --------------------------------------------------------------------------------------------------
+def _text(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise RecordError(f"{where} must be a non-empty string, got {_type_name(value)}")
+    if not value.strip():
+        raise RecordError(f"{where} must be a non-empty string")
+    return value
+
+
+def _content(value: Any, where: str) -> str:
+    """Message content: a string, or text-only content parts ``[{"type": "text", "text": str}]``."""
+    if isinstance(value, list) and value:
+        texts = []
+        for i, part in enumerate(value):
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                raise RecordError(f"{where}[{i}]: only text content parts are supported")
+            texts.append(part["text"])
+        value = "".join(texts)
+    return _text(value, where)
+
+
+def _messages(value: Any, where: str, *, need_assistant: bool) -> list[dict[str, str]]:
+    """Validate a list of messages; empty system messages are dropped. Returns fresh role/content dicts."""
+    if not isinstance(value, list):
+        raise RecordError(f"{where} must be a list of messages, got {_type_name(value)}")
+    if not value:
+        raise RecordError(f"{where} must not be empty")
+    out = []
+    has_assistant = False
+    for i, msg in enumerate(value):
+        here = f"{where}[{i}]"
+        if not isinstance(msg, dict):
+            raise RecordError(f"{here} must be an object with role and content, got {_type_name(msg)}")
+        role = msg.get("role")
+        if role not in ROLES:
+            if "role" not in msg:
+                raise RecordError(f"{here}: missing field 'role'")
+            raise RecordError(f"{here}.role: {_short(role)} is not one of {'/'.join(ROLES)}")
+        if msg.get("tool_calls"):
+            raise RecordError(f"{here}.tool_calls: tool calls are not supported yet")
+        if "content" not in msg:
+            raise RecordError(f"{here}: missing field 'content'")
+        content = msg["content"]
+        if role == "system" and content == "":
+            continue
+        out.append({"role": role, "content": _content(content, f"{here}.content")})
+        has_assistant = has_assistant or role == "assistant"
+    if need_assistant and not has_assistant:
+        raise RecordError(f"{where} has no assistant message (nothing to learn)")
+    if not out:
+        raise RecordError(f"{where} must not be empty")
+    return out
+
+
+def _short(value: Any) -> str:
+    text = repr(value) if isinstance(value, str) else json.dumps(value, default=str)[:60]
+    return text[:60] + ("..." if len(text) > 60 else "")
+
+
+def _optional_str(record: dict, key: str) -> str:
+    value = record.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise RecordError(f"{key} must be a string, got {_type_name(value)}")
+    return value
+
+
+def _normalize_text(record: dict) -> dict:
+    return {"text": _text(record["text"], "text")}
+
+
+def _normalize_messages(record: dict) -> dict:
+    return {"messages": _messages(record["messages"], "messages", need_assistant=True)}
+
+
+def _normalize_prompt_completion(record: dict) -> dict:
+    prompt, completion = record["prompt"], record["completion"]
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return {"prompt": _text(prompt, "prompt"), "completion": _text(completion, "completion")}
+    if isinstance(prompt, list) and isinstance(completion, list):
+        return {"messages": _messages(prompt, "prompt", need_assistant=False)
+                + _messages(completion, "completion", need_assistant=True)}
+    raise RecordError("prompt and completion must both be strings or both be lists of messages, got "
+                      f"{_type_name(prompt)} and {_type_name(completion)}")
+
+
+def _normalize_alpaca(record: dict) -> dict:
+    instruction = _text(record["instruction"], "instruction")
+    extra = _optional_str(record, "input")
+    output = _text(record["output"], "output")
+    system = _optional_str(record, "system")
+    messages = [{"role": "system", "content": system}] if system.strip() else []
+    history = record.get("history")
+    if history is not None:
+        if not isinstance(history, list):
+            raise RecordError(f"history must be a list of [instruction, output] pairs, got {_type_name(history)}")
+        for i, turn in enumerate(history):
+            if not (isinstance(turn, list) and len(turn) == 2):
+                raise RecordError(f"history[{i}] must be an [instruction, output] pair")
+            messages.append({"role": "user", "content": _text(turn[0], f"history[{i}][0]")})
+            messages.append({"role": "assistant", "content": _text(turn[1], f"history[{i}][1]")})
+    user = instruction + ("\n\n" + extra if extra.strip() else "")
+    messages.append({"role": "user", "content": user})
+    messages.append({"role": "assistant", "content": output})
+    return {"messages": messages}
+
+
+def _normalize_sharegpt(record: dict) -> dict:
+    turns = record["conversations"]
+    if not isinstance(turns, list):
+        raise RecordError(f"conversations must be a list of turns, got {_type_name(turns)}")
+    if not turns:
+        raise RecordError("conversations must not be empty")
+    system = _optional_str(record, "system")
+    messages = [{"role": "system", "content": system}] if system.strip() else []
+    has_assistant = False
+    for i, turn in enumerate(turns):
+        here = f"conversations[{i}]"
+        if not isinstance(turn, dict):
+            raise RecordError(f"{here} must be an object with from and value, got {_type_name(turn)}")
+        speaker_key, text_key = ("from", "value") if "from" in turn or "value" in turn else ("role", "content")
+        if speaker_key not in turn:
+            raise RecordError(f"{here}: missing field 'from'")
+        if text_key not in turn:
+            raise RecordError(f"{here}: missing field '{text_key}'")
+        speaker = turn[speaker_key]
+        role = SHAREGPT_ROLES.get(speaker.lower()) if isinstance(speaker, str) else None
+        if role is None:
+            raise RecordError(f"{here}.{speaker_key}: {_short(speaker)} is not one of {_SHAREGPT_ROLE_TEXT}")
+        if role == "system" and turn[text_key] == "":
+            continue
+        messages.append({"role": role, "content": _content(turn[text_key], f"{here}.{text_key}")})
+        has_assistant = has_assistant or role == "assistant"
+    if not has_assistant:
+        raise RecordError("conversations has no assistant (gpt) turn (nothing to learn)")
+    return {"messages": messages}
+
+
+def _normalize_preference(record: dict, explicit: bool) -> dict:
+    chosen, rejected = record["chosen"], record["rejected"]
+    prompt = record["prompt"] if explicit else None
+    if explicit and not isinstance(prompt, (str, list)):
+        raise RecordError(f"prompt must be a string or a list of messages, got {_type_name(prompt)}")
+    both_str = isinstance(chosen, str) and isinstance(rejected, str)
+    if not both_str and not (isinstance(chosen, list) and isinstance(rejected, list)):
+        raise RecordError("chosen and rejected must both be strings or both be lists of messages, got "
+                          f"{_type_name(chosen)} and {_type_name(rejected)}")
+    if explicit and type(prompt) is not type(chosen):
+        raise RecordError(f"prompt is a {_type_name(prompt)} but chosen/rejected are {_type_name(chosen)}s: "
+                          "use strings for all three, or lists of messages for all three")
+    if isinstance(chosen, str):
+        out_prompt = _text(prompt, "prompt") if explicit else None
+        out = {"prompt": out_prompt, "chosen": _text(chosen, "chosen"), "rejected": _text(rejected, "rejected")}
+    else:
+        out_prompt = _messages(prompt, "prompt", need_assistant=False) if explicit else None
+        out = {"prompt": out_prompt,
+               "chosen": _messages(chosen, "chosen", need_assistant=True),
+               "rejected": _messages(rejected, "rejected", need_assistant=True)}
+    if out["chosen"] == out["rejected"]:
+        raise RecordError("chosen and rejected are identical (nothing to learn)")
+    return out
+
+
+_NORMALIZERS = {
+    TEXT: _normalize_text,
+    MESSAGES: _normalize_messages,
+    PROMPT_COMPLETION: _normalize_prompt_completion,
+    ALPACA: _normalize_alpaca,
+    SHAREGPT: _normalize_sharegpt,
+    PREFERENCE: lambda r: _normalize_preference(r, explicit=True),
+    PREFERENCE_IMPLICIT: lambda r: _normalize_preference(r, explicit=False),
+}
+
+
+def normalize(record: dict, fmt: str) -> dict:
+    """Validate ``record`` as format ``fmt`` and return its canonical example (see the module doc).
+
+    Raises :class:`RecordError` (a missing field, a wrong type, a bad role, empty text, ...);
+    ``ValueError`` for an unknown ``fmt``.
+    """
+    normalizer = _NORMALIZERS.get(fmt)
+    if normalizer is None:
+        raise ValueError(f"unknown format {fmt!r}; formats are {', '.join(ALL_FORMATS)}")
+    if not isinstance(record, dict):
+        raise RecordError(f"record must be a JSON object, got {_type_name(record)}")
+    missing = [f for f in FORMAT_FIELDS[fmt] if f not in record]
+    if missing:
+        raise RecordError(f"missing field '{missing[0]}' (format '{fmt}')")
+    return normalizer(record)
+
+
+def preference_as_sft(example: dict) -> tuple[dict, dict]:
+    """The (chosen, rejected) sides of a normalized preference example as SFT-shaped examples
+    (``prompt``/``completion``, ``messages`` or ``text``), e.g. to measure their token lengths."""
+    prompt, sides = example["prompt"], (example["chosen"], example["rejected"])
+    if prompt is None:
+        return tuple({"text": s} if isinstance(s, str) else {"messages": s} for s in sides)  # type: ignore[return-value]
+    if isinstance(prompt, str):
+        return tuple({"prompt": prompt, "completion": s} for s in sides)  # type: ignore[return-value]
+    return tuple({"messages": prompt + s} for s in sides)  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------------
+# lines and records
+# --------------------------------------------------------------------------------------------------
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a valid JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+
+
+def parse_line(text: str, mapping: dict[str, str], expected_format: str | None = None) -> tuple[str, dict]:
+    """Parse one JSONL line into ``(format, normalized example)``.
+
+    ``mapping`` is the file's field map (:func:`field_map_for`); ``expected_format`` is the file's format
+    once fixed: a record detected as another format is an error (so an explicit-prompt preference record
+    in an implicit-preference file is refused, never silently stripped of its prompt). Raises :class:`RecordError` for invalid JSON
+    (NaN/Infinity and out-of-range numbers included), too-deep nesting, a non-object, a format error.
+    """
+    try:
+        record = _DECODER.decode(text)
+    except json.JSONDecodeError as exc:
+        raise RecordError(f"invalid JSON: {exc.msg} (column {exc.colno})") from None
+    except RecursionError:
+        raise RecordError("invalid JSON: nested too deeply") from None
+    except ValueError as exc:
+        raise RecordError(f"invalid JSON: {exc}") from None
+    if not isinstance(record, dict):
+        raise RecordError(f"line must be a JSON object, got {_type_name(record)}")
+    if mapping:
+        record = apply_field_map(record, mapping)
+    fmt = detect_format(record)  # a record has one format wherever it is in the file
+    if expected_format is not None and fmt != expected_format:
+        raise RecordError(f"record is format '{fmt}' but the file's format is '{expected_format}' "
+                          f"(needs fields {list(FORMAT_FIELDS[expected_format])})")
+    example = normalize(record, fmt)
+    if "\\u" in text and _LONE_SURROGATE_ESCAPE.search(text):
+        try:
+            json.dumps(example, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise RecordError("text holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff)") from None
+    return fmt, example
+
+
+class _HashingRaw(io.RawIOBase):
+    """A raw reader that feeds every byte it reads into ``hasher`` (a ``hashlib`` object)."""
+
+    def __init__(self, f: io.FileIO, hasher):
+        super().__init__()
+        self._f, self._hasher = f, hasher
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = self._f.readinto(buffer) or 0
+        if n:
+            self._hasher.update(memoryview(buffer)[:n])
+        return n
+
+
+def is_gzip(path: Path) -> bool:
+    """True when the file starts with the gzip magic bytes. Raises ``OSError`` if it cannot be read."""
+    with open(path, "rb") as f:
+        return f.read(2) == GZIP_MAGIC
+
+
+def open_text_lines(path: Path, *, max_line_bytes: int | None = None, hasher=None
+                    ) -> Iterator[tuple[int, str | None, str | None]]:
+    """Stream the lines of a plain or gzip file (chosen by the magic bytes, not the name).
+
+    Yields ``(line_number, text, None)`` for each non-blank line (1-based physical line numbers; newline,
+    a trailing ``\\r`` and a leading UTF-8 BOM removed) or ``(line_number, None, reason)`` for a line
+    that is longer than ``max_line_bytes`` (read through in chunks, never held whole) or not valid UTF-8.
+    Memory is bounded by ``max_line_bytes``. ``hasher`` (e.g. ``hashlib.sha256()``) receives every raw
+    byte of the file (compressed bytes for gzip), including any bytes after the last line.
+
+    Raises ``OSError`` when the file cannot be opened or read, :class:`CorruptFileError` for a broken gzip
+    stream.
+    """
+    limit = -1 if max_line_bytes is None else max_line_bytes + 2  # room for "\r\n"
+    with open(path, "rb", buffering=0) as raw_file:
+        source = raw_file if hasher is None else _HashingRaw(raw_file, hasher)
+        buffered = io.BufferedReader(source, buffer_size=_READ_BUFFER_BYTES)  # type: ignore[arg-type]
+        head = buffered.peek(2)[:2]
+        stream: IO[bytes] = gzip.GzipFile(fileobj=buffered, mode="rb") if head == GZIP_MAGIC else buffered
+        try:
+            yield from _lines(stream, limit, max_line_bytes)
+            if hasher is not None:
+                while buffered.read(_READ_BUFFER_BYTES):
+                    pass
+        except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+            raise CorruptFileError(f"broken gzip stream: {exc}") from None
+
+
+def _lines(stream: IO[bytes], limit: int, max_line_bytes: int | None):
+    readline = stream.readline
+    number = 0
+    while True:
+        raw = readline(limit)
+        if not raw:
+            return
+        number += 1
+        if max_line_bytes is not None and len(raw) >= limit and not raw.endswith(b"\n"):
+            total = len(raw)
+            while True:
+                chunk = readline(_READ_BUFFER_BYTES)
+                total += len(chunk)
+                if not chunk:
+                    break
+                if chunk.endswith(b"\n"):
+                    total -= 2 if chunk.endswith(b"\r\n") else 1
+                    break
+            yield number, None, f"line is longer than max_line_bytes ({total:,} > {max_line_bytes:,} bytes)"
+            continue
+        if number == 1 and raw.startswith(UTF8_BOM):
+            raw = raw[3:]
+        if raw.endswith(b"\n"):
+            raw = raw[:-1]
+        if raw.endswith(b"\r"):
+            raw = raw[:-1]
+        if max_line_bytes is not None and len(raw) > max_line_bytes:
+            yield number, None, f"line is longer than max_line_bytes ({len(raw):,} > {max_line_bytes:,} bytes)"
+            continue
+        if not raw.strip():
+            continue
+        try:
+            yield number, raw.decode("utf-8"), None
+        except UnicodeDecodeError as exc:
+            yield number, None, (f"not valid UTF-8: {exc.reason} (byte 0x{raw[exc.start]:02x} at byte "
+                                 f"{exc.start + 1})")
+
+
+def iter_valid_records(path: Path, display_name: str, validation_config: ValidationConfig
+                       ) -> Iterator[tuple[int, dict]]:
+    """Yield ``(line_number, normalized example)`` for every valid record of a quest file, in file order.
+
+    The same rules as :func:`core.validation.validate_file` (field map for ``display_name``, line length
+    limit, format fixed by the first valid record); bad lines are skipped silently (the validation report
+    lists them). The token-length policy is *not* applied here: the trainer applies it with
+    :func:`core.validation.length_action`. Deterministic: the same file always yields the same sequence.
+    Raises ``OSError`` when the file cannot be read, :class:`CorruptFileError` for a broken gzip stream.
+    """
+    mapping = field_map_for(display_name, validation_config.field_map)
+    fmt: str | None = None
+    for number, text, error in open_text_lines(path, max_line_bytes=validation_config.max_line_bytes):
+        if error is not None:
+            continue
+        try:
+            fmt, example = parse_line(text, mapping, fmt)  # type: ignore[arg-type]
+        except RecordError:
+            continue
+        yield number, example

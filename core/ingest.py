@@ -1,0 +1,169 @@
+"""Watching ``inbox/``: find files that are complete and hand them over, once each.
+
+A watchdog observer (inotify on Linux) wakes the scanner on any change; a polling observer replaces it
+where events are unavailable (``ingest.use_polling`` or when inotify cannot start), and a rescan every
+``ingest.poll_interval_seconds`` is the safety net either way.
+
+A file is *settled* -- safe to take -- when its name is not a temporary one (leading ``.``, or ending
+``.tmp``, ``.part``, ``.partial``, ``.crdownload``, ``.swp``) and its size and mtime have not changed for
+``ingest.settle_seconds``. So a file still being copied in is never read half-written.
+
+Priority: ``inbox/high/``, ``inbox/normal/``, ``inbox/low/`` subfolders, or a ``high_`` / ``low_`` file
+name prefix; default ``normal``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+from watchdog.observers.polling import PollingObserver
+
+from core.config import IngestConfig
+from core.realm import PRIORITIES, Realm
+
+TEMPORARY_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp", "~")
+
+log = logging.getLogger("realm.ingest")
+
+
+def is_temporary_name(name: str) -> bool:
+    """True for names a writer is still using (hidden files, ``.tmp``/``.part``/``.partial``...)."""
+    return name.startswith(".") or name.lower().endswith(TEMPORARY_SUFFIXES)
+
+
+def priority_for(path: Path, inbox: Path) -> str:
+    """``high``/``normal``/``low`` from the inbox subfolder, else from a ``high_``/``low_`` name prefix."""
+    parent = path.parent.name if path.parent != inbox else ""
+    if parent in PRIORITIES:
+        return parent
+    lower = path.name.lower()
+    if lower.startswith("high_"):
+        return "high"
+    if lower.startswith("low_"):
+        return "low"
+    return "normal"
+
+
+@dataclass
+class _Seen:
+    size: int
+    mtime_ns: int
+    stable_since: float
+
+
+class InboxScanner:
+    """Tracks candidate files in the inbox and reports the settled ones.
+
+    Not thread-safe on its own: one thread calls :meth:`scan`.
+    """
+
+    def __init__(self, realm: Realm, config: IngestConfig, clock=time.monotonic):
+        self.realm = realm
+        self.config = config
+        self.clock = clock
+        self._seen: dict[Path, _Seen] = {}
+
+    def candidates(self) -> list[Path]:
+        """Files (or symlinks) directly in inbox/ or in its priority subfolders, temporary names excluded."""
+        out: list[Path] = []
+        for folder in (self.realm.inbox, *(self.realm.inbox / p for p in PRIORITIES)):
+            try:
+                entries = list(os.scandir(folder))
+            except FileNotFoundError:
+                continue
+            for entry in entries:
+                if is_temporary_name(entry.name):
+                    continue
+                if entry.is_symlink() or entry.is_file(follow_symlinks=False):
+                    out.append(Path(entry.path))
+        return sorted(out)
+
+    def scan(self) -> list[tuple[Path, str]]:
+        """Return ``(path, priority)`` for every settled file, oldest sighting first."""
+        now = self.clock()
+        settled: list[tuple[float, Path]] = []
+        present = set()
+        for path in self.candidates():
+            try:
+                st = path.lstat()
+            except FileNotFoundError:
+                continue
+            present.add(path)
+            seen = self._seen.get(path)
+            if seen is None or (seen.size, seen.mtime_ns) != (st.st_size, st.st_mtime_ns):
+                self._seen[path] = _Seen(st.st_size, st.st_mtime_ns, now)
+                if self.config.settle_seconds > 0:
+                    continue
+                seen = self._seen[path]
+            if now - seen.stable_since >= self.config.settle_seconds:
+                settled.append((seen.stable_since, path))
+        for gone in set(self._seen) - present:
+            del self._seen[gone]
+        settled.sort()
+        return [(p, priority_for(p, self.realm.inbox)) for _, p in settled]
+
+    def forget(self, path: Path) -> None:
+        self._seen.pop(path, None)
+
+    def pending(self) -> int:
+        """How many candidate files are in the inbox now (settled or not)."""
+        return len(self.candidates())
+
+
+class _Wake(FileSystemEventHandler):
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        self.event.set()
+
+
+class InboxWatcher:
+    """Wakes whoever waits in :meth:`wait` when something changes in the inbox.
+
+    Uses inotify through watchdog's :class:`Observer`; falls back to :class:`PollingObserver` when
+    ``use_polling`` is set or the native observer fails to start (e.g. inotify watch limits).
+    """
+
+    def __init__(self, realm: Realm, config: IngestConfig):
+        self.realm = realm
+        self.config = config
+        self.wake = threading.Event()
+        self.observer = None
+        self.mode = "none"
+
+    def start(self) -> None:
+        handler = _Wake(self.wake)
+        kinds = [PollingObserver] if self.config.use_polling else [Observer, PollingObserver]
+        for kind in kinds:
+            observer = kind(timeout=self.config.poll_interval_seconds) if kind is PollingObserver else kind()
+            try:
+                observer.schedule(handler, str(self.realm.inbox), recursive=True)
+                observer.start()
+            except OSError as exc:  # inotify limits, unsupported filesystem
+                log.warning("inbox observer %s failed (%s); falling back", kind.__name__, exc)
+                continue
+            self.observer = observer
+            self.mode = "polling" if kind is PollingObserver else "events"
+            log.info("watching %s (%s)", self.realm.inbox, self.mode)
+            return
+        self.mode = "rescan-only"
+
+    def wait(self, timeout_seconds: float) -> bool:
+        """Block until a change or ``timeout_seconds``; returns True when woken by a change."""
+        woke = self.wake.wait(timeout_seconds)
+        self.wake.clear()
+        return woke
+
+    def stop(self) -> None:
+        if self.observer is not None:
+            self.observer.stop()
+            self.observer.join(timeout=5)
+            self.observer = None

@@ -1,0 +1,137 @@
+"""Sequence packing with no attention across packed examples.
+
+Examples are placed greedily, in order, into rows of ``max_length`` tokens; an example is never split
+(it was truncated to ``max_length`` before). Each packed example gets position ids restarting at 0, and
+each row a 4D block-diagonal causal mask, so every example sees only itself: its logits equal those of
+the example run alone (measured in ../shared/MEASURED.md; tested in tests/core/test_packing.py).
+Position ids alone are not enough with SDPA: transformers only derives a packed mask from position ids
+for FlashAttention kernels.
+
+transformers 5.23 (``masking_utils._preprocess_mask_arguments``) passes a 4D mask of shape
+``(batch, 1, query_length, kv_length)`` to the attention function unchanged. SDPA takes a bool mask
+(True = attend); eager attention *adds* the mask to the scores, so it needs an additive float mask (0 or
+the dtype's minimum). :func:`model_attention_mask` converts for the model's attention implementation.
+
+Padding positions have label -100 and attend only to themselves (so no softmax row is empty, which
+would give NaN), and no real token attends to them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+
+from core.chat import IGNORE_INDEX, TokenizedExample
+
+T = TypeVar("T", bound=TokenizedExample)
+
+
+@dataclass
+class Batch:
+    """One micro-batch. Shapes: ``input_ids``, ``labels``, ``position_ids``: (B, L) int64;
+    ``attention_mask``: (B, 1, L, L) bool, True = may attend. ``num_tokens`` (real, non-pad tokens) and
+    ``num_trainable`` (labels != -100) are host ints, so no device sync is needed to read them."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    num_tokens: int
+    num_trainable: int
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(self.input_ids.to(device, non_blocking=True), self.labels.to(device, non_blocking=True),
+                     self.position_ids.to(device, non_blocking=True),
+                     self.attention_mask.to(device, non_blocking=True), self.num_tokens, self.num_trainable)
+
+
+def iter_steps(examples: Iterable[T], rows_per_step: int, max_length: int,
+               packing: bool = True) -> Iterator[list[list[T]]]:
+    """Group a stream of examples into optimizer steps of at most ``rows_per_step`` rows.
+
+    With ``packing``, a row takes examples in order while their total length fits ``max_length``
+    tokens; a step ends when its rows are full and the next example does not fit. Without packing,
+    each example is its own row. Yields each step as a list of rows (lists of examples). Boundaries
+    depend only on the stream from where it starts, so resuming at a step boundary gives the same steps.
+    Raises ``ValueError`` for an example longer than ``max_length`` (truncate before packing).
+    """
+    rows: list[list[T]] = []
+    used = 0  # tokens in the last row
+    for ex in examples:
+        n = len(ex.input_ids)
+        if n > max_length:
+            raise ValueError(f"example at line {ex.line} has {n} tokens > max_length {max_length}")
+        if rows and packing and used + n <= max_length:
+            rows[-1].append(ex)
+            used += n
+            continue
+        if len(rows) == rows_per_step:
+            yield rows
+            rows = []
+        rows.append([ex])
+        used = n
+    if rows:
+        yield rows
+
+
+def pack_rows(examples: Iterable[T], max_length: int, packing: bool = True) -> list[list[T]]:
+    """All ``examples`` greedily into rows (see :func:`iter_steps`); e.g. for evaluation."""
+    return [row for step in iter_steps(examples, 1 << 62, max_length, packing) for row in step]
+
+
+def collate(rows: list[list[TokenizedExample]], pad_token_id: int, pad_to: int | None = None) -> Batch:
+    """Build a :class:`Batch` from rows of examples.
+
+    ``pad_to`` (tokens): the row length L; None pads to the longest row. Raises ``ValueError`` when a
+    row is longer than ``pad_to``.
+    """
+    lengths = [sum(len(ex.input_ids) for ex in row) for row in rows]
+    L = pad_to if pad_to is not None else max(lengths, default=1)
+    if max(lengths, default=0) > L:
+        raise ValueError(f"a row of {max(lengths)} tokens does not fit pad_to={L}")
+    B = len(rows)
+    input_ids = torch.full((B, L), pad_token_id, dtype=torch.long)
+    labels = torch.full((B, L), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((B, L), dtype=torch.long)
+    # document id per position; pads get unique negative ids so they attend only to themselves
+    seq = -torch.arange(1, L + 1, dtype=torch.long).repeat(B, 1)
+    trainable = 0
+    for b, row in enumerate(rows):
+        pos = 0
+        for k, ex in enumerate(row):
+            n = len(ex.input_ids)
+            input_ids[b, pos:pos + n] = torch.tensor(ex.input_ids, dtype=torch.long)
+            labels[b, pos:pos + n] = torch.tensor(ex.labels, dtype=torch.long)
+            labels[b, pos] = IGNORE_INDEX  # never predict an example's first token from the previous one
+            position_ids[b, pos:pos + n] = torch.arange(n)
+            seq[b, pos:pos + n] = k
+            trainable += sum(1 for x in ex.labels[1:] if x != IGNORE_INDEX)
+            pos += n
+    causal = torch.ones(L, L, dtype=torch.bool).tril_()
+    mask = (seq[:, :, None] == seq[:, None, :]) & causal
+    return Batch(input_ids, labels, position_ids, mask.unsqueeze(1), sum(lengths), trainable)
+
+
+def model_attention_mask(mask: torch.Tensor, attn_implementation: str | None,
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+    """The 4D bool mask ``(B, 1, L, L)`` in the form the model's attention implementation expects.
+
+    ``sdpa``: bool as is. FlashAttention kernels: None (they detect packed examples from the position
+    ids and run variable-length attention). Anything else (``eager``, custom code): additive float in
+    ``dtype``, 0 where attending and ``finfo(dtype).min`` elsewhere.
+    """
+    impl = attn_implementation or "eager"
+    if impl == "sdpa":
+        return mask
+    if "flash" in impl:
+        return None
+    zero = torch.zeros((), dtype=dtype, device=mask.device)
+    return torch.where(mask, zero, torch.finfo(dtype).min)
+
+
+def micro_batches(rows: list[list[T]], micro_batch_size: int) -> list[list[list[T]]]:
+    """Split a step's rows into consecutive micro-batches of at most ``micro_batch_size`` rows."""
+    return [rows[i:i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]

@@ -1,0 +1,524 @@
+"""Streaming validation of a quest file, in constant memory, into a :class:`ValidationReport`.
+
+:func:`validate_file` reads the file once (plain ``.jsonl`` or ``.jsonl.gz``), checks every line with the
+same rules the trainer uses (:func:`core.formats.parse_line`, :func:`core.formats.iter_valid_records`),
+measures token lengths with a caller-supplied ``count_tokens`` or ``count_tokens_batch`` (the hero's
+tokenizer, batched in groups of :data:`TOKEN_BATCH_EXAMPLES`) against ``training.max_length`` under
+``validation.length_policy``, and decides whether the file is accepted:
+
+- rejected: not ``.jsonl``/``.jsonl.gz`` (a JSON array, also one named .jsonl that is rejected, gets a
+  ``jq -c '.[]'`` hint), gzip name/content
+  mismatch, UTF-16, a broken gzip stream, an empty file, no valid record, or a bad-line ratio above
+  ``validation.max_bad_line_ratio``;
+- accepted otherwise: bad lines are skipped and listed, dropped lines (``length_policy: drop``) listed.
+
+Memory stays flat: lines are streamed (each at most ``validation.max_line_bytes``), token lengths are kept
+as a ``Counter`` of lengths (exact percentiles), and at most :data:`MAX_LISTED_LINES` bad/dropped lines are
+stored (the rest only counted in ``bad_lines_truncated`` / ``dropped_lines_truncated``).
+
+The trainer reads the same file with :func:`core.formats.iter_valid_records`, which yields every
+*record-valid* line; it must apply :func:`length_action` with the same token count (and skip a record its
+tokenizer cannot encode) so that exactly ``examples`` records are trained.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import math
+import os
+import zlib
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from core.config import RealmConfig
+from core.formats import (
+    PREFERENCE_FORMATS,
+    SFT_FORMATS,
+    UTF8_BOM,
+    CorruptFileError,
+    RecordError,
+    field_map_for,
+    is_gzip,
+    open_text_lines,
+    parse_line,
+    preference_as_sft,
+)
+
+#: At most this many bad lines (and, separately, dropped lines) are stored in a report.
+MAX_LISTED_LINES = 10_000
+ACCEPTED_SUFFIXES = (".jsonl", ".jsonl.gz")
+#: Bad lines quoted in a rejection reason.
+REASON_EXAMPLES = 3
+PREFERENCE_NOTE = ("preference data: validated and accepted; waits in the queue for the DPO school "
+                   "(SFT does not train it)")
+
+#: Examples (and bytes of their JSON lines) measured per ``count_tokens_batch`` call.
+TOKEN_BATCH_EXAMPLES = 256
+TOKEN_BATCH_BYTES = 16 * 1024 * 1024
+
+CountTokens = Callable[[dict], "tuple[int, int]"]
+CountTokensBatch = Callable[[list], "list[tuple[int, int]]"]
+
+
+class LineIssue(BaseModel):
+    """One bad or dropped line: 1-based physical line number and the human reason."""
+
+    line: int
+    reason: str
+
+
+class TokenStats(BaseModel):
+    """Token counts of the kept records (before truncation). Percentiles are nearest-rank, exact."""
+
+    total: int
+    trainable: int
+    min: int
+    p50: int
+    p95: int
+    p99: int
+    max: int
+
+
+class ValidationReport(BaseModel):
+    """What :func:`validate_file` found. ``to_dict()`` / ``to_json()`` give the JSON report.
+
+    Counts: ``lines`` (non-blank) = ``records_valid`` + ``records_bad``; ``records_dropped`` of the valid
+    records are too long (``length_policy: drop``) and ``examples`` = ``records_valid - records_dropped``
+    will be trained (``truncated`` of them cut to ``max_length``).
+    """
+
+    file: str
+    format: str | None = None
+    accepted: bool = False
+    reason: str | None = None
+    size_bytes: int = 0
+    content_hash: str = ""
+    lines: int = 0
+    records_valid: int = 0
+    records_bad: int = 0
+    records_dropped: int = 0
+    examples: int = 0
+    bad_line_ratio: float = 0.0
+    max_bad_line_ratio: float = 0.0
+    bad_lines: list[LineIssue] = []
+    bad_lines_truncated: int = 0
+    dropped_lines: list[LineIssue] = []
+    dropped_lines_truncated: int = 0
+    truncated: int = 0
+    tokens: TokenStats | None = None
+    trainable_token_ratio: float | None = None
+    max_length: int = 0
+    length_policy: str = "truncate"
+    trainable: bool = False
+    field_map: dict[str, str] = {}
+    note: str | None = None
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False)
+
+
+def length_action(tokens: int, max_length: int, length_policy: str) -> str:
+    """What to do with an example of ``tokens`` tokens: ``"keep"``, or (when ``tokens > max_length``)
+    the ``length_policy`` itself: ``"truncate"``, ``"drop"`` or ``"reject"``. The trainer uses this too,
+    so validation and training agree on which records are trained."""
+    return "keep" if tokens <= max_length else length_policy
+
+
+def measure_example(example: dict, fmt: str, count_tokens: CountTokens) -> tuple[int, int]:
+    """``(tokens, trainable_tokens)`` of a normalized example. SFT examples go to ``count_tokens`` as they
+    are; a preference example is measured as its longer side (prompt + chosen, or prompt + rejected, as
+    SFT-shaped examples, see :func:`core.formats.preference_as_sft`). Raises whatever ``count_tokens``
+    raises."""
+    if fmt in PREFERENCE_FORMATS:
+        sides = [count_tokens(side) for side in preference_as_sft(example)]
+        tokens, trainable = max(sides)
+    else:
+        tokens, trainable = count_tokens(example)
+    return int(tokens), int(trainable)
+
+
+def _batched(count_tokens: CountTokens) -> CountTokensBatch:
+    def count_each(examples: list[dict]) -> list[tuple[int, int] | Exception]:
+        out: list[tuple[int, int] | Exception] = []
+        for example in examples:
+            try:
+                out.append(count_tokens(example))
+            except Exception as exc:  # the caller's tokenizer: any failure is that line's problem
+                out.append(exc)
+        return out
+    return count_each  # type: ignore[return-value]
+
+
+class _Measurer:
+    """Buffers lines (at most :data:`TOKEN_BATCH_EXAMPLES` examples / :data:`TOKEN_BATCH_BYTES` of JSON),
+    measures their examples in one ``count_tokens_batch`` call, then applies the length policy and records
+    every buffered line in file order."""
+
+    def __init__(self, tally: _Tally, count_batch: CountTokensBatch, max_length: int, policy: str):
+        self.tally, self.count_batch, self.max_length, self.policy = tally, count_batch, max_length, policy
+        self.pending: list[tuple[int, dict | None, str]] = []  # (line, example, fmt) or (line, None, reason)
+        self.examples = self.bytes = 0
+
+    def add_bad(self, line: int, reason: str) -> None:
+        if self.pending:
+            self.pending.append((line, None, reason))
+        else:
+            self.tally.add_bad(line, reason)
+
+    def add(self, line: int, example: dict, fmt: str, size: int) -> None:
+        self.pending.append((line, example, fmt))
+        self.examples += 1
+        self.bytes += size
+        if self.examples >= TOKEN_BATCH_EXAMPLES or self.bytes >= TOKEN_BATCH_BYTES:
+            self.flush()
+
+    def _count(self, parts: list[dict]) -> list:
+        try:
+            counts = list(self.count_batch(parts))
+            if len(counts) != len(parts):
+                raise ValueError(f"count_tokens_batch returned {len(counts)} results for {len(parts)} examples")
+            return counts
+        except Exception:
+            if len(parts) == 1:
+                raise
+        out = []
+        for part in parts:  # isolate the failing example(s)
+            try:
+                out.append(self._count([part])[0])
+            except Exception as exc:
+                out.append(exc)
+        return out
+
+    def flush(self) -> None:
+        parts: list[dict] = []
+        owners: list[int] = []
+        for k, (_, example, fmt) in enumerate(self.pending):
+            if example is not None:
+                sides = preference_as_sft(example) if fmt in PREFERENCE_FORMATS else (example,)
+                parts.extend(sides)
+                owners.extend([k] * len(sides))
+        try:
+            counts = self._count(parts) if parts else []
+        except Exception as exc:
+            counts = [exc]
+        measured: dict[int, tuple[int, int] | Exception] = {}
+        for owner, count in zip(owners, counts, strict=True):
+            if not isinstance(count, Exception):
+                try:
+                    count = (int(count[0]), int(count[1]))
+                except Exception as exc:
+                    count = exc
+            previous = measured.get(owner)
+            if previous is None or isinstance(count, Exception) or (
+                    not isinstance(previous, Exception) and count > previous):
+                measured[owner] = count  # a preference example: its longer side, or the failure
+        tally, max_length = self.tally, self.max_length
+        for k, (line, example, fmt_or_reason) in enumerate(self.pending):
+            if example is None:
+                tally.add_bad(line, fmt_or_reason)
+                continue
+            result = measured[k]
+            if isinstance(result, Exception):
+                tally.add_bad(line, f"could not tokenize: {type(result).__name__}: {result}"[:500])
+                continue
+            tokens, trainable = result
+            action = length_action(tokens, max_length, self.policy)
+            if action == "reject":
+                tally.add_bad(line, f"{tokens} tokens > max_length {max_length} (length_policy reject)")
+                continue
+            tally.valid += 1
+            if action == "drop":
+                tally.add_dropped(line, f"{tokens} tokens > max_length {max_length}")
+                continue
+            if action == "truncate":
+                tally.truncated += 1
+            tally.lengths[tokens] += 1
+            tally.tokens_total += tokens
+            tally.tokens_trainable += trainable
+        self.pending.clear()
+        self.examples = self.bytes = 0
+
+
+class _Tally:
+    """Counts, capped lists and the token-length histogram of one validation run."""
+
+    def __init__(self):
+        self.lines = self.valid = self.bad = self.dropped = self.truncated = 0
+        self.bad_lines: list[tuple[int, str]] = []
+        self.dropped_lines: list[tuple[int, str]] = []
+        self.lengths: Counter[int] = Counter()
+        self.tokens_total = self.tokens_trainable = 0
+
+    def add_bad(self, line: int, reason: str) -> None:
+        self.bad += 1
+        if len(self.bad_lines) < MAX_LISTED_LINES:
+            self.bad_lines.append((line, reason))
+
+    def add_dropped(self, line: int, reason: str) -> None:
+        self.dropped += 1
+        if len(self.dropped_lines) < MAX_LISTED_LINES:
+            self.dropped_lines.append((line, reason))
+
+    def token_stats(self) -> TokenStats | None:
+        n = sum(self.lengths.values())
+        if n == 0:
+            return None
+        keys = sorted(self.lengths)
+        wanted = {p: max(1, math.ceil(p / 100 * n)) for p in (50, 95, 99)}
+        found: dict[int, int] = {}
+        cumulative = 0
+        for k in keys:
+            cumulative += self.lengths[k]
+            for p, rank in wanted.items():
+                if p not in found and cumulative >= rank:
+                    found[p] = k
+        return TokenStats(total=self.tokens_total, trainable=self.tokens_trainable, min=keys[0],
+                          p50=found[50], p95=found[95], p99=found[99], max=keys[-1])
+
+
+def _hash_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _peek_text(path: Path, compressed: bool, size: int = 4096) -> bytes:
+    """The first bytes of the (decompressed) content, BOM and leading whitespace removed."""
+    with (gzip.open(path, "rb") if compressed else open(path, "rb")) as f:
+        head = f.read(size)
+    if head.startswith(UTF8_BOM):
+        head = head[3:]
+    return head.lstrip()
+
+
+def _jq_hint(name: str) -> str:
+    stem = name
+    for suffix in (".json.gz", ".jsonl.gz", ".json", ".jsonl"):
+        if stem.lower().endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    command = (f"zcat '{name}' | jq -c '.[]' > '{stem}.jsonl'" if name.lower().endswith(".gz")
+               else f"jq -c '.[]' '{name}' > '{stem}.jsonl'")
+    return ("the file is a JSON array, but quests must be JSON Lines (one JSON object per line): convert it "
+            f"with: {command}")
+
+
+def _file_level_reason(path: Path, name: str) -> tuple[str | None, bool]:
+    """Why the file as a whole is unusable (type, compression, encoding, a .json array), or None; and
+    whether its content starts with ``[`` (a JSON array: the hint for a .jsonl that gets rejected)."""
+    lower = name.lower()
+    compressed = is_gzip(path)
+    if not lower.endswith(ACCEPTED_SUFFIXES):
+        suffix = "".join(Path(name).suffixes[-2:]) or "(none)"
+        if lower.endswith((".json", ".json.gz")):
+            try:
+                head = _peek_text(path, compressed)
+            except (OSError, EOFError, zlib.error):
+                head = b""
+            if head.startswith(b"["):
+                return _jq_hint(name), True
+            return (f"unsupported file type '{suffix}': quests must be .jsonl or .jsonl.gz; if this file "
+                    "already holds one JSON object per line, rename it to .jsonl"), False
+        hint = " (plain text: write one {\"text\": ...} object per line)" if lower.endswith(".txt") else ""
+        return (f"unsupported file type '{suffix}': quests must be .jsonl or .jsonl.gz "
+                f"(JSON Lines, one record per line){hint}"), False
+    if lower.endswith(".gz") and not compressed:
+        return "the file is named .gz but is not gzip-compressed: rename it to .jsonl", False
+    if not lower.endswith(".gz") and compressed:
+        return "the file is gzip-compressed: rename it to .jsonl.gz", False
+    try:
+        head = _peek_text(path, compressed)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        return f"broken gzip stream: {exc}", False
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or (
+            len(head) >= 4 and (head[1] == head[3] == 0 or head[0] == head[2] == 0)):
+        return ("the file looks UTF-16 encoded; quests must be UTF-8: convert it with "
+                "iconv -f UTF-16 -t UTF-8 in.jsonl > out.jsonl"), False
+    return None, head.startswith(b"[")
+
+
+def _first_bad(tally: _Tally) -> str:
+    shown = "; ".join(f"line {n}: {r}" for n, r in tally.bad_lines[:REASON_EXAMPLES])
+    more = tally.bad - min(tally.bad, REASON_EXAMPLES)
+    return shown + (f"; ... and {more:,} more" if more else "")
+
+
+def validate_file(path: Path, *, display_name: str | None = None, config: RealmConfig,
+                  count_tokens: CountTokens | None = None,
+                  count_tokens_batch: CountTokensBatch | None = None) -> ValidationReport:
+    """Validate the quest file at ``path`` and return its report (never raises for bad content).
+
+    ``display_name``: the user's file name (default ``path.name``); it decides the accepted suffix and the
+    ``validation.field_map`` globs. ``count_tokens(example) -> (tokens, trainable_tokens)`` measures one
+    normalized SFT-shaped example (``text``, ``prompt``/``completion`` or ``messages``) with the hero's
+    tokenizer (chat template included); ``count_tokens_batch(examples) -> [(tokens, trainable), ...]``
+    does the same for a list (up to :data:`TOKEN_BATCH_EXAMPLES`; faster with a fast tokenizer's batch
+    encoding) and wins when both are given. Neither: no token statistics, no length policy. An exception
+    from the counter makes that line bad (a failing batch is retried one example at a time).
+
+    Raises ``OSError`` only when the file itself cannot be opened, stat'ed or read (missing, permissions,
+    I/O error); every problem with its content is reported in the returned :class:`ValidationReport`.
+    """
+    path = Path(path)
+    name = display_name or path.name
+    vcfg, max_length = config.validation, config.training.max_length
+    report = ValidationReport(file=name, size_bytes=path.stat().st_size, max_length=max_length,
+                              length_policy=vcfg.length_policy, max_bad_line_ratio=vcfg.max_bad_line_ratio)
+    reason, looks_like_array = _file_level_reason(path, name)
+    if reason is not None:
+        report.content_hash = _hash_file(path)
+        report.reason = reason
+        return report
+
+    mapping = field_map_for(name, vcfg.field_map)
+    report.field_map = mapping
+    tally = _Tally()
+    hasher = hashlib.sha256()
+    fmt: str | None = None
+    if count_tokens_batch is None and count_tokens is not None:
+        count_tokens_batch = _batched(count_tokens)
+    measurer = None if count_tokens_batch is None else _Measurer(tally, count_tokens_batch, max_length,
+                                                                 vcfg.length_policy)
+    try:
+        for number, text, error in open_text_lines(path, max_line_bytes=vcfg.max_line_bytes, hasher=hasher):
+            tally.lines += 1
+            if error is not None:
+                tally.add_bad(number, error) if measurer is None else measurer.add_bad(number, error)
+                continue
+            try:
+                line_fmt, example = parse_line(text, mapping, fmt)  # type: ignore[arg-type]
+            except RecordError as exc:
+                tally.add_bad(number, str(exc)) if measurer is None else measurer.add_bad(number, str(exc))
+                continue
+            fmt = line_fmt  # the first valid record fixes the file's format (as in iter_valid_records)
+            if measurer is None:
+                tally.valid += 1
+            else:
+                measurer.add(number, example, fmt, len(text))
+        if measurer is not None:
+            measurer.flush()
+        content_hash = hasher.hexdigest()
+        stream_error = None
+    except CorruptFileError as exc:
+        if measurer is not None:
+            measurer.flush()
+        content_hash = _hash_file(path)
+        stream_error = f"{exc} (after line {tally.lines:,})"
+
+    report.content_hash = content_hash
+    report.format = fmt
+    report.lines, report.records_valid = tally.lines, tally.valid
+    report.records_bad, report.records_dropped, report.truncated = tally.bad, tally.dropped, tally.truncated
+    report.examples = tally.valid - tally.dropped
+    report.bad_line_ratio = tally.bad / tally.lines if tally.lines else 0.0
+    report.bad_lines = [LineIssue(line=n, reason=r) for n, r in tally.bad_lines]
+    report.bad_lines_truncated = tally.bad - len(tally.bad_lines)
+    report.dropped_lines = [LineIssue(line=n, reason=r) for n, r in tally.dropped_lines]
+    report.dropped_lines_truncated = tally.dropped - len(tally.dropped_lines)
+    report.tokens = tally.token_stats()
+    if report.tokens is not None and report.tokens.total:
+        report.trainable_token_ratio = report.tokens.trainable / report.tokens.total
+    report.trainable = fmt in SFT_FORMATS
+
+    notes = []
+    if fmt in PREFERENCE_FORMATS:
+        notes.append(PREFERENCE_NOTE)
+    min_ratio = config.training.min_trainable_token_ratio
+    if report.trainable and report.trainable_token_ratio is not None and report.trainable_token_ratio < min_ratio:
+        notes.append(f"only {report.trainable_token_ratio:.2%} of tokens are trainable (below "
+                     f"training.min_trainable_token_ratio {min_ratio:.2%}): check that completions or "
+                     "assistant messages hold the answers")
+    report.note = "; ".join(notes) or None
+    report.reason = _rejection_reason(tally, report, stream_error)
+    if report.reason is not None and looks_like_array:  # a JSON array named .jsonl: say how to convert it
+        report.reason = f"{_jq_hint(name)} ({report.reason})"
+    report.accepted = report.reason is None
+    return report
+
+
+def _rejection_reason(tally: _Tally, report: ValidationReport, stream_error: str | None) -> str | None:
+    if stream_error is not None:
+        return stream_error
+    if tally.lines == 0:
+        return "empty file: no non-blank lines"
+    if tally.valid == tally.dropped:
+        if tally.valid:
+            return (f"every valid record is longer than max_length {report.max_length} tokens and length_policy "
+                    "is drop: nothing left to train")
+        return f"no valid records ({tally.bad:,} bad lines): {_first_bad(tally)}"
+    if report.bad_line_ratio > report.max_bad_line_ratio:
+        return (f"{tally.bad:,} of {tally.lines:,} lines are bad ({report.bad_line_ratio:.2%} > "
+                f"validation.max_bad_line_ratio {report.max_bad_line_ratio:.2%}): {_first_bad(tally)}")
+    return None
+
+
+def write_report(report: ValidationReport, path: Path) -> None:
+    """Write ``report`` as JSON to ``path`` atomically (a hidden temporary file in the same folder, fsync,
+    rename). Raises ``OSError`` when the folder is not writable."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(report.to_json())
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:,} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1000  # type: ignore[assignment]
+    return ""
+
+
+def format_report_text(report: ValidationReport, max_listed: int = 20) -> str:
+    """A human summary of ``report`` for the CLI, listing at most ``max_listed`` bad and dropped lines."""
+    verdict = "ACCEPTED" if report.accepted else "REJECTED"
+    kind = ""
+    if report.accepted:
+        kind = ", trainable now" if report.trainable else ", waits for the DPO school"
+    head = f"{report.file}: {verdict}" + (f" (format {report.format}{kind})" if report.format else "")
+    out = [head]
+    if report.reason:
+        out.append(f"  reason: {report.reason}")
+    out.append(f"  size {_size(report.size_bytes)}, sha256 {report.content_hash}")
+    if report.field_map:
+        out.append("  field_map: " + ", ".join(f"{k} -> {v}" for k, v in report.field_map.items()))
+    if report.reason is None or report.lines:
+        out.append(f"  lines {report.lines:,}: valid {report.records_valid:,}, bad {report.records_bad:,} "
+                   f"({report.bad_line_ratio:.2%}; max {report.max_bad_line_ratio:.2%}), dropped "
+                   f"{report.records_dropped:,}, truncated {report.truncated:,}, examples {report.examples:,} "
+                   f"(max_length {report.max_length}, length_policy {report.length_policy})")
+    if report.tokens is not None:
+        t = report.tokens
+        ratio = f", trainable {report.trainable_token_ratio:.1%}" if report.trainable_token_ratio is not None else ""
+        out.append(f"  tokens {t.total:,}{ratio}; per record min {t.min} / p50 {t.p50} / p95 {t.p95} / "
+                   f"p99 {t.p99} / max {t.max}")
+    for title, issues, hidden in (("bad lines", report.bad_lines, report.bad_lines_truncated),
+                                  ("dropped lines", report.dropped_lines, report.dropped_lines_truncated)):
+        if not issues:
+            continue
+        total = len(issues) + hidden
+        out.append(f"  {title} ({total:,}):")
+        out += [f"    line {i.line}: {i.reason}" for i in issues[:max_listed]]
+        if total > max_listed:
+            out.append(f"    ... and {total - max_listed:,} more (see the JSON report)")
+    if report.note:
+        out.append(f"  note: {report.note}")
+    return "\n".join(out)

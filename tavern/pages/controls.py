@@ -1,0 +1,61 @@
+"""Controls (blueprint ``controls``): pause, resume, skip, stop through the ledger's control channel.
+
+- ``POST /api/controls/<command>`` (``pause`` | ``resume`` | ``skip`` | ``stop``) — queues the command
+  (``Ledger.send_command``) and answers 202 ``{"id", "command", "state": "pending", ...}``. 409 when the
+  daemon is not running (a queued command would otherwise act at its next start); 404 for another name.
+- ``GET /api/controls/<id>`` — that command's row: ``state`` pending → done | failed, ``result`` text.
+- ``GET /api/controls`` — the 20 latest commands, newest first.
+
+The daemon handles commands between optimizer steps and acknowledges them
+(``Ledger.finish_command``); the push poller then emits a ``command`` Socket.IO event. skip: the current
+quest goes back to the queue (nothing lost); stop: checkpoint first, then exit.
+"""
+
+from __future__ import annotations
+
+import time
+
+from flask import Blueprint, jsonify
+
+from tavern.context import current_ledger
+from tavern.push import command_payload
+from tavern.status import daemon_view
+
+bp = Blueprint("controls", __name__, url_prefix="/api/controls")
+
+COMMANDS: dict[str, str] = {  # command -> what the button says it does
+    "pause": "Pause training after the current optimizer step",
+    "resume": "Resume a paused training",
+    "skip": "Put the current quest back in the queue (after the others); nothing is lost",
+    "stop": "Save a checkpoint, then stop the daemon",
+}
+RECENT_COMMANDS = 20
+
+
+@bp.post("/<command>")
+def send(command: str):
+    if command not in COMMANDS:
+        return jsonify(error=f"unknown command {command!r}; one of {sorted(COMMANDS)}"), 404
+    ledger = current_ledger()
+
+    daemon = daemon_view(ledger, time.time())
+    if daemon["display_state"] in ("not running", "stopped"):
+        return jsonify(error=f"the training daemon is {daemon['display_state']}: start it with "
+                       "`python -m training start-all`", daemon=daemon["display_state"]), 409
+    command_id = ledger.send_command(command)
+    row = ledger.query("SELECT * FROM commands WHERE id=?", (command_id,))[0]
+    return jsonify(command_payload(row)), 202
+
+
+@bp.get("/<int:command_id>")
+def get(command_id: int):
+    rows = current_ledger().query("SELECT * FROM commands WHERE id=?", (command_id,))
+    if not rows:
+        return jsonify(error=f"no command {command_id}"), 404
+    return jsonify(command_payload(rows[0]))
+
+
+@bp.get("")
+def recent():
+    rows = current_ledger().query("SELECT * FROM commands ORDER BY id DESC LIMIT ?", (RECENT_COMMANDS,))
+    return jsonify(commands=[command_payload(r) for r in rows])

@@ -1,0 +1,43 @@
+import json
+
+import pytest
+
+from core.config import ConfigError, config_json_schema, config_reference_markdown, load_config, parse_config
+
+
+def test_defaults_when_missing(tmp_path):
+    cfg = load_config(tmp_path / "config.json")
+    assert cfg.training.learning_rate > 0
+    assert cfg.tavern.host == "127.0.0.1"
+    assert cfg.hero.base_model is None
+
+
+def test_every_error_reported_at_once_with_its_key():
+    with pytest.raises(ConfigError) as info:
+        parse_config({"training": {"learning_rate": -1, "bogus": 1, "max_length": "long"},
+                      "tavern": {"port": 70000}, "extra": {}})
+    errors = info.value.errors
+    keys = {e.split(":")[0] for e in errors}
+    assert keys == {"training.learning_rate", "training.bogus", "training.max_length", "tavern.port", "extra"}
+    assert any(e == "training.bogus: unknown key" for e in errors)
+
+
+def test_invalid_json_names_line(tmp_path):
+    p = tmp_path / "config.json"
+    p.write_text('{\n  "training": {\n    "learning_rate": 1e-3,\n  }\n}')
+    with pytest.raises(ConfigError, match="line 4"):
+        load_config(p)
+
+
+def test_field_map_and_roundtrip(tmp_path):
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps({"validation": {"field_map": {"gsm8k*.jsonl": {"question": "prompt"}}}}))
+    assert load_config(p).validation.field_map == {"gsm8k*.jsonl": {"question": "prompt"}}
+
+
+def test_schema_and_reference_cover_every_section():
+    schema = config_json_schema()
+    assert set(schema["properties"]) == {"hero", "training", "ingest", "validation", "tavern"}
+    ref = config_reference_markdown()
+    for key in ("learning_rate", "max_length", "save_steps", "settle_seconds", "length_policy", "access_token"):
+        assert f"`{key}`" in ref

@@ -1,0 +1,161 @@
+"""The daemon in-process on temporary realms: ingest -> validation -> queue -> training, controls."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import threading
+import time
+
+import pytest
+
+from core.daemon import AlreadyRunning, Daemon
+from core.ledger import Ledger
+from tests.conftest import write_text_quest
+
+
+class DaemonThread:
+    def __init__(self, realm, **kwargs):
+        self.daemon = Daemon(realm, realm.load_config(), **kwargs)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.error = None
+        self.ledger = Ledger(realm.ledger_path)
+
+    def _run(self):
+        try:
+            self.daemon.run()
+        except BaseException as exc:  # surfaced in stop()
+            self.error = exc
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.daemon.request_stop()
+        self.thread.join(timeout=120)
+        self.ledger.close()
+        assert not self.thread.is_alive()
+        if self.error and not exc[0]:
+            raise self.error
+
+    def wait_for(self, predicate, timeout=60.0, what="condition"):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.error:
+                raise self.error
+            if predicate():
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}; quests: {self.ledger.list_quests()}")
+
+    def quests(self):
+        return self.ledger.list_quests()
+
+    def states(self):
+        return [q["state"] for q in self.quests()]
+
+
+def test_until_idle_trains_all_sft_quests(make_realm, restore_signals):
+    realm = make_realm()
+    write_text_quest(realm.inbox / "a.jsonl", 24)
+    write_text_quest(realm.inbox / "high" / "b.jsonl", 10, prefix="bee")
+    with gzip.open(realm.inbox / "pref.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"chosen": "Human: hi Assistant: hello", "rejected": "Human: hi Assistant: no"}) + "\n")
+    (realm.inbox / "bad.jsonl").write_text('{"text": "ok"}\nnot json\n{"text": 5}\n')
+    assert Daemon(realm, realm.load_config(), until_idle=True).run() == 0
+
+    ledger = Ledger(realm.ledger_path)
+    quests = {q["name"]: q for q in ledger.list_quests()}
+    assert quests["a.jsonl"]["state"] == "completed" and quests["b.jsonl"]["state"] == "completed"
+    assert quests["b.jsonl"]["first_global_step"] < quests["a.jsonl"]["first_global_step"]  # high first
+    assert quests["a.jsonl"]["examples_trained"] == 24 and quests["b.jsonl"]["examples_trained"] == 10
+    assert quests["pref.jsonl.gz"]["state"] == "queued"
+    assert "DPO" in quests["pref.jsonl.gz"]["note"]
+    bad = quests["bad.jsonl"]
+    assert bad["state"] == "failed"
+    report = json.loads((realm.queue_dir("failed") / (bad["stored_name"] + ".report.json")).read_text())
+    assert [b["line"] for b in report["bad_lines"]] == [2, 3]
+    last = ledger.last_step()["global_step"]
+    assert last == quests["a.jsonl"]["steps"] + quests["b.jsonl"]["steps"]
+    assert (realm.checkpoints_dir("hero") / f"step-{last:08d}").is_dir()
+    # every example line trained exactly once
+    lines = [(s["quest_id"], ln) for s in ledger.steps() for ln in json.loads(s["examples_json"])]
+    assert len(lines) == len(set(lines)) == 34
+    assert ledger.get_value("daemon")["state"] == "stopped"
+
+
+def test_second_daemon_on_the_same_realm_is_refused(make_realm):
+    realm = make_realm()
+    with DaemonThread(realm) as d:
+        d.wait_for(lambda: (d.ledger.get_value("daemon") or {}).get("state") == "idle", what="idle")
+        with pytest.raises(AlreadyRunning):
+            Daemon(realm, realm.load_config()).run()
+
+
+def test_slow_writer_is_taken_only_once_complete(make_realm):
+    realm = make_realm(ingest={"settle_seconds": 0.6})
+    with DaemonThread(realm) as d:
+        d.wait_for(lambda: (d.ledger.get_value("daemon") or {}).get("state") == "idle", what="idle")
+        path = realm.inbox / "slow.jsonl"
+        with open(path, "w") as f:
+            for i in range(16):          # 16 lines over ~3.2 s, pauses shorter than the settle time
+                f.write(json.dumps({"text": f"slow line {i}"}) + "\n")
+                f.flush()
+                time.sleep(0.2)
+                assert d.quests() == [], "a file still being written was taken"
+        d.wait_for(lambda: d.states() == ["completed"], what="slow file trained")
+        q = d.quests()[0]
+        assert q["records"] == 16 and q["examples_trained"] == 16
+
+
+def test_same_name_twice_both_train_and_identical_content_is_skipped(make_realm):
+    realm = make_realm()
+    with DaemonThread(realm) as d:
+        write_text_quest(realm.inbox / "data.jsonl", 8, prefix="first")
+        d.wait_for(lambda: len(d.quests()) == 1, what="first admitted")
+        write_text_quest(realm.inbox / "data.jsonl", 8, prefix="second")
+        d.wait_for(lambda: d.states() == ["completed", "completed"], what="both trained")
+        write_text_quest(realm.inbox / "again.jsonl", 8, prefix="first")
+        d.wait_for(lambda: len(d.quests()) == 3 and d.quests()[2]["state"] == "skipped", what="duplicate")
+        assert "identical to quest 1" in d.quests()[2]["note"]
+        names = {q["stored_name"] for q in d.quests()}
+        assert len(names) == 3
+
+
+def test_malformed_file_fails_and_daemon_keeps_running(make_realm):
+    realm = make_realm()
+    with DaemonThread(realm) as d:
+        (realm.inbox / "array.json").write_text('[{"text": "a"}]')
+        (realm.inbox / "junk.jsonl").write_bytes(b"\x00\xff\xfe garbage\n{]\n")
+        d.wait_for(lambda: d.states() == ["failed", "failed"], what="both rejected")
+        reasons = " ".join(q["error"] or "" for q in d.quests())
+        assert "jq -c" in reasons
+        write_text_quest(realm.inbox / "good.jsonl", 6)
+        d.wait_for(lambda: d.states()[-1] == "completed", what="good file trained after bad ones")
+        for q in d.quests()[:2]:
+            assert (realm.queue_dir("failed") / (q["stored_name"] + ".report.json")).exists()
+
+
+def test_pause_resume_skip_through_the_control_channel(make_realm):
+    realm = make_realm(training={"micro_batch_size": 1})
+    with DaemonThread(realm) as d:
+        d.ledger.send_command("pause")
+        d.wait_for(lambda: (d.ledger.get_value("daemon") or {}).get("state") == "paused", what="paused")
+        write_text_quest(realm.inbox / "a.jsonl", 60)
+        d.wait_for(lambda: d.states() == ["queued"], what="queued while paused")
+        time.sleep(0.5)
+        assert d.ledger.last_step() is None  # nothing trains while paused
+        d.ledger.send_command("resume")
+        d.wait_for(lambda: (d.ledger.last_step() or {}).get("global_step", 0) >= 2, what="training")
+        write_text_quest(realm.inbox / "b.jsonl", 4, prefix="bee")
+        d.wait_for(lambda: len(d.quests()) == 2 and d.quests()[1]["state"] == "queued", what="b queued")
+        d.ledger.send_command("skip")
+        d.wait_for(lambda: d.quests()[1]["state"] == "completed", what="b trained after skip")
+        a = d.quests()[0]
+        assert a["deferred"] == 0 or a["state"] in ("queued", "processing", "completed")
+        d.wait_for(lambda: d.states() == ["completed", "completed"], timeout=120, what="a finished later")
+        lines = [ln for s in d.ledger.steps() if s["quest_id"] == 1 for ln in json.loads(s["examples_json"])]
+        assert sorted(lines) == list(range(1, 61))  # nothing lost, nothing twice
+        results = [c["result"] for c in d.ledger.query("SELECT * FROM commands ORDER BY id")]
+        assert results[:3] == ["paused", "resumed", "skipping the current quest"]

@@ -1,0 +1,81 @@
+import os
+import time
+
+from core.config import IngestConfig
+from core.ingest import InboxScanner, InboxWatcher, is_temporary_name, priority_for
+from core.realm import init_realm
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_temporary_names():
+    for name in (".hidden.jsonl", "a.jsonl.tmp", "a.jsonl.part", "a.partial", "x.jsonl.crdownload"):
+        assert is_temporary_name(name)
+    assert not is_temporary_name("a.jsonl")
+
+
+def test_priority_from_folder_or_prefix(tmp_path):
+    inbox = tmp_path / "inbox"
+    assert priority_for(inbox / "high" / "a.jsonl", inbox) == "high"
+    assert priority_for(inbox / "low_a.jsonl", inbox) == "low"
+    assert priority_for(inbox / "HIGH_a.jsonl", inbox) == "high"
+    assert priority_for(inbox / "a.jsonl", inbox) == "normal"
+
+
+def test_settles_only_when_size_and_mtime_stable(tmp_path):
+    realm = init_realm(tmp_path)
+    clock = FakeClock()
+    scanner = InboxScanner(realm, IngestConfig(settle_seconds=1.0), clock=clock)
+    f = realm.inbox / "data.jsonl"
+    f.write_text('{"text": "a"}\n')
+    assert scanner.scan() == []            # first sighting
+    clock.now += 0.5
+    with open(f, "a") as fh:               # still being written
+        fh.write('{"text": "b"}\n')
+    os.utime(f, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert scanner.scan() == []
+    clock.now += 0.9
+    assert scanner.scan() == []            # 0.9 s since the last change
+    clock.now += 0.2
+    assert scanner.scan() == [(f, "normal")]
+
+
+def test_ignores_temporary_and_nested(tmp_path):
+    realm = init_realm(tmp_path)
+    (realm.inbox / "x.jsonl.part").write_text("")
+    (realm.inbox / "sub").mkdir()
+    (realm.inbox / "sub" / "y.jsonl").write_text("")
+    (realm.inbox / "low" / "z.jsonl").write_text("")
+    scanner = InboxScanner(realm, IngestConfig(settle_seconds=0))
+    assert scanner.scan() == [(realm.inbox / "low" / "z.jsonl", "low")]
+
+
+def test_watcher_wakes_on_a_new_file(tmp_path):
+    realm = init_realm(tmp_path)
+    watcher = InboxWatcher(realm, IngestConfig())
+    watcher.start()
+    try:
+        assert watcher.mode in ("events", "polling")
+        (realm.inbox / "a.jsonl").write_text("x")
+        assert watcher.wait(5.0)
+    finally:
+        watcher.stop()
+
+
+def test_polling_fallback_wakes_too(tmp_path):
+    realm = init_realm(tmp_path)
+    watcher = InboxWatcher(realm, IngestConfig(use_polling=True, poll_interval_seconds=0.2))
+    watcher.start()
+    try:
+        assert watcher.mode == "polling"
+        time.sleep(0.3)
+        (realm.inbox / "a.jsonl").write_text("x")
+        assert watcher.wait(5.0)
+    finally:
+        watcher.stop()

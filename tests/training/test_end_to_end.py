@@ -1,0 +1,109 @@
+"""Real processes: start-all / status / stop-all, and SIGKILL mid-quest with exact resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from core.daemon import Daemon
+from core.ledger import Ledger
+from tests.conftest import PYTHON, python_env, write_text_quest
+
+pytestmark = pytest.mark.slow
+
+
+def cli(realm, *args, timeout=120):
+    return subprocess.run([PYTHON, "-m", "training", "--realm", str(realm.root), *args],
+                          capture_output=True, text=True, timeout=timeout, env=python_env())
+
+
+def status(realm):
+    out = cli(realm, "status", "--json")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def wait_for(predicate, timeout=90.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_start_all_trains_a_dropped_file_and_stop_all_leaves_a_checkpoint(make_realm):
+    realm = make_realm(training={"save_steps": 1000})
+    out = cli(realm, "start-all", "--no-tavern")
+    assert out.returncode == 0, out.stderr
+    try:
+        again = cli(realm, "start-all", "--no-tavern")
+        assert again.returncode == 4, again.stdout + again.stderr  # refuses a second instance
+        write_text_quest(realm.inbox / "quest.jsonl", 40)
+        wait_for(lambda: status(realm)["global_step"] >= 3, what="global step advancing")
+        s1 = status(realm)["global_step"]
+        wait_for(lambda: status(realm)["quests"] and status(realm)["quests"][0]["state"] == "completed",
+                 what="quest completed")
+        s = status(realm)
+        assert s["global_step"] > s1 or s["quests"][0]["steps"] == s["global_step"]
+        assert s["daemon"]["state"] == "idle" and s["hero"]["parameters"] > 0
+    finally:
+        stopped = cli(realm, "stop-all", "--timeout", "60")
+    assert stopped.returncode == 0 and "daemon: stopped" in stopped.stdout, stopped.stdout + stopped.stderr
+    s = status(realm)
+    assert s["processes"]["daemon"]["state"] == "stopped"
+    assert s["last_checkpoint"]["step"] == s["global_step"]
+    assert os.path.isdir(s["last_checkpoint"]["path"])
+
+
+def _trained(ledger):
+    return [(row["global_step"], row["quest_id"], tuple(json.loads(row["examples_json"])), row["loss"])
+            for row in ledger.steps()]
+
+
+def test_sigkill_mid_quest_resumes_exactly(make_realm):
+    settings = dict(training={"micro_batch_size": 2, "save_steps": 4, "eval_holdout_every": 10})
+    # reference: one uninterrupted run
+    ref = make_realm("reference", **settings)
+    write_text_quest(ref.inbox / "a.jsonl", 50)
+    write_text_quest(ref.inbox / "b.jsonl", 30, prefix="bee")
+    assert Daemon(ref, ref.load_config(), until_idle=True).run() == 0
+    expected = _trained(Ledger(ref.ledger_path))
+
+    realm = make_realm("killed", **settings)
+    write_text_quest(realm.inbox / "a.jsonl", 50)
+    write_text_quest(realm.inbox / "b.jsonl", 30, prefix="bee")
+    env = python_env()
+    for kill_after_step in (6, 13):  # kill twice: mid-quest a, then later
+        proc = subprocess.Popen([PYTHON, "-m", "training", "--realm", str(realm.root), "daemon"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        ledger = Ledger(realm.ledger_path) if realm.ledger_path.exists() else None
+
+        def reached(step=kill_after_step):
+            nonlocal ledger
+            if ledger is None and realm.ledger_path.exists():
+                ledger = Ledger(realm.ledger_path)
+            last = ledger.last_step() if ledger else None
+            return last and last["global_step"] >= step
+
+        wait_for(reached, what=f"step {kill_after_step}")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        ledger.close()
+    done = subprocess.run([PYTHON, "-m", "training", "--realm", str(realm.root), "daemon", "--until-idle"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = _trained(Ledger(realm.ledger_path))
+    assert [g[:3] for g in got] == [e[:3] for e in expected]       # same steps, same examples, same order
+    lines = [(q, ln) for _, q, lns, _ in got for ln in lns]
+    assert len(lines) == len(set(lines))                            # each example exactly once
+    assert [g[3] for g in got] == pytest.approx([e[3] for e in expected], rel=1e-5, abs=1e-6)
+    quests = Ledger(realm.ledger_path).list_quests()
+    assert [q["state"] for q in quests] == ["completed", "completed"]
+    assert sum(q["steps"] for q in quests) == got[-1][0]

@@ -1,0 +1,127 @@
+"""``python -m training status [--json]``: the hero, global step, current quest, queue, last checkpoint.
+
+Read-only: everything comes from the ledger, the checkpoints folder and the pid files (no torch import).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from typing import Any
+
+from core.config import RealmConfig
+from core.ledger import Ledger, QuestState
+from core.realm import Realm
+from training.processes import ROLES, process_info
+
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
+HEARTBEAT_STALE_SECONDS = 120.0
+
+
+def _last_checkpoint(realm: Realm, hero: str) -> dict[str, Any] | None:
+    folder = realm.checkpoints_dir(hero)
+    if not folder.is_dir():
+        return None
+    steps = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_DIR.match(p.name)))
+    if not steps:
+        return None
+    step, path = steps[-1]
+    return {"step": step, "path": str(path)}
+
+
+def collect_status(realm: Realm, config: RealmConfig) -> dict[str, Any]:
+    """Status as a JSON-able dict (the ``status --json`` contract)."""
+    out: dict[str, Any] = {"realm": str(realm.root), "global_step": 0,
+                           "hero": {"name": config.hero.name, "base_model": config.hero.base_model,
+                                    "parameters": None, "architecture": None, "newborn": None},
+                           "daemon": {"state": "stopped", "pid": None, "heartbeat_age_seconds": None},
+                           "processes": {}, "queue": {s.value: 0 for s in QuestState}, "quests": [],
+                           "current_quest": None, "last_checkpoint": _last_checkpoint(realm, config.hero.name)}
+    for role in ROLES:
+        info = process_info(realm, role)
+        out["processes"][role] = {"state": info.state.value, "pid": info.pid}
+    if not realm.ledger_path.exists():
+        return out
+    ledger = Ledger(realm.ledger_path)
+    try:
+        daemon, updated = ledger.get_value_with_time("daemon")
+        if daemon:
+            age = time.time() - updated if updated else None
+            out["daemon"] = {**{k: v for k, v in daemon.items() if k != "hero"}, "heartbeat_age_seconds": age}
+            if daemon.get("state") not in ("stopped",) and age is not None and age > HEARTBEAT_STALE_SECONDS \
+                    and out["processes"]["daemon"]["state"] != "running":
+                out["daemon"]["state"] = "dead"
+            if daemon.get("hero"):
+                out["hero"].update(daemon["hero"])
+        last = ledger.last_step()
+        out["global_step"] = max(last["global_step"] if last else 0,
+                                 (out["last_checkpoint"] or {}).get("step", 0))
+        out["queue"] = ledger.queue_counts()
+        quests = ledger.list_quests(limit=100000)
+        out["quests"] = [{
+            "id": q["id"], "name": q["name"], "state": q["state"], "priority": q["priority"],
+            "format": q["format"], "examples_total": q["examples_total"],
+            "examples_trained": q["examples_trained"], "steps": q["steps"], "attempts": q["attempts"],
+            "note": q["note"], "error": q["error"],
+        } for q in quests]
+        current = [q for q in quests if q["state"] == QuestState.PROCESSING.value]
+        if current:
+            q = current[0]
+            out["current_quest"] = {"id": q["id"], "name": q["name"], "examples_trained": q["examples_trained"],
+                                    "examples_total": q["examples_total"],
+                                    "eta_seconds": (daemon or {}).get("eta_seconds")}
+    finally:
+        ledger.close()
+    return out
+
+
+def _bar(done: int, total: int, width: int = 30) -> str:
+    frac = min(1.0, done / total) if total else 0.0
+    return "[" + "#" * int(frac * width) + "-" * (width - int(frac * width)) + f"] {100 * frac:5.1f}%"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
+
+
+def format_status(s: dict[str, Any]) -> str:
+    """Human-readable status for the terminal."""
+    hero = s["hero"]
+    params = f"{hero['parameters']:,} parameters" if hero.get("parameters") else "parameters unknown"
+    lines = [f"realm:        {s['realm']}",
+             f"hero:         {hero['name']} ({hero.get('architecture') or '?'}, {params})",
+             f"base model:   {hero.get('base_model') or 'embedded default (newborn, random init)'}"]
+    if hero.get("newborn"):
+        lines.append("              a newborn hero: set hero.base_model in config.json to train a real model")
+    d = s["daemon"]
+    age = d.get("heartbeat_age_seconds")
+    lines.append(f"daemon:       {d.get('state')} (pid {d.get('pid')}, heartbeat {age:.0f} s ago)"
+                 if age is not None else f"daemon:       {d.get('state')}")
+    tavern = s["processes"].get("tavern", {})
+    lines.append(f"tavern:       {tavern.get('state')}")
+    lines.append(f"global step:  {s['global_step']}")
+    if d.get("tokens_per_second"):
+        lines.append(f"tokens/s:     {d['tokens_per_second']:.0f}")
+    q = s["current_quest"]
+    if q:
+        lines.append(f"quest:        #{q['id']} {q['name']}")
+        lines.append(f"              {_bar(q['examples_trained'] or 0, q['examples_total'] or 0)} "
+                     f"{q['examples_trained']}/{q['examples_total']} examples, ETA {_duration(q['eta_seconds'])}")
+    else:
+        lines.append("quest:        none training")
+    counts = s["queue"]
+    lines.append("queue:        " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    waiting = [x for x in s["quests"] if x["state"] == "queued" and x["note"]]
+    for x in waiting:
+        lines.append(f"              #{x['id']} {x['name']}: {x['note']}")
+    ck = s["last_checkpoint"]
+    lines.append(f"checkpoint:   {ck['path']}" if ck else "checkpoint:   none yet")
+    return "\n".join(lines)
+
+
+def status_json(realm: Realm, config: RealmConfig) -> str:
+    return json.dumps(collect_status(realm, config), indent=2)

@@ -158,7 +158,7 @@ def tokenize_example(example: dict, tokenizer, max_length: int | None, line: int
     else:
         raise ExampleError(f"not a normalized example (keys {sorted(example)}); expected text, "
                            "prompt+completion or messages")
-    labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
+    labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]
     if labels:
         labels[0] = IGNORE_INDEX
     truncated = max_length is not None and len(ids) > max_length
@@ -200,7 +200,7 @@ def trainable_segments(example: TokenizedExample, tokenizer) -> list[str]:
     """Decoded runs of consecutive trainable tokens, for eyeballing a loss mask (and tests)."""
     out: list[list[int]] = []
     prev = False
-    for tok, lab in zip(example.input_ids, example.labels):
+    for tok, lab in zip(example.input_ids, example.labels, strict=True):
         on = lab != IGNORE_INDEX
         if on and not prev:
             out.append([])

@@ -220,8 +220,22 @@ def verify_weights(path: Path | str) -> None:
             raise CheckpointError(f"{f}: {size} bytes, header declares {8 + header_len + end} (truncated?)")
 
 
+def verify_checkpoint(path: Path | str) -> None:
+    """Every ``*.json`` file parses (model config, tokenizer, trainer state) and the weights are whole
+    (:func:`verify_weights`). Raises :class:`CheckpointError`."""
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder}: no config.json")
+    for f in sorted(folder.glob("*.json")):
+        try:
+            json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{f}: unreadable: {exc}") from exc
+    verify_weights(folder)
+
+
 def load_trainer_state(path: Path | str) -> dict[str, Any]:
-    """Verify a checkpoint and load its trainer state.
+    """Verify a checkpoint (:func:`verify_checkpoint`) and load its trainer state.
 
     Returns ``trainer_state.json``'s dict plus ``optimizer``, ``scheduler`` and ``rng`` from
     ``trainer_state.pt`` (loaded with ``weights_only=True``, on CPU). Raises :class:`CheckpointError`
@@ -229,7 +243,7 @@ def load_trainer_state(path: Path | str) -> dict[str, Any]:
     """
     folder = Path(path)
     state = read_checkpoint_info(folder)
-    verify_weights(folder)
+    verify_checkpoint(folder)
     try:
         blob = torch.load(folder / TRAINER_STATE_PT, map_location="cpu", weights_only=True)
     except Exception as exc:

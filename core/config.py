@@ -109,6 +109,57 @@ class TavernConfig(_Section):
     max_upload_bytes: int = Field(256 * 1024 * 1024, ge=1, description="Largest quest upload accepted.")
 
 
+class RetentionConfig(_Section):
+    """Which checkpoints the vault keeps (``python -m training vault prune``, after every save, and every
+    ``prune_interval_minutes``), and the disk guard before each save. The latest, the best and pinned
+    checkpoints are never removed."""
+
+    enabled: bool = Field(True, description="Prune automatically (after every save and on the schedule); "
+                          "false: only `vault prune` removes checkpoints.")
+    keep_last: int = Field(3, ge=1, description="Keep the newest N checkpoints.")
+    keep_every_steps: int = Field(0, ge=0, description="Also keep every checkpoint whose global step is a "
+                                  "multiple of N (milestones; 0: none).")
+    keep_best: int = Field(1, ge=0, description="Also keep the N best checkpoints by best_metric (the single "
+                           "best is always kept).")
+    best_metric: Literal["eval_loss", "loss"] = Field(
+        "eval_loss", description="Metric of keep_best (lower is better). eval_loss falls back to loss when no "
+        "checkpoint has an eval_loss.")
+    keep_within_hours: float = Field(0.0, ge=0, description="Also keep every checkpoint saved in the last N "
+                                     "hours (0: none).")
+    keep_optimizer_last: int = Field(2, ge=1, description="Only the newest N kept checkpoints keep their "
+                                     "optimizer state (Adam moments, about 2/3 of a checkpoint); older ones "
+                                     "keep weights, scheduler and RNG (resuming from one restarts the Adam "
+                                     "moments).")
+    prune_interval_minutes: float = Field(30.0, gt=0, description="Period of the scheduled prune job.")
+    min_free_gb: float = Field(1.0, ge=0, description="Disk guard: before a save, prune when free space would "
+                               "fall below this (GiB); if still short, pause training with an alert.")
+
+
+class BackupConfig(_Section):
+    """Backups (``vault backup STEP``) and named versions (``vault promote``)."""
+
+    folder: str = Field("backups", description="Where `vault backup` copies checkpoints (relative to the realm "
+                        "or absolute). Point it at another disk: a backup on the same disk does not survive "
+                        "the disk.")
+
+
+class SupervisorConfig(_Section):
+    """The watchdog that ``start-all`` runs over the daemon and the Tavern."""
+
+    hang_minutes: float = Field(15.0, gt=0, description="A daemon whose heartbeat is older than this, or that "
+                                "is training without a new global step for this long, is hung: it is "
+                                "stopped (warm, then hard) and restarted.")
+    max_restarts: int = Field(5, ge=1, description="Give up on a process (FATAL, with an alert) after this "
+                              "many restarts within restart_window_minutes.")
+    restart_window_minutes: float = Field(10.0, gt=0, description="Window of max_restarts.")
+    backoff_initial_seconds: float = Field(1.0, gt=0, description="Delay before the first restart; doubled "
+                                           "for each further restart within the window.")
+    backoff_max_seconds: float = Field(60.0, gt=0, description="Longest delay between restarts.")
+    stop_timeout_seconds: float = Field(120.0, gt=0, description="Warm stop (SIGTERM: the daemon saves a "
+                                        "checkpoint) waits this long before SIGKILL.")
+    poll_interval_seconds: float = Field(1.0, gt=0, description="How often the watchdog checks its children.")
+
+
 class RealmConfig(_Section):
     """The whole ``config.json`` of a realm."""
 
@@ -117,6 +168,9 @@ class RealmConfig(_Section):
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     tavern: TavernConfig = Field(default_factory=TavernConfig)
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
+    backup: BackupConfig = Field(default_factory=BackupConfig)
+    supervisor: SupervisorConfig = Field(default_factory=SupervisorConfig)
 
 
 class ConfigError(ValueError):

@@ -22,6 +22,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from core.ingest import InboxScanner, InboxWatcher
 from core.ledger import CommandState, Ledger, QuestState
 from core.quest_queue import QuestQueue, QuestStateError
 from core.realm import Realm
-from core.validation import validate_file, write_report
+from core.validation import length_action, validate_file, write_report
 
 log = logging.getLogger("realm.daemon")
 
@@ -186,10 +187,7 @@ class Daemon:
                               f"{quest['examples_trained']}", quest_id=qid)
         self._skip = False
         self._set_state(DaemonState.TRAINING, quest_id=qid)
-        path = self.queue.path_of(quest)
-        dropped = set(self._dropped_lines(quest))
-        records = ((line, ex) for line, ex in iter_valid_records(path, quest["name"], self.config.validation)
-                   if line not in dropped)
+        records = self._trainable_records(quest)
         try:
             result = self.engine.train_quest(qid, records, examples_done=quest["examples_trained"] or 0,
                                              should_stop=self._should_interrupt)
@@ -228,15 +226,21 @@ class Daemon:
                               f"{attempts + 1} of {self.config.training.max_attempts}", level="warning",
                               quest_id=quest["id"])
 
-    def _dropped_lines(self, quest: dict[str, Any]) -> list[int]:
-        import json
-
-        assert self.queue is not None
-        report = self.queue.report_path_of(quest)
-        if not report.exists():
-            return []
-        data = json.loads(report.read_text(encoding="utf-8"))
-        return [d["line"] for d in data.get("dropped_lines", [])]
+    def _trainable_records(self, quest: dict[str, Any]) -> Iterator[tuple[int, dict]]:
+        """The quest's records as validation accepted them: valid lines, minus those the length policy
+        drops or rejects and those the tokenizer cannot encode (both are listed in the report)."""
+        assert self.queue is not None and self.engine is not None
+        max_length = self.config.training.max_length
+        policy = self.config.validation.length_policy
+        for line, example in iter_valid_records(self.queue.path_of(quest), quest["name"],
+                                                self.config.validation):
+            try:
+                tokens, _ = self.engine.count_tokens(example)
+            except Exception:  # noqa: BLE001 - a bad line in the report; never trained
+                continue
+            if length_action(tokens, max_length, policy) in ("drop", "reject"):
+                continue
+            yield line, example
 
     def _should_interrupt(self) -> bool:
         """Called by the engine between optimizer steps: handle commands, honour pause, report progress."""
@@ -339,9 +343,10 @@ class Daemon:
             self.queue.transition(quest_id, QuestState.SKIPPED, note=note, **fields)
             self.ledger.event("quest_skipped_duplicate", f"{quest['name']}: {note}", quest_id=quest_id)
             return
-        valid = info.get("examples") or 0
-        every = self.config.training.eval_holdout_every
-        fields["examples_total"] = valid - (valid // every if every else 0)
+        from core.engine import count_train_examples
+
+        fields["examples_total"] = count_train_examples(info.get("examples") or 0,
+                                                        self.config.training.eval_holdout_every)
         note = None
         if info.get("format") in PREFERENCE_FORMATS:
             note = "preference data: waits in the queue for the DPO school"
@@ -376,7 +381,8 @@ class Daemon:
             return
         self._last_heartbeat = time.monotonic()
         status = {"state": self.state.value, "pid": os.getpid(), "quest_id": self._status.get("quest_id"),
-                  "hero": self._status.get("hero"), "paused": self.paused}
+                  "hero": self._status.get("hero"), "paused": self.paused,
+                  "trainable_formats": sorted(TRAINABLE_FORMATS)}
         if self.engine is not None:
             status.update(self._progress())
         self.ledger.set_value(DAEMON_KEY, status)

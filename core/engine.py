@@ -17,7 +17,8 @@ examples ``[example_start, example_end)`` and line numbers go to the ledger with
 transaction. After a crash, :meth:`Engine.setup` loads the newest loadable checkpoint (global step S) and
 rolls the ledger back to S (:meth:`core.ledger.Ledger.rollback_to`), so the quest's ``examples_trained``
 is again the cursor of the weights; training restarts from there with the same optimizer, scheduler and
-RNG state: no example is replayed or skipped.
+RNG state: no example is replayed or skipped. The checkpoint's cursor also records the quest's
+``eval_holdout_every``, kept for that quest when the config changes before it is resumed from that cursor.
 
 **Loss.** Summed token cross-entropy over the whole optimizer step divided by the step's trainable
 tokens (exact gradient accumulation). A step whose loss or gradient norm is not finite, or that has no
@@ -43,7 +44,13 @@ import torch.nn.functional as F
 from core import checkpoint as ckpt
 from core.chat import TokenizedExample, count_tokens, tokenize_example
 from core.config import RealmConfig
-from core.hero import NEWBORN_HINT, HeroError, describe_model, load_model, load_tokenizer, resolve_model_source
+from core.hero import (
+    NEWBORN_HINT,
+    describe_model,
+    load_model,
+    load_tokenizer,
+    resolve_model_source,
+)
 from core.ledger import Ledger
 from core.packing import Batch, collate, iter_steps, micro_batches, model_attention_mask, pack_rows
 from core.realm import Realm
@@ -144,7 +151,13 @@ class _HoldoutSplit:
 
 
 class Engine:
-    """The continuous SFT trainer of one realm's hero (see the module doc)."""
+    """The continuous SFT trainer of one realm's hero (see the module doc).
+
+    After :meth:`setup`: ``global_step`` (int, never reset), ``model`` (accelerate-prepared), ``tokenizer``,
+    ``hero_info`` {name, base_model, architecture, parameters, newborn, checkpoint}, ``cursor`` (of the
+    current weights: {quest_id, examples_done, quest_done, eval_holdout_every}), ``resume_cursor`` (the
+    loaded checkpoint's), ``last_saved_step``, ``last_checkpoint``, ``mixed_precision`` (no|bf16|fp16).
+    """
 
     def __init__(self, realm: Realm, config: RealmConfig, ledger: Ledger, logger: logging.Logger | None = None):
         self.realm, self.config, self.ledger = realm, config, ledger
@@ -154,7 +167,7 @@ class Engine:
         self.model = self._raw_model = self.tokenizer = self.optimizer = self.scheduler = self.accelerator = None
         self.mixed_precision = "no"
         self.hero_info: dict[str, Any] = {}
-        self.cursor: dict[str, Any] | None = None  # {quest_id, examples_done, quest_done} of the weights
+        self.cursor: dict[str, Any] | None = None  # where the current weights are in the data
         self.resume_cursor: dict[str, Any] | None = None  # the cursor of the checkpoint loaded at setup
         self.last_loss: float | None = None
         self.last_eval_loss: float | None = None
@@ -191,7 +204,7 @@ class Engine:
                            f"but hero.base_model is {hero.base_model!r}: resuming from the checkpoint; use a new "
                            "hero.name to start over from the new base model")
         self.model.config.use_cache = False
-        self.model.train()
+        self.model.to(self.accelerator.device).train()  # on its device before the optimizer holds its params
 
         decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
@@ -232,17 +245,21 @@ class Engine:
         self._last_save = time.monotonic()
 
     def _load_latest_checkpoint(self) -> tuple[dict | None, Path | None]:
-        """Newest checkpoint that loads (model, tokenizer, trainer state); broken ones are quarantined."""
+        """Newest checkpoint that verifies (:func:`core.checkpoint.load_trainer_state`: files whole and
+        parseable), with its model and tokenizer. A broken one is quarantined with a warning event and the
+        previous one tried. A verified checkpoint whose model then fails to load (out of memory, missing
+        ``trust_remote_code``) raises :class:`HeroError`: the environment is at fault, not the checkpoint."""
         for path in reversed(ckpt.list_checkpoints(self.checkpoints_dir)):
             try:
                 state = ckpt.load_trainer_state(path)
-                self.model = load_model(path, self.config.hero)
-                self.tokenizer = load_tokenizer(path, self.config.hero)
-                return state, path
-            except (ckpt.CheckpointError, HeroError) as exc:
+            except ckpt.CheckpointError as exc:
                 moved = ckpt.quarantine(path)
                 self._warn("checkpoint_corrupt", f"checkpoint {path.name} does not load ({exc}); moved to "
                            f"{moved.name}, falling back to the previous one", path=str(moved))
+                continue
+            self.model = load_model(path, self.config.hero)
+            self.tokenizer = load_tokenizer(path, self.config.hero)
+            return state, path
         return None, None
 
     def _make_scheduler(self):
@@ -259,8 +276,8 @@ class Engine:
         t = self.config.training
         self.scheduler.base_lrs = [t.learning_rate] * len(self.optimizer.param_groups)
         lrs = [base * lam(self.scheduler.last_epoch) for base, lam in
-               zip(self.scheduler.base_lrs, self.scheduler.lr_lambdas)]
-        for group, lr, wd in zip(self.optimizer.param_groups, lrs, (t.weight_decay, 0.0)):
+               zip(self.scheduler.base_lrs, self.scheduler.lr_lambdas, strict=True)]
+        for group, lr, wd in zip(self.optimizer.param_groups, lrs, (t.weight_decay, 0.0), strict=True):
             group.update(lr=lr, initial_lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
                          eps=t.adam_epsilon, weight_decay=wd)
         self.scheduler._last_lr = lrs

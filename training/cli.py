@@ -175,13 +175,13 @@ def cmd_status(args, realm: Realm, config: RealmConfig, environ) -> int:
 
 def cmd_validate(args, realm: Realm, config: RealmConfig, environ) -> int:
     from core.chat import count_tokens
-    from core.hero import load_tokenizer, resolve_tokenizer_source
     from core.validation import format_report_text, validate_file
+    from training.hero_tokenizer import hero_tokenizer
 
     path = Path(args.file)
     if not path.exists():
         raise FileNotFoundError(f"no such file: {path}")
-    tokenizer = load_tokenizer(resolve_tokenizer_source(realm, config), config.hero)
+    tokenizer = hero_tokenizer(realm, config)
     report = validate_file(path, display_name=path.name, config=config,
                            count_tokens=lambda ex: count_tokens(ex, tokenizer))
     print(json.dumps(report.to_dict(), indent=2) if args.json else format_report_text(report))

@@ -54,10 +54,9 @@ def run_checks(realm: Realm, config: RealmConfig) -> list[Check]:
 
 def _model_check(realm: Realm, config: RealmConfig) -> Check:
     try:
-        from core.hero import load_tokenizer, resolve_tokenizer_source
+        from training.hero_tokenizer import hero_tokenizer
 
-        source = resolve_tokenizer_source(realm, config)
-        tok = load_tokenizer(source, config.hero)
+        tok = hero_tokenizer(realm, config)
         has_template = bool(getattr(tok, "chat_template", None))
         what = config.hero.base_model or "embedded default hero (newborn, random init)"
         return Check("model and tokenizer", True, f"{what}: tokenizer loads (vocab {len(tok)}), chat template "

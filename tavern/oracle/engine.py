@@ -90,8 +90,14 @@ def _fingerprint(path: str) -> tuple:
     return tuple(sorted((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in p.iterdir() if f.is_file()))
 
 
-class _Streamer:
-    """A ``transformers`` streamer: decodes the generated ids so far and emits the new, settled text."""
+class IncrementalTextStreamer:
+    """A ``transformers`` streamer (``put``/``end``) that calls ``emit(text)`` with each new piece.
+
+    It decodes all generated ids so far and emits only settled text: a trailing ``\ufffd`` (a token that
+    ends inside a UTF-8 character) waits for the next token, and so does a tail that could be the start of
+    one of ``stops``. When a stop string appears, the text before it is emitted and ``stopped`` is set
+    (the stopping criteria then end generation). The first ``put`` (the prompt) is skipped.
+    """
 
     def __init__(self, tokenizer, emit: Callable[[str], None], stops: list[str]):
         self.tokenizer, self.emit, self.stops = tokenizer, emit, [s for s in stops if s]
@@ -158,14 +164,16 @@ class Engine:
             return torch.float32  # bf16/fp16 matmuls are ~100x slower on CPUs without native support
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
-    def _check_gpu_memory(self, job: GenerationJob, path: str) -> None:
+    def check_gpu_memory(self, model_name: str, path: str) -> None:
+        """On CUDA, raise :class:`OracleError` (503, ``insufficient_gpu_memory``) unless the free GPU memory
+        holds the weights of ``path`` in 16 bits plus 256 MiB. No-op on CPU."""
         if self.device != "cuda":
             return
         free, _total = self.torch.cuda.mem_get_info()
         need = weights_bytes(path) * 2 // _stored_bytes_per_param(path) + GPU_OVERHEAD_BYTES  # loaded in 16 bits
         if need > free:
             mib = 1024 * 1024
-            raise OracleError(f"not enough free GPU memory for {job.model_name}: it needs about {need // mib} MiB, "
+            raise OracleError(f"not enough free GPU memory for {model_name}: it needs about {need // mib} MiB, "
                               f"{free // mib} MiB are free (training is using the GPU); try again later",
                               status=503, code="insufficient_gpu_memory")
 
@@ -188,7 +196,7 @@ class Engine:
                 self._cache.move_to_end(key)
                 return self._cache[key]
             on_loading()
-            self._check_gpu_memory(job, path)
+            self.check_gpu_memory(job.model_name, path)
             tokenizer = load_tokenizer(path, hero)
             model = load_model(path, hero, dtype=self._dtype())
         except HeroError as exc:
@@ -226,11 +234,11 @@ class Engine:
                               code="context_length_exceeded")
         max_new = min(job.max_new_tokens, context - prompt_tokens)
 
-        stops = [m for m in END_OF_TURN_MARKERS if m in template] + list(job.stop)
+        markers = [m for m in END_OF_TURN_MARKERS if m in template]
         eos = {tokenizer.eos_token_id, *_as_list(model.generation_config.eos_token_id)}
-        eos |= {tid for m in stops if (tid := _single_token(tokenizer, m)) is not None}
+        eos |= {tid for m in markers if (tid := _single_token(tokenizer, m)) is not None}  # one-token markers
         eos.discard(None)
-        streamer = _Streamer(tokenizer, emit, stops)
+        streamer = IncrementalTextStreamer(tokenizer, emit, markers + list(job.stop))  # markers spelt out
         was_cancelled = False
 
         class _Stop(StoppingCriteria):

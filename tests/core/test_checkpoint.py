@@ -59,7 +59,7 @@ def test_save_list_and_load_round_trip(parts, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     reloaded = AutoModelForCausalLM.from_pretrained(p2)
-    for (name, a), b in zip(parts[0].state_dict().items(), reloaded.state_dict().values()):
+    for (name, a), b in zip(parts[0].state_dict().items(), reloaded.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     assert AutoTokenizer.from_pretrained(p2).chat_template == parts[1].chat_template
     assert ckpt.read_checkpoint_info(p2)[ckpt.KEY_GLOBAL_STEP] == 12
@@ -101,6 +101,13 @@ def test_truncated_or_missing_files_raise_checkpoint_error(parts, tmp_path):
     (p / ckpt.TRAINER_STATE_PT).write_bytes(blob[:100])
     with pytest.raises(ckpt.CheckpointError, match="trainer_state.pt"):
         ckpt.load_trainer_state(p)
+    (p / ckpt.TRAINER_STATE_PT).write_bytes(blob)
+    tokenizer_json = (p / "tokenizer.json").read_text()
+    (p / "tokenizer.json").write_text(tokenizer_json[:50])
+    with pytest.raises(ckpt.CheckpointError, match="tokenizer.json"):
+        ckpt.load_trainer_state(p)
+    (p / "tokenizer.json").write_text(tokenizer_json)
+    ckpt.load_trainer_state(p)
     (p / ckpt.TRAINER_STATE_JSON).write_text("{not json")
     with pytest.raises(ckpt.CheckpointError, match="trainer_state.json"):
         ckpt.read_checkpoint_info(p)

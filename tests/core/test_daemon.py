@@ -159,3 +159,19 @@ def test_pause_resume_skip_through_the_control_channel(make_realm):
         assert sorted(lines) == list(range(1, 61))  # nothing lost, nothing twice
         results = [c["result"] for c in d.ledger.query("SELECT * FROM commands ORDER BY id")]
         assert results[:3] == ["paused", "resumed", "skipping the current quest"]
+
+
+@pytest.mark.parametrize("policy", ["drop", "reject"])
+def test_length_policy_lines_are_never_trained(make_realm, policy):
+    realm = make_realm(training={"max_length": 48},
+                       validation={"length_policy": policy, "max_bad_line_ratio": 0.5})
+    with open(realm.inbox / "mixed.jsonl", "w") as f:
+        for i in range(12):
+            text = f"short {i}" if i % 3 else "long " * 40   # lines 1, 4, 7, 10 are too long
+            f.write(json.dumps({"text": text}) + "\n")
+    assert Daemon(realm, realm.load_config(), until_idle=True).run() == 0
+    ledger = Ledger(realm.ledger_path)
+    quest = ledger.list_quests()[0]
+    assert quest["state"] == "completed" and quest["examples_total"] == 8
+    trained = sorted(ln for s in ledger.steps() for ln in json.loads(s["examples_json"]))
+    assert trained == [2, 3, 5, 6, 8, 9, 11, 12]

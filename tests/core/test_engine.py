@@ -147,7 +147,6 @@ def test_resume_after_a_kill_is_exact(make_realm):
     assert interrupted.status == "interrupted" and interrupted.steps == 6 and interrupted.examples_total is None
     assert ledger.get_quest(qid)["steps"] == 6
     doomed.cleanup()
-    del doomed
 
     # a config edit while the quest is half done must not shift its example indices: the quest keeps the
     # held-out spacing it started with (recorded in the checkpoint's cursor)
@@ -172,7 +171,7 @@ def test_resume_after_a_kill_is_exact(make_realm):
     assert [s["global_step"] for s in steps_b] == [s["global_step"] for s in steps_a]
     lines_b = trained_lines(ledger)
     assert len(lines_b) == len(set(lines_b)) and lines_b == trained_lines(ledger_a)  # each exactly once
-    for a, b in zip(steps_a, steps_b):
+    for a, b in zip(steps_a, steps_b, strict=True):
         assert (a["example_start"], a["example_end"], a["learning_rate"]) == \
             (b["example_start"], b["example_end"], b["learning_rate"])
         assert b["loss"] == pytest.approx(a["loss"], rel=0, abs=1e-6), a["global_step"]

@@ -95,8 +95,7 @@ def test_resolve_default_hero_is_created_once_and_newborn(tmp_path):
     assert resolve_tokenizer_source(realm, config) == source
 
 
-def test_resolve_missing_folder_and_uncached_hub_id_fail_clearly(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+def test_resolve_missing_folder_and_uncached_hub_id_fail_clearly(tmp_path):
     realm = init_realm(tmp_path / "r")
     with pytest.raises(HeroError, match="does not exist"):
         resolve_model_source(realm, HeroConfig(base_model="./no-such-model"))

@@ -104,7 +104,7 @@ def test_packed_logits_equal_each_document_alone(make_model, attn):
     leaky = model(input_ids=batch.input_ids, position_ids=batch.position_ids).logits  # position ids only
     placements = [(0, 0), (0, 11), (0, 28), (1, 0)]
     worst_leak = 0.0
-    for doc, (row, pos) in zip(docs, placements):
+    for doc, (row, pos) in zip(docs, placements, strict=True):
         alone = model(input_ids=torch.tensor([doc.input_ids])).logits[0]
         got = packed[row, pos:pos + len(doc)]
         torch.testing.assert_close(got, alone, rtol=0, atol=1e-5)

@@ -3,7 +3,7 @@ writes real ledger rows, and a real headless Chromium driven by Playwright.
 
 - ``tavern_realm``: a tmp realm (tests/conftest.py FAST_CONFIG).
 - ``app`` / ``client``: ``create_app(realm, testing=True)`` (push poller not started) and its test client.
-- ``live_tavern``: the real Werkzeug server (``tavern.server.make_tavern_server``) on 127.0.0.1, a free
+- ``live_tavern`` (or ``running_tavern(realm, config)``): the real Werkzeug server (``tavern.server.make_tavern_server``) on 127.0.0.1, a free
   port, in a thread: ``.url``, ``.realm``, ``.app``, ``.ledger`` (a second connection, as the daemon has).
 - ``LedgerWriter``: writes what the daemon writes (``daemon`` kv heartbeat, ``steps``/``evals`` rows) in a
   thread and acknowledges control commands, through the real SQLite ledger. It stands in for the daemon
@@ -19,11 +19,13 @@ import math
 import os
 import socket
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from core.config import RealmConfig
 from core.ledger import CommandState, Ledger
 from core.realm import Realm
 
@@ -68,23 +70,30 @@ class LiveTavern:
     ledger: Ledger  # the "daemon's" connection: write rows here
 
 
-@pytest.fixture
-def live_tavern(tavern_realm):
+@contextmanager
+def running_tavern(realm: Realm, config: RealmConfig | None = None):
+    """The real server (``make_tavern_server``) on 127.0.0.1 and a free port, in a thread."""
     from tavern.app import close_app
     from tavern.server import make_tavern_server
 
-    server, application = make_tavern_server(tavern_realm, host="127.0.0.1", port=0)
+    server, application = make_tavern_server(realm, config, host="127.0.0.1", port=0)
     thread = threading.Thread(target=server.serve_forever, name="tavern-test-server", daemon=True)
     thread.start()
-    ledger = Ledger(tavern_realm.ledger_path)
+    ledger = Ledger(realm.ledger_path)
     try:
-        yield LiveTavern(f"http://127.0.0.1:{server.server_port}", tavern_realm, application, ledger)
+        yield LiveTavern(f"http://127.0.0.1:{server.server_port}", realm, application, ledger)
     finally:
         server.shutdown()
         server.server_close()
         thread.join(5)
         close_app(application)
         ledger.close()
+
+
+@pytest.fixture
+def live_tavern(tavern_realm):
+    with running_tavern(tavern_realm) as live:
+        yield live
 
 
 class LedgerWriter:

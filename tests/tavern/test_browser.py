@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import time
 
-from tests.tavern.conftest import LedgerWriter, save_screenshot
+from tests.tavern.conftest import LedgerWriter, running_tavern, save_screenshot
 
 XSS_NAME = "<img src=x onerror=alert(1)>.jsonl"
 
@@ -97,4 +97,41 @@ def test_system_page_says_plainly_when_there_is_no_gpu(live_tavern, page):
         assert "No NVIDIA GPU found" in page.text_content("#no-gpu")
     assert page.locator("#proc-table tbody tr").count() >= 1
     save_screenshot(page, "system")
+    assert not page.console_errors, page.console_errors
+
+
+def test_token_login_in_the_browser_then_live_updates(tavern_realm, page):
+    from core.config import RealmConfig
+
+    config = RealmConfig.model_validate({"tavern": {"access_token": "browser-token-123"}})
+    with running_tavern(tavern_realm, config) as live, LedgerWriter(live.ledger, step_interval_seconds=0.15):
+        response = page.goto(live.url + "/")
+        assert response.status == 401
+        assert "access token required" in page.text_content("main")
+        page.fill("input[name=token]", "browser-token-123")
+        page.click("form button[type=submit]")
+        wait_until(lambda: page.url == live.url + "/", what="redirect without the token in the address")
+        wait_until(lambda: page.get_attribute("#conn", "data-state") == "live", what="Socket.IO with the cookie")
+        first = step_shown(page)
+        wait_until(lambda: step_shown(page) > first, what="a live step")
+
+
+def test_loss_chart_zooms_into_server_side_detail(live_tavern, page):
+    with live_tavern.ledger.transaction() as c:
+        c.executemany("INSERT INTO steps(global_step, quest_id, time, loss, learning_rate, grad_norm, tokens, "
+                      "tokens_per_second) VALUES (?,?,?,?,?,?,?,?)",
+                      [(s, None, 1.0e9 + s, 3.0 / (1 + s / 500), 1e-3, 0.5, 10, 100.0) for s in range(1, 6001)])
+    page.goto(live_tavern.url + "/")
+    wait_until(lambda: "steps per point" in (page.text_content("#chart-note") or ""), what="bucketed history")
+    assert page.text_content("#chart-note") == "4 steps per point"
+    box = page.locator("#loss-chart .u-over").bounding_box()
+    y = box["y"] + box["height"] / 2
+    page.mouse.move(box["x"] + box["width"] * 0.4, y)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.45, y, steps=5)
+    page.mouse.up()
+    wait_until(lambda: "zoomed" in (page.text_content("#chart-note") or ""), what="zoomed detail")
+    assert "1 step(s) per point" in page.text_content("#chart-note")
+    page.click("#reset-zoom")
+    assert page.text_content("#chart-note") == "4 steps per point"
     assert not page.console_errors, page.console_errors

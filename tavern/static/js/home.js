@@ -215,7 +215,11 @@
   socket.on("status", renderStatus);
   socket.on("step", (s) => {
     showStep(s.global_step);
-    if (s.loss !== null) { appendPoint(full.train, s.global_step, s.loss); redraw(); }
+    if (s.loss !== null) {
+      appendPoint(full.train, s.global_step, s.loss);
+      if (!detail) noteBuckets();
+      redraw();
+    }
     if (s.learning_rate !== null) setText("learning-rate", fmt.sci(s.learning_rate));
     if (s.loss !== null) setText("loss", fmt.num(s.loss, 4));
     if (full.train[0].length > 3 * HISTORY_POINTS) loadHistory();  // re-bucket a long live session
@@ -225,6 +229,6 @@
   socket.on("command", showCommand);
   socket.on("history_reset", () => { loadHistory(); apiGet("/api/status").then(renderStatus); });
   socket.on("checkpoint", (c) => {
-    if (c.action === "added") Tavern.toast("checkpoint saved: " + c.name, "success");
+    if (c.action === "added") setText("last-checkpoint", c.name);
   });
 })();

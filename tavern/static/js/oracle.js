@@ -53,9 +53,10 @@
     $("pref-up").textContent = fmt.num(data.counts.rating_up);
     $("pref-down").textContent = fmt.num(data.counts.rating_down);
     $("pref-recent").replaceChildren(...data.preferences.map((p) => {
-      const mark = p.kind === "pair" ? "⚖" : (p.rating > 0 ? "👍" : "👎");
+      const mark = p.kind === "pair" ? "picked" : (p.rating > 0 ? "good" : "bad");
       const text = p.kind === "pair" ? p.chosen : (p.chosen || p.rejected);
-      return el("li", {}, el("span", {class: "when"}, fmt.time(p.time)), mark + " " + p.checkpoint + ": ",
+      return el("li", {}, el("span", {class: "when"}, fmt.time(p.time)),
+        el("span", {class: "badge"}, mark), " " + p.checkpoint + ": ",
         el("span", {class: "muted"}, text.length > 80 ? text.slice(0, 80) + "…" : text));
     }));
   }
@@ -172,9 +173,9 @@
       const buttons = [];
       if (ans.status === "done") {
         buttons.push(el("button", {type: "button", class: "rate-up", title: "good answer", "aria-pressed": String(ans.rating > 0),
-                                   onclick: () => rate(ans, 1)}, "👍"));
+                                   onclick: () => rate(ans, 1)}, "👍 good"));
         buttons.push(el("button", {type: "button", class: "rate-down", title: "bad answer", "aria-pressed": String(ans.rating < 0),
-                                   onclick: () => rate(ans, -1)}, "👎"));
+                                   onclick: () => rate(ans, -1)}, "👎 bad"));
       }
       const bothDone = b && a.status === "done" && b.status === "done";
       if (bothDone && turn.picked === null && !active) {

@@ -14,6 +14,7 @@
   "use strict";
   const meta = document.querySelector('meta[name="csrf-token"]');
   const csrf = meta ? meta.getAttribute("content") : "";
+  const MAX_TOASTS = 3;
 
   async function parse(resp) {
     const type = resp.headers.get("Content-Type") || "";
@@ -101,6 +102,7 @@
     const box = document.getElementById("toasts");
     if (!box) return;
     const t = el("div", {class: "toast " + (level || "info"), role: "status"}, message);
+    while (box.children.length >= MAX_TOASTS) box.removeChild(box.firstChild);
     box.appendChild(t);
     setTimeout(() => t.remove(), 6000);
   }

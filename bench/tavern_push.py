@@ -1,0 +1,184 @@
+"""Bench: Tavern push latency (step row → browser) and training tokens/s with 0 and N browsers watching.
+
+Part 1, latency: the real Tavern server on a tmp realm, K headless Chromium pages on Home; a writer commits
+one ``steps`` row every ``--interval`` s through its own ledger connection (as the daemon does). Each page
+records ``Date.now() - row.time`` when its ``step`` event arrives (same machine clock). Reported per K:
+p50/p95/max in milliseconds over all pages and steps.
+
+Part 2, cost to training: the real daemon (``python -m training daemon``) trains ../shared/models/stories260K
+on GSM8K lines; tokens/s is averaged from its ``steps`` rows over windows with 0 pages, N pages, 0 pages
+again. Browsers run on the same machine as training here, so this counts their rendering too (an upper
+bound of the cost; a browser on another machine costs the trainer only the Tavern's share).
+
+    .venv/bin/python bench/tavern_push.py [--clients 20] [--steps 150] [--window-seconds 25]
+
+Writes bench/out/tavern_push.json and prints it. Needs /usr/bin/chromium; part 2 needs ../shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from core.ledger import Ledger  # noqa: E402
+from core.realm import init_realm  # noqa: E402
+from tavern.app import close_app  # noqa: E402
+from tavern.server import make_tavern_server  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--disable-dev-shm-usage"]
+STORIES260K = ROOT.parent / "shared" / "models" / "stories260K"
+GSM8K = ROOT.parent / "shared" / "data" / "gsm8k_train.jsonl"
+COLLECT = "() => { window.__lat = []; socket.on('step', s => window.__lat.push(Date.now() - s.time * 1000)); }"
+
+
+class Server:
+    def __init__(self, realm):
+        self.server, self.app = make_tavern_server(realm, host="127.0.0.1", port=0)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}/"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+        close_app(self.app)
+
+
+def open_pages(browser, url: str, n: int) -> list:
+    pages = []
+    for _ in range(n):
+        page = browser.new_page()
+        page.goto(url)
+        pages.append(page)
+    deadline = time.monotonic() + 60
+    for page in pages:
+        while page.get_attribute("#conn", "data-state") != "live":
+            if time.monotonic() > deadline:
+                raise RuntimeError("pages did not connect")
+            time.sleep(0.05)
+        page.evaluate(COLLECT)
+    return pages
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def latency(browser, clients: int, steps: int, interval: float) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        realm = init_realm(Path(tmp) / "realm")
+        server = Server(realm)
+        ledger = Ledger(realm.ledger_path)
+        try:
+            pages = open_pages(browser, server.url, clients)
+            for s in range(1, steps + 1):
+                ledger.record_step(global_step=s, quest_id=None, loss=2.0, learning_rate=1e-3, grad_norm=0.5,
+                                   tokens=512, tokens_per_second=1000.0, example_start=0, example_end=s,
+                                   example_lines=[], quest_steps=s)
+                time.sleep(interval)
+            time.sleep(1.0)
+            samples = list(itertools.chain.from_iterable(p.evaluate("() => window.__lat") for p in pages))
+            for p in pages:
+                p.close()
+        finally:
+            ledger.close()
+            server.close()
+    expected = clients * steps
+    return {"clients": clients, "steps": steps, "received": len(samples), "expected": expected,
+            "p50_ms": round(percentile(samples, 0.5), 1), "p95_ms": round(percentile(samples, 0.95), 1),
+            "max_ms": round(max(samples), 1)}
+
+
+def tokens_per_second(ledger: Ledger, since: float, until: float) -> tuple[float, int]:
+    rows = ledger.query("SELECT tokens, time FROM steps WHERE time > ? AND time <= ? ORDER BY global_step",
+                        (since, until))
+    if len(rows) < 2:
+        return float("nan"), len(rows)
+    tokens = sum(r["tokens"] for r in rows[1:])
+    return tokens / (rows[-1]["time"] - rows[0]["time"]), len(rows)
+
+
+def training_cost(browser, clients: int, window_seconds: float) -> dict:
+    if not (STORIES260K.exists() and GSM8K.exists()):
+        return {"skipped": f"{STORIES260K} or {GSM8K} is absent"}
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
+        realm = init_realm(Path(tmp) / "realm", overrides={
+            "hero": {"base_model": str(STORIES260K)},
+            "training": {"max_length": 384, "micro_batch_size": 2, "save_steps": 100000, "eval_steps": 0,
+                         "eval_holdout_every": 0},
+            "validation": {"field_map": {"gsm8k*.jsonl": {"question": "prompt", "answer": "completion"}}}})
+        with open(GSM8K, encoding="utf-8") as src:
+            (realm.inbox / "gsm8k_train.jsonl").write_text("".join(itertools.islice(src, 5000)))
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        log = stack.enter_context(open(realm.logs / "daemon.log", "wb"))
+        daemon = subprocess.Popen([sys.executable, "-m", "training", "--realm", str(realm.root), "daemon"],
+                                  stdout=log, stderr=subprocess.STDOUT, env=env)
+        server = Server(realm)
+        ledger = Ledger(realm.ledger_path)
+        try:
+            deadline = time.monotonic() + 180
+            while not ledger.query("SELECT 1 FROM steps WHERE global_step >= 20"):
+                if time.monotonic() > deadline or daemon.poll() is not None:
+                    raise RuntimeError(f"the daemon did not train; see {realm.logs / 'daemon.log'}")
+                time.sleep(0.5)
+            windows = []
+            for n in (0, clients, 0):
+                pages = open_pages(browser, server.url, n)
+                start = time.time()
+                time.sleep(window_seconds)
+                tps, nsteps = tokens_per_second(ledger, start, time.time())
+                windows.append({"clients": n, "tokens_per_second": round(tps, 1), "steps": nsteps})
+                for p in pages:
+                    p.close()
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(120)
+            ledger.close()
+            server.close()
+    base = (windows[0]["tokens_per_second"] + windows[2]["tokens_per_second"]) / 2
+    return {"windows": windows, "ratio_with_clients": round(windows[1]["tokens_per_second"] / base, 3)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--clients", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--interval", type=float, default=0.1, help="seconds between step rows (part 1)")
+    ap.add_argument("--window-seconds", type=float, default=25.0)
+    ap.add_argument("--skip-training", action="store_true")
+    args = ap.parse_args()
+    from playwright.sync_api import sync_playwright
+
+    result: dict = {"machine": f"{os.cpu_count()} CPUs", "poll_interval_seconds": 0.1}
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        result["latency"] = [latency(browser, k, args.steps, args.interval) for k in (1, args.clients)]
+        if not args.skip_training:
+            result["training"] = training_cost(browser, args.clients, args.window_seconds)
+        browser.close()
+    out = ROOT / "bench" / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tavern_push.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

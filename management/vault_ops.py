@@ -1,0 +1,528 @@
+"""Vault operations on a realm's hero: prune (apply a retention plan), strip optimizer state, backup with
+SHA-256 verification, promote to a named version, restore a version, list.
+
+Layout (``core.realm``/``core.checkpoint``)::
+
+    models/<hero>/checkpoints/step-00001234/    checkpoints (trainer_state.pt holds the optimizer state)
+    models/<hero>/versions/<name>/               named versions: a full checkpoint copy + metadata.json
+                                                 + SHA256SUMS
+    <backup.folder>/<hero>/step-00001234/        backups: a full checkpoint copy + SHA256SUMS
+
+Deletion goes through :func:`core.vault.delete_checkpoint` (rename to ``.trash-...`` then remove; it
+re-checks at that moment that the checkpoint is not the latest, the best or pinned). Copies are written
+to a ``.tmp-...`` folder, verified file by file against the source's SHA-256 and only then renamed, so a
+folder under its final name is always complete and verified.
+
+Stripping keeps ``trainer_state.pt`` loadable by the engine: the optimizer entry keeps its
+``param_groups`` with an empty ``state`` (AdamW restarts its moments), the scheduler and RNG states stay;
+``trainer_state.json`` gets :data:`OPTIMIZER_REMOVED_KEY`. Errors: :class:`VaultOpsError` (bad name,
+missing checkpoint or version, daemon running during a restore), :class:`BackupError` (a copy differs
+from its source), ``OSError`` from the filesystem.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from core.config import RealmConfig
+from core.ledger import Ledger
+from core.realm import Realm
+from core.vault import TAG_PINNED, VaultError, delete_checkpoint, list_checkpoints_info
+from management.retention import CheckpointFacts, RetentionPlan, RetentionPolicy, plan_retention
+
+TRAINER_STATE_JSON = "trainer_state.json"   # = core.checkpoint.TRAINER_STATE_JSON (no torch import here)
+TRAINER_STATE_PT = "trainer_state.pt"       # = core.checkpoint.TRAINER_STATE_PT
+OPTIMIZER_REMOVED_KEY = "optimizer_state_removed"  # trainer_state.json: {"time", "bytes_freed"} once stripped
+SUMS_FILE = "SHA256SUMS"
+METADATA_FILE = "metadata.json"
+VERSION_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+HASH_CHUNK_BYTES = 1 << 20
+
+
+def checkpoint_name_of(global_step: int) -> str:
+    """``step-00001234`` (same as :func:`core.checkpoint.checkpoint_name`, without importing torch)."""
+    return f"step-{global_step:08d}"
+
+
+class VaultOpsError(ValueError):
+    """A vault operation that cannot be done; the message says why and what to do."""
+
+
+class BackupError(RuntimeError):
+    """A copy does not match its source (SHA-256); nothing was left under the final name."""
+
+
+# hashing and verified copies ---------------------------------------------------------------------------
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK_BYTES):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tree_hashes(folder: Path, exclude: frozenset[str] = frozenset({SUMS_FILE})) -> dict[str, str]:
+    """``{relative posix path: sha256}`` of every regular file under ``folder`` (symlinks skipped)."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        if p.is_file() and not p.is_symlink() and rel not in exclude:
+            out[rel] = sha256_file(p)
+    return out
+
+
+_copy_file = shutil.copy2  # module attribute: the fault-injection test replaces it with a corrupting copy
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in folder.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def copy_verified(src: Path, dest: Path, skip: frozenset[str] = frozenset()) -> dict[str, str]:
+    """Copy the files of ``src`` into a temporary sibling of ``dest``, check every copy's SHA-256 against
+    the source, write ``SHA256SUMS``, fsync, and rename it to ``dest`` (which must not exist).
+
+    Returns the hashes. Raises :class:`BackupError` on a mismatch (the temporary copy is removed) and
+    ``FileExistsError`` when ``dest`` exists.
+    """
+    if dest.exists():
+        raise FileExistsError(f"{dest} exists")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".tmp-{dest.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        expected = {k: v for k, v in tree_hashes(src).items() if k not in skip}
+        for rel in expected:
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            _copy_file(src / rel, tmp / rel)
+        got = tree_hashes(tmp)
+        bad = sorted(k for k in expected if got.get(k) != expected[k])
+        if bad:
+            raise BackupError(f"copy of {src} differs from its source in {', '.join(bad)}")
+        (tmp / SUMS_FILE).write_text("".join(f"{h}  {rel}\n" for rel, h in expected.items()), encoding="utf-8")
+        _fsync_tree(tmp)
+        os.rename(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return expected
+
+
+def verify_copy(folder: Path) -> list[str]:
+    """Check a backup or version against its ``SHA256SUMS``. Returns the problems ([] when intact):
+    a missing, changed or unlisted file, or a missing/unreadable ``SHA256SUMS``."""
+    sums = folder / SUMS_FILE
+    try:
+        lines = sums.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        return [f"{sums}: cannot read: {exc}"]
+    expected = {}
+    for line in lines:
+        digest, _, rel = line.partition("  ")
+        expected[rel] = digest
+    got = tree_hashes(folder, exclude=frozenset({SUMS_FILE, METADATA_FILE}))
+    problems = [f"{rel}: missing" for rel in expected if rel not in got]
+    problems += [f"{rel}: SHA-256 differs (corrupted)" for rel in expected if rel in got and got[rel] != expected[rel]]
+    problems += [f"{rel}: not listed in {SUMS_FILE}" for rel in got if rel not in expected]
+    return problems
+
+
+# facts and pruning --------------------------------------------------------------------------------------
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(data, indent=2, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def checkpoint_facts(realm: Realm, hero_name: str, ledger: Ledger) -> list[CheckpointFacts]:
+    """:class:`CheckpointFacts` of every checkpoint of ``hero_name`` (oldest first), from the vault listing
+    and each ``trainer_state.json`` (no torch)."""
+    out = []
+    root = realm.checkpoints_dir(hero_name)
+    for info in reversed(list_checkpoints_info(realm, hero_name, ledger)):
+        path = root / info["name"]
+        state = _read_json(path / TRAINER_STATE_JSON)
+        has_optimizer = OPTIMIZER_REMOVED_KEY not in state
+        try:
+            pt_bytes = (path / TRAINER_STATE_PT).stat().st_size
+        except OSError:
+            pt_bytes, has_optimizer = 0, False
+        out.append(CheckpointFacts(
+            name=info["name"], step=info["step"], time=info["time"], loss=info["loss"],
+            eval_loss=info["eval_loss"], pinned=TAG_PINNED in info["tags"], has_optimizer=has_optimizer,
+            size_bytes=info["size_bytes"], optimizer_bytes=pt_bytes if has_optimizer else 0))
+    return out
+
+
+def strip_optimizer_state(path: Path) -> int:
+    """Drop the optimizer moments of the checkpoint at ``path``, keeping it loadable (see the module doc).
+
+    Returns the bytes freed (0 when already stripped). Imports torch. Raises ``OSError`` or the loader's
+    error for an unreadable ``trainer_state.pt``.
+    """
+    import torch
+
+    from core import checkpoint as ckpt
+
+    state_json = path / TRAINER_STATE_JSON
+    pt = path / TRAINER_STATE_PT
+    before = pt.stat().st_size
+    blob = torch.load(pt, map_location="cpu", weights_only=True)
+    optimizer = blob.get(ckpt.KEY_OPTIMIZER) or {}
+    if optimizer.get("state"):
+        blob[ckpt.KEY_OPTIMIZER] = {"state": {}, "param_groups": optimizer.get("param_groups", [])}
+        tmp = pt.with_name(f".{pt.name}.{os.getpid()}.tmp")
+        torch.save(blob, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, pt)
+    freed = max(0, before - pt.stat().st_size)
+    state = _read_json(state_json)
+    if state:
+        state[OPTIMIZER_REMOVED_KEY] = {"time": time.time(), "bytes_freed": freed}
+        _write_json_atomic(state_json, state)
+    return freed
+
+
+@dataclass
+class PruneResult:
+    """What :func:`prune` did (or would do, with ``dry_run``). ``removed``/``stripped``: checkpoint names;
+    ``refused``: ``{name: why}`` for removals the vault refused at the last moment (a new pin, a new
+    latest); ``bytes_freed``: measured (estimated for a dry run)."""
+
+    plan: RetentionPlan
+    dry_run: bool
+    removed: list[str] = field(default_factory=list)
+    stripped: list[str] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)
+    bytes_freed: int = 0
+    skipped: str | None = None  # why nothing was done (another prune holds the lock)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"plan": self.plan.to_dict(), "dry_run": self.dry_run, "removed": self.removed,
+                "stripped": self.stripped, "refused": self.refused, "bytes_freed": self.bytes_freed,
+                "skipped": self.skipped}
+
+
+@contextmanager
+def _prune_lock(realm: Realm) -> Iterator[bool]:
+    """Non-blocking exclusive lock ``run/prune.lock``: yields False when another prune holds it."""
+    realm.run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(realm.run_dir / "prune.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def prune(realm: Realm, config: RealmConfig, ledger: Ledger, *, dry_run: bool = False,
+          now: float | None = None) -> PruneResult:
+    """Plan retention for the configured hero and apply it (unless ``dry_run``): remove, then strip.
+
+    Applies the plan even when ``retention.enabled`` is false (this is the explicit command; automatic
+    callers check ``enabled``). Logs ``vault_pruned`` when something changed.
+    """
+    hero = config.hero.name
+    now = time.time() if now is None else now
+    policy = RetentionPolicy.from_config(config.retention)
+    with _prune_lock(realm) as locked:
+        plan = plan_retention(checkpoint_facts(realm, hero, ledger), policy, now)
+        result = PruneResult(plan=plan, dry_run=dry_run)
+        if not locked:
+            result.skipped = "another prune is running"
+            return result
+        if dry_run:
+            result.bytes_freed = plan.bytes_freed
+            return result
+        root = realm.checkpoints_dir(hero)
+        for d in plan.remove:
+            try:
+                done = delete_checkpoint(realm, hero, ledger, d.name, confirm=d.name)
+            except VaultError as exc:
+                result.refused[d.name] = str(exc)
+                continue
+            result.removed.append(d.name)
+            result.bytes_freed += done["size_bytes"]
+        for d in plan.strip_optimizer:
+            try:
+                freed = strip_optimizer_state(root / d.name)
+            except FileNotFoundError:
+                continue  # removed meanwhile
+            result.stripped.append(d.name)
+            result.bytes_freed += freed
+        if result.removed or result.stripped:
+            ledger.event("vault_pruned", f"vault pruned: {len(result.removed)} checkpoint(s) removed, "
+                         f"{len(result.stripped)} stripped of optimizer state, {result.bytes_freed} bytes freed",
+                         removed=result.removed, stripped=result.stripped, bytes_freed=result.bytes_freed,
+                         reasons={d.name: d.reasons[0] for d in plan.remove})
+    return result
+
+
+def prune_after_save(realm: Realm, config: RealmConfig, ledger: Ledger) -> PruneResult | None:
+    """The after-save hook: :func:`prune` when ``retention.enabled``, else None. Never raises for a
+    pruning problem (the save itself succeeded): it logs a ``vault_prune_failed`` warning instead."""
+    if not config.retention.enabled:
+        return None
+    try:
+        return prune(realm, config, ledger)
+    except Exception as exc:  # noqa: BLE001 - a failed prune must not stop training
+        ledger.event("vault_prune_failed", f"pruning after a save failed: {type(exc).__name__}: {exc}",
+                     level="warning")
+        return None
+
+
+# backups -----------------------------------------------------------------------------------------------
+def _checkpoint_path(realm: Realm, hero: str, step: int) -> Path:
+    name = checkpoint_name_of(step)
+    path = realm.checkpoints_dir(hero) / name
+    if not path.is_dir():
+        raise VaultOpsError(f"no checkpoint {name} in the vault of {hero} (see `python -m training vault list`)")
+    return path
+
+
+def backup_root(realm: Realm, config: RealmConfig, override: str | None = None) -> Path:
+    """``<backup.folder>/<hero>`` (``backup.folder`` relative to the realm or absolute)."""
+    folder = Path(override or config.backup.folder).expanduser()
+    return (folder if folder.is_absolute() else realm.root / folder) / config.hero.name
+
+
+def backup(realm: Realm, config: RealmConfig, ledger: Ledger, step: int, folder: str | None = None) -> dict:
+    """Copy checkpoint ``step`` to ``<backup folder>/<hero>/step-XXXXXXXX/`` and verify every file's
+    SHA-256 against the source. An existing, intact backup of the same step is kept as is; a damaged
+    one is replaced.
+
+    Returns ``{"path", "files", "bytes", "already"}``. Raises :class:`VaultOpsError` (no such checkpoint),
+    :class:`BackupError` (the copy differs from the source), ``OSError`` (e.g. disk full).
+    """
+    src = _checkpoint_path(realm, config.hero.name, step)
+    dest = backup_root(realm, config, folder) / src.name
+    if dest.exists():
+        if not verify_copy(dest) and tree_hashes(dest, frozenset({SUMS_FILE})) == tree_hashes(src):
+            return {"path": str(dest), "files": len(tree_hashes(src)), "bytes": _bytes(dest), "already": True}
+        damaged = dest.with_name(f".damaged-{dest.name}-{os.getpid()}")
+        os.rename(dest, damaged)
+        shutil.rmtree(damaged, ignore_errors=True)
+    hashes = copy_verified(src, dest)
+    result = {"path": str(dest), "files": len(hashes), "bytes": _bytes(dest), "already": False}
+    ledger.event("checkpoint_backed_up", f"checkpoint {src.name} backed up to {dest} ({len(hashes)} files, "
+                 "SHA-256 verified)", checkpoint=src.name, path=str(dest))
+    return result
+
+
+def _bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+# versions -----------------------------------------------------------------------------------------------
+def versions_dir(realm: Realm, hero: str) -> Path:
+    return realm.hero_dir(hero) / "versions"
+
+
+def _quests_seen(ledger: Ledger, global_step: int) -> list[dict[str, Any]]:
+    """Quests trained into the weights at ``global_step``: ``{id, name, steps, examples_trained}``."""
+    rows = ledger.query(
+        "SELECT s.quest_id AS id, q.name AS name, COUNT(*) AS steps, MAX(s.example_end) AS examples_trained "
+        "FROM steps s LEFT JOIN quests q ON q.id = s.quest_id WHERE s.global_step <= ? AND s.quest_id IS NOT "
+        "NULL GROUP BY s.quest_id ORDER BY MIN(s.global_step)", (global_step,))
+    return rows
+
+
+def _metadata(name: str, source: Path, state: dict[str, Any], ledger: Ledger, hashes: dict[str, str],
+              kind: str) -> dict[str, Any]:
+    step = int(state.get("global_step", 0))
+    hero = state.get("hero") or {}
+    evals = ledger.query("SELECT global_step, quest_id, eval_loss, examples FROM evals WHERE global_step <= ? "
+                         "ORDER BY global_step DESC LIMIT 20", (step,))
+    return {"name": name, "kind": kind, "created_at": time.time(), "source_checkpoint": source.name,
+            "global_step": step, "base_model": hero.get("base_model"), "hero": hero,
+            "metrics": {"loss": state.get("loss"), "eval_loss": state.get("eval_loss"), "recent_evals": evals},
+            "quests_seen": _quests_seen(ledger, step), "files": hashes}
+
+
+def promote(realm: Realm, config: RealmConfig, ledger: Ledger, step: int, name: str) -> dict[str, Any]:
+    """Make checkpoint ``step`` the named version ``models/<hero>/versions/<name>/`` (a verified full copy
+    with ``metadata.json``: base model, quests seen, metrics, file hashes). Returns the metadata.
+
+    Raises :class:`VaultOpsError` for a bad or taken name or a missing checkpoint; :class:`BackupError`.
+    """
+    if not isinstance(name, str) or not VERSION_NAME_RE.fullmatch(name):
+        raise VaultOpsError(f"{name!r} is not a version name: 1-64 letters, digits, '_', '.', '-' "
+                            "(not starting with '.', '_' or '-')")
+    hero = config.hero.name
+    src = _checkpoint_path(realm, hero, step)
+    dest = versions_dir(realm, hero) / name
+    if dest.exists():
+        raise VaultOpsError(f"version {name!r} exists; choose another name")
+    hashes = copy_verified(src, dest)
+    meta = _metadata(name, src, _read_json(src / TRAINER_STATE_JSON), ledger, hashes, "promoted")
+    _write_json_atomic(dest / METADATA_FILE, meta)
+    ledger.event("version_promoted", f"checkpoint {src.name} promoted to version {name}", version=name,
+                 checkpoint=src.name, global_step=meta["global_step"])
+    return meta
+
+
+def list_versions(realm: Realm, hero: str) -> list[dict[str, Any]]:
+    """Metadata of every named version (without the file hashes), newest first."""
+    root = versions_dir(realm, hero)
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        if p.is_dir() and VERSION_NAME_RE.fullmatch(p.name):
+            meta = _read_json(p / METADATA_FILE)
+            meta.pop("files", None)
+            out.append({"name": p.name, "path": str(p), **meta})
+    return sorted(out, key=lambda m: m.get("created_at") or 0, reverse=True)
+
+
+def list_backups(realm: Realm, config: RealmConfig) -> list[dict[str, Any]]:
+    """``{"name", "path", "bytes"}`` of each backup of the hero, newest step first."""
+    root = backup_root(realm, config)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and re.fullmatch(r"step-\d{8}", p.name)]
+    return [{"name": p.name, "path": str(p), "bytes": _bytes(p)} for p in sorted(found, reverse=True)]
+
+
+@contextmanager
+def _daemon_lock(realm: Realm) -> Iterator[None]:
+    """Hold the daemon's single-instance lock (``run/daemon.lock``) so no daemon runs meanwhile.
+    Raises :class:`VaultOpsError` when a daemon holds it."""
+    realm.run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(realm.run_dir / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise VaultOpsError("the daemon is running: stop it first (`python -m training stop-all`), "
+                                "then restore") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _merged_trainer_state(version: Path, latest: Path | None, dest: Path) -> None:
+    """``trainer_state.pt`` of a restored checkpoint: the version's optimizer state (it belongs to its
+    weights), the latest checkpoint's scheduler and RNG (the schedule continues at the current step)."""
+    import torch
+
+    from core import checkpoint as ckpt
+
+    blob = torch.load(version / TRAINER_STATE_PT, map_location="cpu", weights_only=True)
+    if latest is not None:
+        current = torch.load(latest / TRAINER_STATE_PT, map_location="cpu", weights_only=True)
+        blob = {**blob, ckpt.KEY_SCHEDULER: current[ckpt.KEY_SCHEDULER], ckpt.KEY_RNG: current[ckpt.KEY_RNG]}
+    torch.save(blob, dest / TRAINER_STATE_PT)
+
+
+def restore(realm: Realm, config: RealmConfig, ledger: Ledger, name: str) -> dict[str, Any]:
+    """Make version ``name`` the hero's starting point again; the daemon must be stopped.
+
+    The global step never goes back: the version's weights (and its optimizer state) become a new
+    checkpoint at the *current* latest global step, keeping that checkpoint's data cursor, scheduler and
+    RNG, so training resumes on the version's weights with the next unseen example. The replaced latest
+    checkpoint is not lost: it is first moved to the version ``before-restore-<UTC time>``.
+
+    Returns ``{"version", "checkpoint", "global_step", "previous_saved_as"}``. Raises
+    :class:`VaultOpsError` (unknown version, damaged version, daemon running).
+    """
+    hero = config.hero.name
+    version = versions_dir(realm, hero) / name
+    if not VERSION_NAME_RE.fullmatch(name or "") or not version.is_dir():
+        known = ", ".join(v["name"] for v in list_versions(realm, hero)) or "none"
+        raise VaultOpsError(f"no version {name!r} (versions: {known})")
+    problems = verify_copy(version)
+    if problems:
+        raise VaultOpsError(f"version {name} is damaged: {'; '.join(problems)}")
+    with _daemon_lock(realm):
+        root = realm.checkpoints_dir(hero)
+        root.mkdir(parents=True, exist_ok=True)
+        infos = list_checkpoints_info(realm, hero, ledger)
+        latest = root / infos[0]["name"] if infos else None
+        vstate = _read_json(version / TRAINER_STATE_JSON)
+        base = _read_json(latest / TRAINER_STATE_JSON) if latest else dict(vstate)
+        step = int(base.get("global_step", 0)) if latest else 0
+        if not latest:
+            base["cursor"] = None
+        base.update({"global_step": step, "time": time.time(), "reason": "restore",
+                     "loss": vstate.get("loss"), "eval_loss": vstate.get("eval_loss"),
+                     "hero": vstate.get("hero", base.get("hero")),
+                     "restored_from": {"version": name, "global_step": vstate.get("global_step")}})
+        base.pop(OPTIMIZER_REMOVED_KEY, None)
+        tmp = root / f".tmp-restore-{checkpoint_name_of(step)}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            skip = {SUMS_FILE, METADATA_FILE, TRAINER_STATE_JSON, TRAINER_STATE_PT}
+            for rel in tree_hashes(version, exclude=frozenset(skip)):
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(version / rel, tmp / rel)
+            _merged_trainer_state(version, latest, tmp)
+            _write_json_atomic(tmp / TRAINER_STATE_JSON, base)
+            _fsync_tree(tmp)
+            saved_as = saved = None
+            if latest is not None:
+                saved_as = f"before-restore-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+                saved = versions_dir(realm, hero) / saved_as
+                saved.parent.mkdir(parents=True, exist_ok=True)
+                hashes = tree_hashes(latest)
+                _write_sums(latest, hashes)
+                os.rename(latest, saved)
+            final = root / checkpoint_name_of(step)
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                if saved is not None:
+                    os.rename(saved, latest)  # put the latest back: nothing changed
+                raise
+            if saved is not None:
+                meta = _metadata(saved_as, latest, _read_json(saved / TRAINER_STATE_JSON), ledger, hashes,
+                                 "before_restore")
+                _write_json_atomic(saved / METADATA_FILE, meta)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    ledger.event("version_restored", f"version {name} restored as checkpoint {final.name}: training resumes "
+                 f"from its weights at global step {step}" + (f" (the previous one was kept as version "
+                                                              f"{saved_as})" if saved_as else ""),
+                 version=name, checkpoint=final.name, global_step=step, previous_saved_as=saved_as)
+    return {"version": name, "checkpoint": str(final), "global_step": step, "previous_saved_as": saved_as}
+
+
+def _write_sums(folder: Path, hashes: dict[str, str]) -> None:
+    (folder / SUMS_FILE).write_text("".join(f"{h}  {rel}\n" for rel, h in hashes.items()), encoding="utf-8")

@@ -1,0 +1,75 @@
+"""Acceptance, end to end: the real daemon process trains ../shared/models/stories260K on GSM8K lines while
+real headless Chromium watches the Tavern's Home page: the hero card shows the real model and the step
+advances without a reload; pause reaches the real daemon and its answer is shown."""
+
+from __future__ import annotations
+
+import itertools
+import signal
+import subprocess
+
+import pytest
+
+from tests.conftest import PYTHON, SHARED_DATA, STORIES260K, needs_shared, python_env
+from tests.tavern.conftest import running_tavern, save_screenshot
+from tests.tavern.test_browser import step_shown, wait_until
+
+pytestmark = [pytest.mark.slow, needs_shared(STORIES260K), needs_shared(SHARED_DATA / "gsm8k_train.jsonl")]
+
+
+def start_daemon(realm) -> subprocess.Popen:
+    """The real daemon, in the foreground of a child process (``python -m training daemon``)."""
+    log = open(realm.logs / "daemon-test.log", "wb")  # noqa: SIM115 (closed with the process)
+    return subprocess.Popen([PYTHON, "-m", "training", "--realm", str(realm.root), "daemon"], stdout=log,
+                            stderr=subprocess.STDOUT, env=python_env(), cwd=str(realm.root))
+
+
+def stop_daemon(proc: subprocess.Popen) -> int:
+    """SIGTERM (the daemon checkpoints, then exits); SIGKILL only if it hangs."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait(10)
+
+
+def test_home_follows_the_real_daemon_training_stories260k(make_realm, page):
+    realm = make_realm(
+        "stories", hero={"base_model": str(STORIES260K)},
+        training={"save_steps": 10, "eval_steps": 10, "eval_holdout_every": 10, "max_length": 384,
+                  "micro_batch_size": 2},
+        validation={"field_map": {"gsm8k*.jsonl": {"question": "prompt", "answer": "completion"}}})
+    with open(SHARED_DATA / "gsm8k_train.jsonl", encoding="utf-8") as src:
+        lines = list(itertools.islice(src, 400))
+    (realm.inbox / "gsm8k_train.jsonl").write_text("".join(lines), encoding="utf-8")
+    with running_tavern(realm) as live:
+        daemon = start_daemon(realm)
+        try:
+            page.goto(live.url + "/")
+            wait_until(lambda: page.text_content("#quest-name") == "gsm8k_train.jsonl", timeout_seconds=90,
+                       what="the daemon to pick up the quest")
+            wait_until(lambda: step_shown(page) >= 2, timeout_seconds=90, what="training steps")
+            first = step_shown(page)
+            wait_until(lambda: step_shown(page) >= first + 3, timeout_seconds=60,
+                       what="the step to advance without reload")
+            assert "LlamaForCausalLM" in page.text_content("#hero-arch")
+            assert page.text_content("#hero-level").startswith("Lv ")
+            assert page.text_content("#atk") != "—"
+            wait_until(lambda: page.text_content("#def") != "—", timeout_seconds=60, what="a validation loss")
+            wait_until(lambda: step_shown(page) >= 30, timeout_seconds=60, what="a longer loss curve")
+            assert page.text_content("#chart-note") == "every step"
+            save_screenshot(page, "home")
+
+            page.click("#controls [data-command=pause]")
+            wait_until(lambda: "paused" in (page.text_content("#command-result") or ""), timeout_seconds=30,
+                       what="the daemon's answer to pause")
+            wait_until(lambda: page.text_content("#daemon-state") == "daemon: paused", timeout_seconds=15,
+                       what="the paused state")
+            page.click("#controls [data-command=resume]")
+            wait_until(lambda: "resumed" in (page.text_content("#command-result") or ""), timeout_seconds=30,
+                       what="the daemon's answer to resume")
+        finally:
+            code = stop_daemon(daemon)
+        assert code == 0, (realm.logs / "daemon-test.log").read_text(errors="replace")[-3000:]
+    assert not [e for e in page.console_errors if "Content Security Policy" in e], page.console_errors

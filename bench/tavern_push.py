@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -37,6 +38,8 @@ from core.ledger import Ledger  # noqa: E402
 from core.realm import init_realm  # noqa: E402
 from tavern.app import close_app  # noqa: E402
 from tavern.server import make_tavern_server  # noqa: E402
+
+logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -140,7 +140,7 @@ def _memory_pressure(memory: MemoryFacts) -> bool:
 def classify_exit(returncode: int, log_tail: str = "", *, memory: MemoryFacts | None = None,
                   hang_reason: str | None = None, process: str = "daemon", pid: int | None = None) -> CrashReport:
     """Classify one abnormal end (see the module doc). ``returncode`` as :class:`subprocess.Popen` gives it
-    (negative: killed by signal ``-returncode``). Pure apart from nothing: no I/O."""
+    (negative: killed by signal ``-returncode``). Pure: no I/O."""
     sig = _signal_name(returncode)
     last_tb = _last_traceback(log_tail)
     error_line = _last_error_line(last_tb) or _last_error_line(log_tail[-4000:])

@@ -185,10 +185,10 @@ def hero_stats(global_step: int, recent_losses: Sequence[float | None], eval_los
 def formula_table_markdown() -> str:
     """The formula table and glossary as Markdown (for the README)."""
     rows = [
-        ("XP", "`global_step` × 1", "steps", "one XP per optimizer step; never reset"),
-        ("level L", "largest L with `XP ≥ 25·L·(L−1)`", "steps",
+        ("XP", "`global_step` × 1", "steps.global_step", "one XP per optimizer step; never reset"),
+        ("level L", "largest L with `XP ≥ 25·L·(L−1)`", "XP",
          "D&D 3.5 XP table `1000·L(L−1)/2` scaled by 1/40: level 2 at 50, 10 at 2,250, 20 at 9,500"),
-        ("XP bar", "`(XP − 25·L·(L−1)) / (50·L)`", "steps", "progress through the current level"),
+        ("XP bar", "`(XP − 25·L·(L−1)) / (50·L)`", "XP", "progress through the current level"),
         ("ATK", "`round(100·exp(−mean loss of last 20 steps))`", "steps.loss",
          "`exp(−loss)` = 1/perplexity, the geometric-mean probability of the right next token"),
         ("DEF", "`round(100·exp(−eval_loss))`", "evals.eval_loss",
@@ -201,5 +201,5 @@ def formula_table_markdown() -> str:
     lines = ["| stat | formula | from | why |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | `{c}` | {d} |" for a, b, c, d in rows]
     lines += ["", "| game word | field term |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in GLOSSARY.items()]
+    lines += [f"| {k} | {v.replace('<', '&lt;').replace('>', '&gt;')} |" for k, v in GLOSSARY.items()]
     return "\n".join(lines) + "\n"

@@ -23,10 +23,15 @@ from tavern.security import check_bind
 log = logging.getLogger(__name__)
 
 
+class TavernStartError(ValueError):
+    """Raised when the Tavern cannot listen (address in use, no permission, unknown host)."""
+
+
 def make_tavern_server(realm: Realm, config: RealmConfig | None = None, host: str | None = None,
                        port: int | None = None) -> tuple[BaseWSGIServer, Flask]:
     """Check the bind policy, build the app and bind the socket (port 0 picks a free port; the bound one is
-    ``server.server_port``). Raises ``TavernSecurityError`` or ``OSError`` (address in use)."""
+    ``server.server_port``). Raises ``TavernSecurityError``, or :class:`TavernStartError` when the address
+    cannot be bound (both are ``ValueError``: the CLI prints them and exits with its config code)."""
     config = config or realm.load_config()
     host = host or config.tavern.host
     port = config.tavern.port if port is None else port
@@ -34,6 +39,11 @@ def make_tavern_server(realm: Realm, config: RealmConfig | None = None, host: st
     app = create_app(realm, config)
     try:
         server = make_server(host, port, app, threaded=True)
+    except (OSError, SystemExit) as exc:  # Werkzeug turns "address in use" into sys.exit(1)
+        close_app(app)
+        reason = exc.strerror if isinstance(exc, OSError) else "address in use or not available"
+        raise TavernStartError(f"cannot listen on {host}:{port}: {reason} (another Tavern on this port? "
+                               "set tavern.port in config.json or pass --port)") from exc
     except BaseException:
         close_app(app)
         raise

@@ -111,13 +111,13 @@ def build_status(ledger: Ledger, realm: Realm, config: RealmConfig, now: float |
     tokens_per_second = kv.get("tokens_per_second") if daemon["state"] == "training" else None
     metrics = {
         "global_step": global_step,
-        "loss": _finite(last.get("loss")),
+        "loss": last.get("loss"),
         "loss_window_mean": sum(finite) / len(finite) if finite else None,
         "loss_window_steps": len(finite),
         "eval_loss": last_eval.get("eval_loss"),
         "eval_global_step": last_eval.get("global_step"),
         "learning_rate": last.get("learning_rate"),
-        "grad_norm": _finite(last.get("grad_norm")),
+        "grad_norm": last.get("grad_norm"),
         "tokens_per_second": tokens_per_second if tokens_per_second is not None
         else last.get("tokens_per_second"),
     }
@@ -126,12 +126,13 @@ def build_status(ledger: Ledger, realm: Realm, config: RealmConfig, now: float |
         "time": now,
         "daemon": daemon,
         "hero": hero,
-        "metrics": metrics,
+        "metrics": {k: _finite(v) for k, v in metrics.items()},
         "quest": current_quest(ledger, kv, eta),
         "queue": ledger.queue_counts(),
         "last_checkpoint": kv.get("last_checkpoint") or latest_checkpoint(realm, hero_name),
     }
 
 
-def _finite(x: float | None) -> float | None:
-    return x if x is None or math.isfinite(x) else None
+def _finite(x):
+    """None for NaN/±inf (JSON has neither); anything else unchanged."""
+    return None if isinstance(x, float) and not math.isfinite(x) else x

@@ -23,7 +23,8 @@ from core.realm import PRIORITIES, Realm, default_realm_root, init_realm
 
 class ExitCode(IntEnum):
     OK = 0
-    REJECTED = 1          # validate: the file would go to queue/failed/; doctor: problems found
+    REJECTED = 1          # validate: the file would go to queue/failed/; doctor: problems found;
+    #                       vault: the operation was refused (the message says why)
     USAGE = 2             # bad command line (argparse)
     CONFIG = 3            # config.json invalid
     ALREADY_RUNNING = 4   # a daemon already runs on this realm
@@ -41,10 +42,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = p.add_subparsers(dest="command", required=True, metavar="command")
 
-    s = sub.add_parser("start-all", help="start the daemon and the Tavern, detached")
+    s = sub.add_parser("start-all", help="start the supervisor, detached, which runs the daemon and the "
+                       "Tavern under a watchdog")
     s.add_argument("--no-tavern", action="store_true", help="start the daemon only")
     s = sub.add_parser("stop-all", help="stop everything warmly (checkpoint first), SIGKILL after a timeout")
-    s.add_argument("--timeout", type=float, default=120.0, help="seconds before SIGKILL (default 120)")
+    s.add_argument("--timeout", type=float, default=None, help="seconds each process gets to stop warmly "
+                   "before SIGKILL (default: supervisor.stop_timeout_seconds)")
+    s = sub.add_parser("supervise", help="run the daemon and the Tavern under a watchdog in the foreground "
+                       "(restart on crash or hang, with backoff; start-all runs this detached)")
+    s.add_argument("--no-tavern", action="store_true", help="supervise the daemon only")
+    s = sub.add_parser("vault", help="checkpoints: list, prune, backup, promote to a named version, restore")
+    vault = s.add_subparsers(dest="vault_command", required=True, metavar="vault-command")
+    v = vault.add_parser("list", help="checkpoints (tags, size, optimizer state), named versions, backups")
+    v.add_argument("--json", action="store_true")
+    v = vault.add_parser("prune", help="apply the retention policy (config `retention`)")
+    v.add_argument("--dry-run", action="store_true", help="only show what would be removed and why")
+    v.add_argument("--json", action="store_true")
+    v = vault.add_parser("backup", help="copy a checkpoint to backup.folder and verify its SHA-256")
+    v.add_argument("step", type=_global_step, help="global step (1234) or checkpoint name (step-00001234)")
+    v.add_argument("--to", help="backup folder (default: config backup.folder)")
+    v = vault.add_parser("promote", help="make a checkpoint a named version (models/<hero>/versions/NAME)")
+    v.add_argument("step", type=_global_step, help="global step (1234) or checkpoint name (step-00001234)")
+    v.add_argument("--name", required=True, help="version name: letters, digits, '_', '.', '-'")
+    v = vault.add_parser("restore", help="make a named version the hero's starting point again (the daemon "
+                         "must be stopped; the global step goes on)")
+    v.add_argument("name")
     s = sub.add_parser("status", help="hero, global step, current quest, queue, last checkpoint")
     s.add_argument("--json", action="store_true")
     sub.add_parser("doctor", help="check python, torch, GPU, disk, config, model, tokenizer, folders")
@@ -71,6 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
     for name in CONTROL_COMMANDS:
         sub.add_parser(name, help=f"{name} training (sent to the daemon through the control channel)")
     return p
+
+
+def _global_step(text: str) -> int:
+    """``1234`` or ``step-00001234`` -> 1234 (exact: never a prefix or a pattern)."""
+    import re
+
+    m = re.fullmatch(r"(?:step-(\d{8})|(\d{1,8}))", text.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a global step (1234) or checkpoint name "
+                                         "(step-00001234)")
+    return int(m.group(1) or m.group(2))
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
@@ -130,23 +163,54 @@ def cmd_tavern(args, realm: Realm, config: RealmConfig, environ) -> int:
 
 
 def cmd_start_all(args, realm: Realm, config: RealmConfig, environ) -> int:
-    from training.processes import ProcessState, process_info, start_detached
+    from training.processes import SUPERVISOR, ProcessState, process_info, start_detached
 
-    if process_info(realm, "daemon").state == ProcessState.RUNNING:
-        print(f"error: a daemon already runs on {realm.root} (pid {process_info(realm, 'daemon').pid})",
-              file=sys.stderr)
-        return ExitCode.ALREADY_RUNNING
+    for role in (SUPERVISOR, "daemon"):
+        info = process_info(realm, role)
+        if info.state == ProcessState.RUNNING:
+            print(f"error: a {role} already runs on {realm.root} (pid {info.pid}); "
+                  "`python -m training stop-all` stops it", file=sys.stderr)
+            return ExitCode.ALREADY_RUNNING
     realm.ensure_layout()
-    pid = start_detached(realm, "daemon", environ=environ)
-    print(f"daemon started (pid {pid}); log: {realm.logs / 'daemon.log'}")
-    if not args.no_tavern and _tavern_available():
-        if process_info(realm, "tavern").state != ProcessState.RUNNING:
-            pid = start_detached(realm, "tavern", environ=environ)
-            print(f"tavern started (pid {pid}) on http://{config.tavern.host}:{config.tavern.port}/; "
-                  f"log: {realm.logs / 'tavern.log'}")
+    tavern = not args.no_tavern and _tavern_available()
+    pid = start_detached(realm, SUPERVISOR, [] if tavern else ["--no-tavern"], environ=environ)
+    children = _wait_for_children(realm, pid, ("daemon", "tavern") if tavern else ("daemon",))
+    if children is None:
+        print(f"error: the supervisor (pid {pid}) ended at once; see {realm.logs / 'supervisor.log'}",
+              file=sys.stderr)
+        return ExitCode.ERROR
+    print(f"supervisor started (pid {pid}); log: {realm.logs / 'supervisor.log'}")
+    for role, child in children.items():
+        where = f" on http://{config.tavern.host}:{config.tavern.port}/" if role == "tavern" else ""
+        print(f"{role} {child.get('state')} (pid {child.get('pid')}){where}; log: {realm.logs / (role + '.log')}")
     print(f"drop .jsonl files into {realm.inbox}/ ; `python -m training status` shows progress; "
           "`python -m training stop-all` stops everything")
     return ExitCode.OK
+
+
+def _wait_for_children(realm: Realm, pid: int, roles: tuple[str, ...], timeout_seconds: float = 20.0):
+    """The supervisor's published children once it has started them all (None if it died first)."""
+    from core.ledger import Ledger
+    from safety.processes import alive
+    from safety.supervisor import SUPERVISOR_KEY
+
+    deadline = time.monotonic() + timeout_seconds
+    children: dict = {}
+    while time.monotonic() < deadline:
+        if realm.ledger_path.exists():
+            ledger = Ledger(realm.ledger_path)
+            try:
+                value = ledger.get_value(SUPERVISOR_KEY) or {}
+            finally:
+                ledger.close()
+            if value.get("pid") == pid:
+                children = value.get("children") or {}
+                if all((children.get(r) or {}).get("pid") for r in roles):
+                    return children
+        if not alive(pid):
+            return None
+        time.sleep(0.2)
+    return children
 
 
 def _tavern_available() -> bool:
@@ -158,10 +222,20 @@ def _tavern_available() -> bool:
 
 
 def cmd_stop_all(args, realm: Realm, config: RealmConfig, environ) -> int:
-    from training.processes import ROLES, stop
+    from safety.supervisor import request_stop_timeout
+    from training.processes import ROLES, SUPERVISOR, ProcessState, process_info, stop
 
+    timeout = args.timeout if args.timeout is not None else config.supervisor.stop_timeout_seconds
+    before = {role: process_info(realm, role) for role in ROLES}
+    if process_info(realm, SUPERVISOR).state == ProcessState.RUNNING:
+        request_stop_timeout(realm, timeout)  # the supervisor gives its children this long, then SIGKILL
+        print(stop(realm, SUPERVISOR, timeout_seconds=timeout + 30))
     for role in reversed(ROLES):  # the Tavern first, then the daemon (which checkpoints)
-        print(stop(realm, role, timeout_seconds=args.timeout))
+        now = process_info(realm, role)
+        if now.state != ProcessState.STOPPED or before[role].state != ProcessState.RUNNING:
+            print(stop(realm, role, timeout_seconds=timeout))  # not supervised, or left behind
+        else:
+            print(f"{role}: stopped (pid {before[role].pid})")
     return ExitCode.OK
 
 
@@ -256,8 +330,27 @@ def cmd_doctor(args, realm: Realm, config: RealmConfig, environ) -> int:
     return ExitCode.OK if problems == 0 else ExitCode.REJECTED
 
 
+def cmd_supervise(args, realm: Realm, config: RealmConfig, environ) -> int:
+    from management.scheduler import start_prune_scheduler
+    from safety.supervisor import Supervisor
+
+    scheduler = start_prune_scheduler(realm, config) if config.retention.enabled else None
+    try:
+        roles = ("daemon",) if args.no_tavern else ("daemon", "tavern")
+        return Supervisor(realm, config, roles=roles, environ=environ).run()
+    finally:
+        if scheduler is not None:
+            scheduler.shutdown(wait=False)
+
+
+def cmd_vault(args, realm: Realm, config: RealmConfig, environ) -> int:
+    from training.vault_cli import run_vault_command
+
+    return run_vault_command(args, realm, config)
+
+
 COMMANDS = {
     "config": cmd_config, "daemon": cmd_daemon, "tavern": cmd_tavern, "start-all": cmd_start_all,
     "stop-all": cmd_stop_all, "status": cmd_status, "validate": cmd_validate, "enqueue": cmd_enqueue,
-    "new-hero": cmd_new_hero, "doctor": cmd_doctor, **{c: cmd_control for c in CONTROL_COMMANDS},
+    "new-hero": cmd_new_hero, "doctor": cmd_doctor, "supervise": cmd_supervise, "vault": cmd_vault, **{c: cmd_control for c in CONTROL_COMMANDS},
 }

@@ -13,7 +13,8 @@ from typing import Any
 from core.config import RealmConfig
 from core.ledger import Ledger, QuestState
 from core.realm import Realm
-from training.processes import ROLES, process_info
+from safety.crash import recent_crashes
+from training.processes import ROLES, SUPERVISOR, process_info
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 HEARTBEAT_STALE_SECONDS = 120.0
@@ -37,8 +38,9 @@ def collect_status(realm: Realm, config: RealmConfig) -> dict[str, Any]:
                                     "parameters": None, "architecture": None, "newborn": None},
                            "daemon": {"state": "stopped", "pid": None, "heartbeat_age_seconds": None},
                            "processes": {}, "queue": {s.value: 0 for s in QuestState}, "quests": [],
-                           "current_quest": None, "last_checkpoint": _last_checkpoint(realm, config.hero.name)}
-    for role in ROLES:
+                           "current_quest": None, "last_checkpoint": _last_checkpoint(realm, config.hero.name),
+                           "supervisor": None, "crashes": [], "last_crash": None}
+    for role in (*ROLES, SUPERVISOR):
         info = process_info(realm, role)
         out["processes"][role] = {"state": info.state.value, "pid": info.pid}
     if not realm.ledger_path.exists():
@@ -54,6 +56,12 @@ def collect_status(realm: Realm, config: RealmConfig) -> dict[str, Any]:
                 out["daemon"]["state"] = "dead"
             if daemon.get("hero"):
                 out["hero"].update(daemon["hero"])
+        supervisor = ledger.get_value("supervisor")
+        if isinstance(supervisor, dict):
+            running = out["processes"][SUPERVISOR]["state"] == "running"
+            out["supervisor"] = {**supervisor, "state": supervisor.get("state") if running else "stopped"}
+        out["crashes"] = recent_crashes(ledger, limit=10)
+        out["last_crash"] = out["crashes"][0] if out["crashes"] else None
         last = ledger.last_step()
         out["global_step"] = max(last["global_step"] if last else 0,
                                  (out["last_checkpoint"] or {}).get("step", 0))
@@ -103,6 +111,14 @@ def format_status(s: dict[str, Any]) -> str:
                  if age is not None else f"daemon:       {d.get('state')}")
     tavern = s["processes"].get("tavern", {})
     lines.append(f"tavern:       {tavern.get('state')}")
+    sup = s.get("supervisor")
+    if sup and sup.get("state") != "stopped":
+        kids = ", ".join(f"{role} {c.get('state')}" + (f" ({c['restarts_in_window']} restarts)"
+                                                       if c.get("restarts_in_window") else "")
+                         for role, c in (sup.get("children") or {}).items())
+        lines.append(f"supervisor:   {sup.get('state')} (pid {sup.get('pid')}): {kids}")
+    else:
+        lines.append("supervisor:   not running")
     lines.append(f"global step:  {s['global_step']}")
     if d.get("tokens_per_second"):
         lines.append(f"tokens/s:     {d['tokens_per_second']:.0f}")
@@ -118,6 +134,11 @@ def format_status(s: dict[str, Any]) -> str:
     waiting = [x for x in s["quests"] if x["state"] == "queued" and x["note"]]
     for x in waiting:
         lines.append(f"              #{x['id']} {x['name']}: {x['note']}")
+    crash = s.get("last_crash")
+    if crash:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(crash.get("time")))
+        lines.append(f"last crash:   {when} {crash.get('process')} {crash.get('crash_class')}: "
+                     f"{crash.get('summary')} ({len(s.get('crashes') or [])} recent)")
     ck = s["last_checkpoint"]
     lines.append(f"checkpoint:   {ck['path']}" if ck else "checkpoint:   none yet")
     return "\n".join(lines)

@@ -7,7 +7,9 @@ greedy), ``top_p`` (default 1), ``max_tokens`` or ``max_completion_tokens`` (tok
 ``stop`` (a string or up to 4), ``seed``, ``n`` (1 only), ``stream`` and ``stream_options.include_usage``.
 Other OpenAI fields (``user``, penalties, ...) are accepted and ignored. ``stream: false`` answers a
 ``chat.completion`` object with ``usage`` token counts; ``stream: true`` answers Server-Sent Events,
-``data: {chat.completion.chunk}`` lines, then ``data: [DONE]``.
+``data: {chat.completion.chunk}`` lines, then ``data: [DONE]`` (an error after the stream began arrives as
+``data: {"error": {...}}``). ``system_fingerprint`` names the checkpoint that answered (what ``hero`` meant
+at that moment).
 
 ``GET /v1/models`` lists the models; ``GET /v1/models/<id>`` one of them. Errors use OpenAI's shape
 ``{"error": {"message", "type", "param", "code"}}``: 400 invalid request, 404 unknown model, 429 too many
@@ -60,7 +62,7 @@ def to_chat_params(body: Any) -> tuple[ChatParams, bool, bool]:
     """``(params, stream, include_usage)`` from an OpenAI request body. Raises :class:`OracleInputError`."""
     if not isinstance(body, dict):
         raise OracleInputError("the request body must be a JSON object")
-    if body.get("n", 1) != 1:
+    if body.get("n") not in (None, 1):
         raise OracleInputError("n: only n=1 is supported")
     messages = body.get("messages")
     if not isinstance(messages, list):

@@ -150,3 +150,11 @@ def test_stale_heartbeat_and_dead_pid(client, tavern_realm):
     ledger.set_value("daemon", {"state": "training", "pid": 2**22 + 12345})  # no such process
     assert client.get("/api/status").get_json()["daemon"]["display_state"] == "not running"
     ledger.close()
+
+
+def test_docs_formula_table_is_in_sync():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "tavern.md").read_text(encoding="utf-8")
+    block = doc.split("<!-- game-formulas:start -->\n", 1)[1].split("<!-- game-formulas:end -->", 1)[0]
+    assert block == game.formula_table_markdown(), "regenerate the table in docs/tavern.md"

@@ -271,7 +271,7 @@ def test_a_crashed_worker_fails_its_request_and_is_restarted(app, openai_client)
     assert last.kind == "error" and "exited" in last.payload["message"]
     assert last.payload["code"] == "worker_unavailable"
     answer = openai_client.chat.completions.create(model="hero", messages=MESSAGES, max_tokens=4)
-    assert answer.choices[0].message.content
+    assert answer.choices[0].message.content and answer.system_fingerprint == LATEST  # what "hero" meant
     after = worker.status()
     assert after["starts"] == before["starts"] + 1 and after["pid"] != before["pid"]
 

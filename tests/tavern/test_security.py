@@ -191,3 +191,14 @@ def test_error_pages_escape_what_they_echo(client):
     r = client.get("/<script>alert(1)</script>")
     assert r.status_code == 404
     assert "<script>alert(1)" not in r.get_data(as_text=True)
+
+
+def test_port_in_use_is_a_clear_error(tavern_realm):
+    from tavern.server import TavernStartError
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(TavernStartError, match=f"cannot listen on 127.0.0.1:{port}"):
+            make_tavern_server(tavern_realm, RealmConfig(), port=port)

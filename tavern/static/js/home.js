@@ -36,8 +36,7 @@
     $("newborn-note").classList.toggle("hidden", !h.newborn);
     setText("hero-xp", fmt.num(h.xp) + " / " + fmt.num(h.xp_next_level) + " (level " + (h.level + 1) + ")");
     setBar("xp-bar", h.xp_progress);
-    shownStep = 0;
-    showStep(m.global_step);
+    showStep(m.global_step);  // never backwards: a step event may be ahead of this status
     setText("atk", h.atk === null ? "—" : h.atk);
     setText("atk-sub", m.loss_window_mean === null ? "no training loss yet"
       : "loss " + fmt.num(m.loss_window_mean, 3) + " (mean of " + m.loss_window_steps + " steps)");
@@ -227,7 +226,11 @@
   socket.on("eval", (e) => { appendPoint(full.eval, e.global_step, e.eval_loss); redraw(); });
   socket.on("event", addEvent);
   socket.on("command", showCommand);
-  socket.on("history_reset", () => { loadHistory(); apiGet("/api/status").then(renderStatus); });
+  socket.on("history_reset", () => {
+    shownStep = 0;  // the daemon rolled back to its last checkpoint: the step really went back
+    loadHistory();
+    apiGet("/api/status").then(renderStatus);
+  });
   socket.on("checkpoint", (c) => {
     if (c.action === "added") setText("last-checkpoint", c.name);
   });

@@ -3,11 +3,11 @@
 Part 1, latency: the real Tavern server on a tmp realm, K headless Chromium pages on Home; a writer commits
 one ``steps`` row every ``--interval`` s through its own ledger connection (as the daemon does). Each page
 records ``Date.now() - row.time`` when its ``step`` event arrives (same machine clock). Reported per K:
-p50/p95/max in milliseconds over all pages and steps.
+p50/p95/max in milliseconds over all pages and steps, and the server's share (commit → emit).
 
 Part 2, cost to training: the real daemon (``python -m training daemon``) trains ../shared/models/stories260K
-on GSM8K lines; tokens/s is averaged from its ``steps`` rows over windows with 0 pages, N pages, 0 pages
-again. Browsers run on the same machine as training here, so this counts their rendering too (an upper
+on GSM8K lines; tokens/s is measured from its ``steps`` rows over alternating windows with 0 and N pages
+(0, N, 0, N, 0) and the medians are compared. Browsers run on the same machine as training here, so this counts their rendering too (an upper
 bound of the cost; a browser on another machine costs the trainer only the Tavern's share).
 
     .venv/bin/python bench/tavern_push.py [--clients 20] [--steps 150] [--window-seconds 25]
@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -89,6 +90,16 @@ def latency(browser, clients: int, steps: int, interval: float) -> dict:
         realm = init_realm(Path(tmp) / "realm")
         server = Server(realm)
         ledger = Ledger(realm.ledger_path)
+        poller = server.app.extensions["tavern_push"]
+        emitted: list[float] = []  # commit → emit, the server's share of the latency (ms)
+        original_emit = poller._emit
+
+        def timed_emit(event, payload):
+            if event == "step":
+                emitted.append(time.time() * 1000 - payload["time"] * 1000)
+            original_emit(event, payload)
+
+        poller._emit = timed_emit
         try:
             pages = open_pages(browser, server.url, clients)
             for s in range(1, steps + 1):
@@ -106,7 +117,9 @@ def latency(browser, clients: int, steps: int, interval: float) -> dict:
     expected = clients * steps
     return {"clients": clients, "steps": steps, "received": len(samples), "expected": expected,
             "p50_ms": round(percentile(samples, 0.5), 1), "p95_ms": round(percentile(samples, 0.95), 1),
-            "max_ms": round(max(samples), 1)}
+            "max_ms": round(max(samples), 1),
+            "server_emit_p50_ms": round(percentile(emitted, 0.5), 1),
+            "server_emit_p95_ms": round(percentile(emitted, 0.95), 1)}
 
 
 def tokens_per_second(ledger: Ledger, since: float, until: float) -> tuple[float, int]:
@@ -142,7 +155,7 @@ def training_cost(browser, clients: int, window_seconds: float) -> dict:
                     raise RuntimeError(f"the daemon did not train; see {realm.logs / 'daemon.log'}")
                 time.sleep(0.5)
             windows = []
-            for n in (0, clients, 0):
+            for n in (0, clients, 0, clients, 0):  # alternate: the machine's load drifts
                 pages = open_pages(browser, server.url, n)
                 start = time.time()
                 time.sleep(window_seconds)
@@ -155,8 +168,10 @@ def training_cost(browser, clients: int, window_seconds: float) -> dict:
             daemon.wait(120)
             ledger.close()
             server.close()
-    base = (windows[0]["tokens_per_second"] + windows[2]["tokens_per_second"]) / 2
-    return {"windows": windows, "ratio_with_clients": round(windows[1]["tokens_per_second"] / base, 3)}
+    idle = statistics.median(w["tokens_per_second"] for w in windows if w["clients"] == 0)
+    watched = statistics.median(w["tokens_per_second"] for w in windows if w["clients"] == clients)
+    return {"windows": windows, "median_tokens_per_second_0_clients": idle,
+            f"median_tokens_per_second_{clients}_clients": watched, "ratio_with_clients": round(watched / idle, 3)}
 
 
 def main() -> int:
@@ -164,7 +179,7 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=20)
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--interval", type=float, default=0.1, help="seconds between step rows (part 1)")
-    ap.add_argument("--window-seconds", type=float, default=25.0)
+    ap.add_argument("--window-seconds", type=float, default=20.0)
     ap.add_argument("--skip-training", action="store_true")
     args = ap.parse_args()
     from playwright.sync_api import sync_playwright

@@ -173,6 +173,119 @@ def count_tokens(example: dict, tokenizer) -> tuple[int, int]:
     return len(te.input_ids), te.trainable_tokens
 
 
+_BYTE_PROBE = "Hi  there,\n\tcaf\u00e9 \u20ac5 \U0001f389 x_y-z 123\r\n"
+
+
+def _byte_level_specials(tokenizer) -> tuple[str, ...] | None:
+    """The added tokens' strings when ``tokenizer`` is a pure byte-level tokenizer (one token per UTF-8
+    byte, token id = byte value, no merges and nothing added around the text: the embedded default hero's,
+    :func:`core.hero.build_byte_tokenizer`), else None. Cached on the tokenizer."""
+    cached = getattr(tokenizer, "_realm_byte_specials", False)
+    if cached is not False:
+        return cached
+    specials = None
+    try:
+        import json as _json
+
+        backend = tokenizer.backend_tokenizer
+        model = _json.loads(backend.to_str()).get("model", {})
+        if model.get("type") == "BPE" and not model.get("merges") and len(model.get("vocab", {})) == 256 \
+                and backend.normalizer is None:
+            ok = all(tokenizer(t, add_special_tokens=True)["input_ids"] == list(t.encode("utf-8"))
+                     for t in (_BYTE_PROBE, "a", " leading space", "\u00ff\u0100"))
+            if ok:
+                specials = tuple(t.content for t in backend.get_added_tokens_decoder().values() if t.content)
+    except Exception:  # noqa: BLE001 - anything unusual: not the byte-level fast path
+        specials = None
+    try:
+        tokenizer._realm_byte_specials = specials
+    except Exception:  # noqa: BLE001
+        pass
+    return specials
+
+
+def count_tokens_batch(examples: list[dict], tokenizer) -> list[tuple[int, int] | Exception]:
+    """:func:`count_tokens` for a list of examples; identical results (tested), much faster. Returns one
+    ``(tokens, trainable tokens)`` per example, or the exception that example raised (e.g.
+    :class:`ExampleError`), in order.
+
+    - A byte-level tokenizer (the embedded default hero's): ``text`` and string ``prompt``/``completion``
+      examples are counted in UTF-8 bytes, no tokenizer call (unless they contain an added token's text);
+    - a fast tokenizer: one batched ``encode_batch`` per kind (the Rust tokenizer, no Python per example);
+    - a slow tokenizer: :func:`count_tokens` one example at a time.
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        out: list[tuple[int, int] | Exception] = []
+        for example in examples:
+            try:
+                out.append(count_tokens(example, tokenizer))
+            except Exception as exc:  # noqa: BLE001 - that example's problem, reported by the caller
+                out.append(exc)
+        return out
+    eos = tokenizer.eos_token_id
+    extra = 0 if eos is None else 1
+    specials = _byte_level_specials(tokenizer)
+    results: list[tuple[int, int] | Exception | None] = [None] * len(examples)
+    # per add_special_tokens flag: (index, text, spans or None for all tokens, append_eos "always"|"text"|"never")
+    jobs: dict[bool, list[tuple[int, str, list[tuple[int, int]] | None, str]]] = {True: [], False: []}
+    for i, example in enumerate(examples):
+        try:
+            if "messages" in example:
+                text, spans = assistant_spans(tokenizer, example["messages"])
+                jobs[False].append((i, text, spans, "never"))
+            elif "prompt" in example and "completion" in example:
+                prompt, completion = example["prompt"], example["completion"]
+                if isinstance(prompt, list) or isinstance(completion, list):
+                    results[i] = count_tokens(example, tokenizer)
+                    continue
+                text = prompt + completion
+                if specials is not None and not any(t in text for t in specials):
+                    n_prompt, n_completion = len(prompt.encode("utf-8")), len(completion.encode("utf-8"))
+                    trainable = n_completion + extra
+                    first_trainable = n_prompt == 0 and trainable > 0
+                    results[i] = (n_prompt + n_completion + extra, trainable - first_trainable)
+                    continue
+                jobs[True].append((i, text, [(len(prompt), len(text))], "always"))
+            elif "text" in example:
+                text = example["text"]
+                if specials is not None and not any(t in text for t in specials):
+                    n = len(text.encode("utf-8")) + extra  # byte ids never equal the EOS id
+                    results[i] = (n, max(n - 1, 0))
+                    continue
+                jobs[True].append((i, text, None, "text"))
+            else:
+                raise ExampleError(f"not a normalized example (keys {sorted(example)}); expected text, "
+                                   "prompt+completion or messages")
+        except Exception as exc:  # noqa: BLE001
+            results[i] = exc
+    backend = tokenizer.backend_tokenizer
+    direct = backend.truncation is None and backend.padding is None
+    for add_special, batch in jobs.items():
+        if not batch:
+            continue
+        texts = [text for _, text, _, _ in batch]
+        if direct:  # what the transformers wrapper calls, without converting every encoding to Python dicts
+            encodings = backend.encode_batch(texts, add_special_tokens=add_special)
+            pairs = [(e.ids, e.offsets) for e in encodings]
+        else:
+            enc = tokenizer(texts, add_special_tokens=add_special, return_offsets_mapping=True)
+            pairs = list(zip(enc["input_ids"], enc["offset_mapping"], strict=True))
+        for (i, _, spans, eos_rule), (ids, offsets) in zip(batch, pairs, strict=True):
+            if spans is None:
+                mask = [True] * len(ids)
+            elif len(spans) == 1:
+                a, b = spans[0]
+                mask = [s < b and e > a for s, e in offsets]
+            else:
+                mask = [any(s < b and e > a for a, b in spans) for s, e in offsets]
+            n = len(ids)
+            if eos is not None and (eos_rule == "always" or (eos_rule == "text" and (not ids or ids[-1] != eos))):
+                n += 1
+                mask.append(True)
+            results[i] = (n, sum(mask) - (1 if mask and mask[0] else 0))  # labels[0] never carries loss
+    return results  # type: ignore[return-value]
+
+
 def trainable_ratio(examples: Iterable[TokenizedExample]) -> float:
     """Share of tokens that carry loss over ``examples`` (0.0 when there are no tokens)."""
     total = trainable = 0

@@ -27,7 +27,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from core.chat import count_tokens
+from core.chat import count_tokens, count_tokens_batch
 from core.config import RealmConfig
 from core.formats import PREFERENCE_FORMATS, SFT_FORMATS, iter_valid_records
 from core.ingest import InboxScanner, InboxWatcher
@@ -284,9 +284,12 @@ class Daemon:
     def _count_tokens(self, example: dict) -> tuple[int, int]:
         return count_tokens(example, self._ingest_tokenizer)
 
+    def _count_tokens_batch(self, examples: list[dict]) -> list:
+        return count_tokens_batch(examples, self._ingest_tokenizer)
+
     def _ingest_loop(self) -> None:
         assert self._watcher is not None and self.queue is not None
-        scanner = InboxScanner(self.realm, self.config.ingest)
+        scanner = InboxScanner(self.realm, self.config.ingest, closed_at=self._watcher.closed_at)
         try:
             for quest in self.ledger.list_quests([QuestState.VALIDATING]):  # interrupted validations
                 self._validate(quest["id"])
@@ -320,7 +323,7 @@ class Daemon:
             if path.is_symlink():
                 raise ValueError("symbolic links are not accepted: drop the file itself")
             report = validate_file(path, display_name=quest["name"], config=self.config,
-                                   count_tokens=self._count_tokens)
+                                   count_tokens=self._count_tokens, count_tokens_batch=self._count_tokens_batch)
         except (OSError, ValueError) as exc:
             self.queue.transition(quest_id, QuestState.FAILED, error=f"{type(exc).__name__}: {exc}")
             self.ledger.event("quest_rejected", f"{quest['name']} rejected: {exc}", level="error",

@@ -52,7 +52,16 @@ from core.hero import (
     resolve_model_source,
 )
 from core.ledger import Ledger
-from core.packing import Batch, collate, iter_steps, micro_batches, model_attention_mask, pack_rows
+from core.packing import (
+    PACKED_SDPA,
+    Batch,
+    collate,
+    iter_steps,
+    micro_batches,
+    model_attention_mask,
+    pack_rows,
+    register_packed_sdpa,
+)
 from core.realm import Realm
 
 EVAL_READAHEAD_RECORDS = 20_000
@@ -225,6 +234,10 @@ class Engine:
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         self._raw_model = self.accelerator.unwrap_model(self.model)
         self._attn = getattr(self._raw_model.config, "_attn_implementation", None)
+        if self._attn == "sdpa" and self.accelerator.device.type == "cpu":
+            # causal SDPA per packed document instead of a dense 4D mask (core.packing): same logits, less work
+            self._raw_model.set_attn_implementation(register_packed_sdpa())
+            self._attn = PACKED_SDPA
         self._mask_dtype = next(self._raw_model.parameters()).dtype
 
         removed = self.ledger.rollback_to(self.global_step)
@@ -290,11 +303,14 @@ class Engine:
     def _loss_sum(self, batch: Batch) -> torch.Tensor:
         """Summed next-token cross-entropy (fp32 scalar) over the batch's trainable tokens."""
         b = batch.to(self.accelerator.device)
-        mask = model_attention_mask(b.attention_mask, self._attn, self._mask_dtype)
-        logits = self.model(input_ids=b.input_ids, attention_mask=mask, position_ids=b.position_ids,
-                            use_cache=False).logits
-        logits = logits[:, :-1].float()
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), b.labels[:, 1:].reshape(-1),
+        if self._attn == PACKED_SDPA:
+            extra = {"attention_mask": None, "packed_segments": b.segments}
+        else:
+            extra = {"attention_mask": model_attention_mask(b.attention_mask, self._attn, self._mask_dtype)}
+        logits = self.model(input_ids=b.input_ids, position_ids=b.position_ids, use_cache=False, **extra).logits
+        # labels shifted left (the last position predicts nothing): no copy of the logits for the shift
+        targets = F.pad(b.labels[:, 1:], (0, 1), value=-100)
+        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=-100, reduction="sum")
 
     def _pad_to(self) -> int | None:

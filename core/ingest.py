@@ -8,6 +8,16 @@ A file is *settled* -- safe to take -- when its name is not a temporary one (lea
 ``.tmp``, ``.part``, ``.partial``, ``.crdownload``, ``.swp``) and its size and mtime have not changed for
 ``ingest.settle_seconds``. So a file still being copied in is never read half-written.
 
+With inotify events there is a faster proof of completeness: the writer *closed* the file
+(``IN_CLOSE_WRITE``), or it was renamed into place, and nobody has it open any more (opens and closes
+seen since the watch started balance) and nothing touched it for :data:`CLOSE_GRACE_SECONDS` (a writer
+that reopens the file at once to append cancels it). Such a file settles after that grace instead of
+``settle_seconds`` (:class:`CloseTracker`). A file held open while it is written -- the slow writer --
+never has that proof until it is closed. Where events are unavailable (polling), or for a file written
+before the watch began, only the settle interval applies. A writer that closes and reopens a file to
+append, pausing longer than the grace between appends, should write under a temporary name (e.g.
+``.part``) and rename it when done, as downloaders and ``rsync`` do.
+
 Priority: ``inbox/high/``, ``inbox/normal/``, ``inbox/low/`` subfolders, or a ``high_`` / ``low_`` file
 name prefix; default ``normal``.
 """
@@ -18,6 +28,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +40,8 @@ from core.config import IngestConfig
 from core.realm import PRIORITIES, Realm
 
 TEMPORARY_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp", "~")
+CLOSE_GRACE_SECONDS = 0.15
+"""After a close-write (or a rename into place), seconds without an open or change before the file is taken."""
 
 log = logging.getLogger("realm.ingest")
 
@@ -64,10 +77,14 @@ class InboxScanner:
     Not thread-safe on its own: one thread calls :meth:`scan`.
     """
 
-    def __init__(self, realm: Realm, config: IngestConfig, clock=time.monotonic):
+    def __init__(self, realm: Realm, config: IngestConfig, clock=time.monotonic,
+                 closed_at: Callable[[Path], float | None] | None = None):
+        """``closed_at(path)``: when the file was last closed after writing with nobody holding it open
+        since (``clock`` time), else None -- e.g. :meth:`InboxWatcher.closed_at`; None: settle time only."""
         self.realm = realm
         self.config = config
         self.clock = clock
+        self.closed_at = closed_at
         self._seen: dict[Path, _Seen] = {}
 
     def candidates(self) -> list[Path]:
@@ -96,6 +113,10 @@ class InboxScanner:
             except FileNotFoundError:
                 continue
             present.add(path)
+            closed = self.closed_at(path) if self.closed_at is not None else None
+            if closed is not None and now - closed >= min(CLOSE_GRACE_SECONDS, self.config.settle_seconds):
+                settled.append((closed, path))  # closed by its writer, untouched since: complete
+                continue
             seen = self._seen.get(path)
             if seen is None or (seen.size, seen.mtime_ns) != (st.st_size, st.st_mtime_ns):
                 self._seen[path] = _Seen(st.st_size, st.st_mtime_ns, now)
@@ -117,11 +138,71 @@ class InboxScanner:
         return len(self.candidates())
 
 
+class CloseTracker:
+    """Which inbox files were closed by their writer and not opened or changed since (thread-safe).
+
+    Fed with watchdog's inotify events: ``opened`` / ``closed`` (close-write) / ``closed_no_write`` keep
+    a count of open handles per path (handles opened before the watch are unseen: their writes still
+    show as ``modified``), ``modified``/``attrib``/``created`` clear the mark, ``moved`` carries it to the
+    new name (a rename into the inbox marks the file as closed), ``deleted`` forgets it.
+    """
+
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._open: dict[str, int] = {}
+        self._closed: dict[str, float] = {}
+
+    def note(self, event: FileSystemEvent) -> None:
+        if event.is_directory:
+            return
+        kind, path = event.event_type, str(event.src_path)
+        now = self.clock()
+        with self._lock:
+            if kind == "opened":
+                self._open[path] = self._open.get(path, 0) + 1
+                self._closed.pop(path, None)
+            elif kind in ("closed", "closed_no_write"):
+                left = self._open.pop(path, 0) - 1
+                if left > 0:
+                    self._open[path] = left
+                    self._closed.pop(path, None)
+                elif kind == "closed":
+                    self._closed[path] = now
+            elif kind in ("modified", "attrib", "created"):
+                self._closed.pop(path, None)
+            elif kind == "moved":
+                dest = str(getattr(event, "dest_path", "") or "")
+                handles = self._open.pop(path, 0)
+                self._closed.pop(path, None)
+                if dest:
+                    if handles > 0:
+                        self._open[dest] = handles
+                    else:
+                        self._closed[dest] = now
+            elif kind == "deleted":
+                self._open.pop(path, None)
+                self._closed.pop(path, None)
+
+    def closed_at(self, path: Path | str) -> float | None:
+        """When ``path`` was closed after writing (or renamed into place), if not opened or changed since."""
+        with self._lock:
+            return self._closed.get(str(path))
+
+
 class _Wake(FileSystemEventHandler):
-    def __init__(self, event: threading.Event):
+    def __init__(self, event: threading.Event, tracker: CloseTracker | None = None):
         self.event = event
+        self.tracker = tracker
 
     def on_any_event(self, event: FileSystemEvent) -> None:
+        if self.tracker is not None:
+            self.tracker.note(event)
+            if event.event_type in ("closed", "moved") and not event.is_directory:
+                # wake again once the close grace has passed, so the file is taken without waiting a poll
+                timer = threading.Timer(CLOSE_GRACE_SECONDS + 0.01, self.event.set)
+                timer.daemon = True
+                timer.start()
         self.event.set()
 
 
@@ -138,11 +219,17 @@ class InboxWatcher:
         self.wake = threading.Event()
         self.observer = None
         self.mode = "none"
+        self.tracker: CloseTracker | None = None
+
+    def closed_at(self, path: Path | str) -> float | None:
+        """See :meth:`CloseTracker.closed_at`; always None without inotify events (polling, rescan only)."""
+        return self.tracker.closed_at(path) if self.tracker is not None and self.mode == "events" else None
 
     def start(self) -> None:
-        handler = _Wake(self.wake)
         kinds = [PollingObserver] if self.config.use_polling else [Observer, PollingObserver]
         for kind in kinds:
+            tracker = CloseTracker() if kind is not PollingObserver else None
+            handler = _Wake(self.wake, tracker)
             observer = kind(timeout=self.config.poll_interval_seconds) if kind is PollingObserver else kind()
             try:
                 observer.schedule(handler, str(self.realm.inbox), recursive=True)
@@ -151,6 +238,7 @@ class InboxWatcher:
                 log.warning("inbox observer %s failed (%s); falling back", kind.__name__, exc)
                 continue
             self.observer = observer
+            self.tracker = tracker
             self.mode = "polling" if kind is PollingObserver else "events"
             log.info("watching %s (%s)", self.realm.inbox, self.mode)
             return

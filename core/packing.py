@@ -14,6 +14,14 @@ the dtype's minimum). :func:`model_attention_mask` converts for the model's atte
 
 Padding positions have label -100 and attend only to themselves (so no softmax row is empty, which
 would give NaN), and no real token attends to them.
+
+**Segmented attention** (:data:`PACKED_SDPA`, used by the engine on CPU): instead of the 4D mask, each
+batch also carries its rows' document lengths (:attr:`Batch.segments`) and
+:func:`packed_sdpa_attention` runs causal SDPA on each document's slice of the row. Same result for
+every real token (each document attends causally to itself only, the trailing pads join the row's last
+document: causally, no real token sees them), at a fraction of the cost: the dense masked kernel computes
+all ``L x L`` scores of a row, the causal kernel on a document of ``n`` tokens about ``n^2 / 2``; a
+micro-batch whose rows each hold one example is a single causal SDPA call, as without packing.
 """
 
 from __future__ import annotations
@@ -23,17 +31,24 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
+import torch.nn.functional as F
 
 from core.chat import IGNORE_INDEX, TokenizedExample
 
 T = TypeVar("T", bound=TokenizedExample)
+
+PACKED_SDPA = "sdpa_packed"
+"""Name of the segmented attention implementation (:func:`packed_sdpa_attention`) in transformers'
+attention registry, after :func:`register_packed_sdpa`."""
 
 
 @dataclass
 class Batch:
     """One micro-batch. Shapes: ``input_ids``, ``labels``, ``position_ids``: (B, L) int64;
     ``attention_mask``: (B, 1, L, L) bool, True = may attend. ``num_tokens`` (real, non-pad tokens) and
-    ``num_trainable`` (labels != -100) are host ints, so no device sync is needed to read them."""
+    ``num_trainable`` (labels != -100) are host ints, so no device sync is needed to read them.
+    ``segments``: per row, the lengths (tokens) of its documents, the last one extended over the row's
+    padding, summing to L (for :func:`packed_sdpa_attention`)."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
@@ -41,11 +56,13 @@ class Batch:
     attention_mask: torch.Tensor
     num_tokens: int
     num_trainable: int
+    segments: tuple[tuple[int, ...], ...] | None = None
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(self.input_ids.to(device, non_blocking=True), self.labels.to(device, non_blocking=True),
                      self.position_ids.to(device, non_blocking=True),
-                     self.attention_mask.to(device, non_blocking=True), self.num_tokens, self.num_trainable)
+                     self.attention_mask.to(device, non_blocking=True), self.num_tokens, self.num_trainable,
+                     self.segments)
 
 
 def iter_steps(examples: Iterable[T], rows_per_step: int, max_length: int,
@@ -99,8 +116,10 @@ def collate(rows: list[list[TokenizedExample]], pad_token_id: int, pad_to: int |
     # document id per position; pads get unique negative ids so they attend only to themselves
     seq = -torch.arange(1, L + 1, dtype=torch.long).repeat(B, 1)
     trainable = 0
+    segments = []
     for b, row in enumerate(rows):
         pos = 0
+        sizes = []
         for k, ex in enumerate(row):
             n = len(ex.input_ids)
             input_ids[b, pos:pos + n] = torch.tensor(ex.input_ids, dtype=torch.long)
@@ -110,9 +129,15 @@ def collate(rows: list[list[TokenizedExample]], pad_token_id: int, pad_to: int |
             seq[b, pos:pos + n] = k
             trainable += sum(1 for x in ex.labels[1:] if x != IGNORE_INDEX)
             pos += n
+            sizes.append(n)
+        if sizes:
+            sizes[-1] += L - pos  # the padding joins the last document (causal: no real token sees it)
+        else:
+            sizes = [L]
+        segments.append(tuple(s for s in sizes if s))
     causal = torch.ones(L, L, dtype=torch.bool).tril_()
     mask = (seq[:, :, None] == seq[:, None, :]) & causal
-    return Batch(input_ids, labels, position_ids, mask.unsqueeze(1), sum(lengths), trainable)
+    return Batch(input_ids, labels, position_ids, mask.unsqueeze(1), sum(lengths), trainable, tuple(segments))
 
 
 def model_attention_mask(mask: torch.Tensor, attn_implementation: str | None,
@@ -124,12 +149,61 @@ def model_attention_mask(mask: torch.Tensor, attn_implementation: str | None,
     ``dtype``, 0 where attending and ``finfo(dtype).min`` elsewhere.
     """
     impl = attn_implementation or "eager"
+    if impl == PACKED_SDPA:  # the documents come as Batch.segments instead
+        return None
     if impl == "sdpa":
         return mask
     if "flash" in impl:
         return None
     zero = torch.zeros((), dtype=dtype, device=mask.device)
     return torch.where(mask, zero, torch.finfo(dtype).min)
+
+
+def packed_sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                          packed_segments: tuple[tuple[int, ...], ...] | None = None, **kwargs):
+    """A transformers attention function: causal SDPA per document of each packed row.
+
+    ``query``: (B, H, L, D); ``key``/``value``: (B, H_kv, L, D); ``packed_segments``: per row the document
+    lengths summing to L (:attr:`Batch.segments`), passed as a keyword argument of the model's forward.
+    Returns ``((B, L, H, D) output, None)``. Without ``packed_segments`` (or with a mask, or a query
+    shorter than the keys, as in generation with a cache) it is transformers' own SDPA attention.
+    """
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    B, _, L, _ = query.shape
+    if packed_segments is None or attention_mask is not None or key.shape[2] != L or len(packed_segments) != B:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    if all(len(s) == 1 for s in packed_segments):  # one document per row: a plain causal batch
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling, is_causal=True)
+    else:
+        rows = []
+        for b, sizes in enumerate(packed_segments):
+            q, k, v = query[b:b + 1], key[b:b + 1], value[b:b + 1]
+            parts, start = [], 0
+            for n in sizes:
+                end = start + n
+                parts.append(F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, start:end],
+                                                            v[:, :, start:end], dropout_p=dropout, scale=scaling,
+                                                            is_causal=n > 1))
+                start = end
+            rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
+        out = torch.cat(rows, dim=0)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_packed_sdpa() -> str:
+    """Register :func:`packed_sdpa_attention` with transformers as :data:`PACKED_SDPA` (idempotent). The
+    name has no mask function, so the model passes ``attention_mask`` through (None) and builds no causal
+    mask. Returns the name, for ``model.set_attn_implementation``."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
+    return PACKED_SDPA
 
 
 def micro_batches(rows: list[list[T]], micro_batch_size: int) -> list[list[list[T]]]:

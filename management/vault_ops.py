@@ -1,5 +1,5 @@
 """Vault operations on a realm's hero: prune (apply a retention plan), strip optimizer state, backup with
-SHA-256 verification, promote to a named version, restore a version, list.
+SHA-256 verification (named versions: :mod:`management.versions`).
 
 Layout (``core.realm``/``core.checkpoint``)::
 
@@ -46,7 +46,6 @@ TRAINER_STATE_PT = "trainer_state.pt"       # = core.checkpoint.TRAINER_STATE_PT
 OPTIMIZER_REMOVED_KEY = "optimizer_state_removed"  # trainer_state.json: {"time", "bytes_freed"} once stripped
 SUMS_FILE = "SHA256SUMS"
 METADATA_FILE = "metadata.json"
-VERSION_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 HASH_CHUNK_BYTES = 1 << 20
 
 
@@ -86,7 +85,7 @@ def tree_hashes(folder: Path, exclude: frozenset[str] = frozenset({SUMS_FILE})) 
 _copy_file = shutil.copy2  # module attribute: the fault-injection test replaces it with a corrupting copy
 
 
-def _fsync_tree(folder: Path) -> None:
+def fsync_tree(folder: Path) -> None:
     for p in folder.rglob("*"):
         if p.is_file():
             with open(p, "rb") as f:
@@ -120,7 +119,7 @@ def copy_verified(src: Path, dest: Path, skip: frozenset[str] = frozenset()) -> 
         if bad:
             raise BackupError(f"copy of {src} differs from its source in {', '.join(bad)}")
         (tmp / SUMS_FILE).write_text("".join(f"{h}  {rel}\n" for rel, h in expected.items()), encoding="utf-8")
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         os.rename(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -148,7 +147,7 @@ def verify_copy(folder: Path) -> list[str]:
 
 
 # facts and pruning --------------------------------------------------------------------------------------
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -156,7 +155,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(json.dumps(data, indent=2, default=str) + "\n")
@@ -172,7 +171,7 @@ def checkpoint_facts(realm: Realm, hero_name: str, ledger: Ledger) -> list[Check
     root = realm.checkpoints_dir(hero_name)
     for info in reversed(list_checkpoints_info(realm, hero_name, ledger)):
         path = root / info["name"]
-        state = _read_json(path / TRAINER_STATE_JSON)
+        state = read_json(path / TRAINER_STATE_JSON)
         has_optimizer = OPTIMIZER_REMOVED_KEY not in state
         try:
             pt_bytes = (path / TRAINER_STATE_PT).stat().st_size
@@ -208,10 +207,10 @@ def strip_optimizer_state(path: Path) -> int:
             os.fsync(f.fileno())
         os.replace(tmp, pt)
     freed = max(0, before - pt.stat().st_size)
-    state = _read_json(state_json)
+    state = read_json(state_json)
     if state:
         state[OPTIMIZER_REMOVED_KEY] = {"time": time.time(), "bytes_freed": freed}
-        _write_json_atomic(state_json, state)
+        write_json_atomic(state_json, state)
     return freed
 
 
@@ -308,7 +307,7 @@ def prune_after_save(realm: Realm, config: RealmConfig, ledger: Ledger) -> Prune
 
 
 # backups -----------------------------------------------------------------------------------------------
-def _checkpoint_path(realm: Realm, hero: str, step: int) -> Path:
+def checkpoint_path(realm: Realm, hero: str, step: int) -> Path:
     name = checkpoint_name_of(step)
     path = realm.checkpoints_dir(hero) / name
     if not path.is_dir():
@@ -330,7 +329,7 @@ def backup(realm: Realm, config: RealmConfig, ledger: Ledger, step: int, folder:
     Returns ``{"path", "files", "bytes", "already"}``. Raises :class:`VaultOpsError` (no such checkpoint),
     :class:`BackupError` (the copy differs from the source), ``OSError`` (e.g. disk full).
     """
-    src = _checkpoint_path(realm, config.hero.name, step)
+    src = checkpoint_path(realm, config.hero.name, step)
     dest = backup_root(realm, config, folder) / src.name
     if dest.exists():
         if not verify_copy(dest) and tree_hashes(dest, frozenset({SUMS_FILE})) == tree_hashes(src):
@@ -349,68 +348,6 @@ def _bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-# versions -----------------------------------------------------------------------------------------------
-def versions_dir(realm: Realm, hero: str) -> Path:
-    return realm.hero_dir(hero) / "versions"
-
-
-def _quests_seen(ledger: Ledger, global_step: int) -> list[dict[str, Any]]:
-    """Quests trained into the weights at ``global_step``: ``{id, name, steps, examples_trained}``."""
-    rows = ledger.query(
-        "SELECT s.quest_id AS id, q.name AS name, COUNT(*) AS steps, MAX(s.example_end) AS examples_trained "
-        "FROM steps s LEFT JOIN quests q ON q.id = s.quest_id WHERE s.global_step <= ? AND s.quest_id IS NOT "
-        "NULL GROUP BY s.quest_id ORDER BY MIN(s.global_step)", (global_step,))
-    return rows
-
-
-def _metadata(name: str, source: Path, state: dict[str, Any], ledger: Ledger, hashes: dict[str, str],
-              kind: str) -> dict[str, Any]:
-    step = int(state.get("global_step", 0))
-    hero = state.get("hero") or {}
-    evals = ledger.query("SELECT global_step, quest_id, eval_loss, examples FROM evals WHERE global_step <= ? "
-                         "ORDER BY global_step DESC LIMIT 20", (step,))
-    return {"name": name, "kind": kind, "created_at": time.time(), "source_checkpoint": source.name,
-            "global_step": step, "base_model": hero.get("base_model"), "hero": hero,
-            "metrics": {"loss": state.get("loss"), "eval_loss": state.get("eval_loss"), "recent_evals": evals},
-            "quests_seen": _quests_seen(ledger, step), "files": hashes}
-
-
-def promote(realm: Realm, config: RealmConfig, ledger: Ledger, step: int, name: str) -> dict[str, Any]:
-    """Make checkpoint ``step`` the named version ``models/<hero>/versions/<name>/`` (a verified full copy
-    with ``metadata.json``: base model, quests seen, metrics, file hashes). Returns the metadata.
-
-    Raises :class:`VaultOpsError` for a bad or taken name or a missing checkpoint; :class:`BackupError`.
-    """
-    if not isinstance(name, str) or not VERSION_NAME_RE.fullmatch(name):
-        raise VaultOpsError(f"{name!r} is not a version name: 1-64 letters, digits, '_', '.', '-' "
-                            "(not starting with '.', '_' or '-')")
-    hero = config.hero.name
-    src = _checkpoint_path(realm, hero, step)
-    dest = versions_dir(realm, hero) / name
-    if dest.exists():
-        raise VaultOpsError(f"version {name!r} exists; choose another name")
-    hashes = copy_verified(src, dest)
-    meta = _metadata(name, src, _read_json(src / TRAINER_STATE_JSON), ledger, hashes, "promoted")
-    _write_json_atomic(dest / METADATA_FILE, meta)
-    ledger.event("version_promoted", f"checkpoint {src.name} promoted to version {name}", version=name,
-                 checkpoint=src.name, global_step=meta["global_step"])
-    return meta
-
-
-def list_versions(realm: Realm, hero: str) -> list[dict[str, Any]]:
-    """Metadata of every named version (without the file hashes), newest first."""
-    root = versions_dir(realm, hero)
-    if not root.is_dir():
-        return []
-    out = []
-    for p in root.iterdir():
-        if p.is_dir() and VERSION_NAME_RE.fullmatch(p.name):
-            meta = _read_json(p / METADATA_FILE)
-            meta.pop("files", None)
-            out.append({"name": p.name, "path": str(p), **meta})
-    return sorted(out, key=lambda m: m.get("created_at") or 0, reverse=True)
-
-
 def list_backups(realm: Realm, config: RealmConfig) -> list[dict[str, Any]]:
     """``{"name", "path", "bytes"}`` of each backup of the hero, newest step first."""
     root = backup_root(realm, config)
@@ -418,111 +355,3 @@ def list_backups(realm: Realm, config: RealmConfig) -> list[dict[str, Any]]:
         return []
     found = [p for p in root.iterdir() if p.is_dir() and re.fullmatch(r"step-\d{8}", p.name)]
     return [{"name": p.name, "path": str(p), "bytes": _bytes(p)} for p in sorted(found, reverse=True)]
-
-
-@contextmanager
-def _daemon_lock(realm: Realm) -> Iterator[None]:
-    """Hold the daemon's single-instance lock (``run/daemon.lock``) so no daemon runs meanwhile.
-    Raises :class:`VaultOpsError` when a daemon holds it."""
-    realm.run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(realm.run_dir / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise VaultOpsError("the daemon is running: stop it first (`python -m training stop-all`), "
-                                "then restore") from None
-        yield
-    finally:
-        os.close(fd)
-
-
-def _merged_trainer_state(version: Path, latest: Path | None, dest: Path) -> None:
-    """``trainer_state.pt`` of a restored checkpoint: the version's optimizer state (it belongs to its
-    weights), the latest checkpoint's scheduler and RNG (the schedule continues at the current step)."""
-    import torch
-
-    from core import checkpoint as ckpt
-
-    blob = torch.load(version / TRAINER_STATE_PT, map_location="cpu", weights_only=True)
-    if latest is not None:
-        current = torch.load(latest / TRAINER_STATE_PT, map_location="cpu", weights_only=True)
-        blob = {**blob, ckpt.KEY_SCHEDULER: current[ckpt.KEY_SCHEDULER], ckpt.KEY_RNG: current[ckpt.KEY_RNG]}
-    torch.save(blob, dest / TRAINER_STATE_PT)
-
-
-def restore(realm: Realm, config: RealmConfig, ledger: Ledger, name: str) -> dict[str, Any]:
-    """Make version ``name`` the hero's starting point again; the daemon must be stopped.
-
-    The global step never goes back: the version's weights (and its optimizer state) become a new
-    checkpoint at the *current* latest global step, keeping that checkpoint's data cursor, scheduler and
-    RNG, so training resumes on the version's weights with the next unseen example. The replaced latest
-    checkpoint is not lost: it is first moved to the version ``before-restore-<UTC time>``.
-
-    Returns ``{"version", "checkpoint", "global_step", "previous_saved_as"}``. Raises
-    :class:`VaultOpsError` (unknown version, damaged version, daemon running).
-    """
-    hero = config.hero.name
-    version = versions_dir(realm, hero) / name
-    if not VERSION_NAME_RE.fullmatch(name or "") or not version.is_dir():
-        known = ", ".join(v["name"] for v in list_versions(realm, hero)) or "none"
-        raise VaultOpsError(f"no version {name!r} (versions: {known})")
-    problems = verify_copy(version)
-    if problems:
-        raise VaultOpsError(f"version {name} is damaged: {'; '.join(problems)}")
-    with _daemon_lock(realm):
-        root = realm.checkpoints_dir(hero)
-        root.mkdir(parents=True, exist_ok=True)
-        infos = list_checkpoints_info(realm, hero, ledger)
-        latest = root / infos[0]["name"] if infos else None
-        vstate = _read_json(version / TRAINER_STATE_JSON)
-        base = _read_json(latest / TRAINER_STATE_JSON) if latest else dict(vstate)
-        step = int(base.get("global_step", 0)) if latest else 0
-        if not latest:
-            base["cursor"] = None
-        base.update({"global_step": step, "time": time.time(), "reason": "restore",
-                     "loss": vstate.get("loss"), "eval_loss": vstate.get("eval_loss"),
-                     "hero": vstate.get("hero", base.get("hero")),
-                     "restored_from": {"version": name, "global_step": vstate.get("global_step")}})
-        base.pop(OPTIMIZER_REMOVED_KEY, None)
-        tmp = root / f".tmp-restore-{checkpoint_name_of(step)}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            skip = {SUMS_FILE, METADATA_FILE, TRAINER_STATE_JSON, TRAINER_STATE_PT}
-            for rel in tree_hashes(version, exclude=frozenset(skip)):
-                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(version / rel, tmp / rel)
-            _merged_trainer_state(version, latest, tmp)
-            _write_json_atomic(tmp / TRAINER_STATE_JSON, base)
-            _fsync_tree(tmp)
-            saved_as = saved = None
-            if latest is not None:
-                saved_as = f"before-restore-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
-                saved = versions_dir(realm, hero) / saved_as
-                saved.parent.mkdir(parents=True, exist_ok=True)
-                hashes = tree_hashes(latest)
-                _write_sums(latest, hashes)
-                os.rename(latest, saved)
-            final = root / checkpoint_name_of(step)
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                if saved is not None:
-                    os.rename(saved, latest)  # put the latest back: nothing changed
-                raise
-            if saved is not None:
-                meta = _metadata(saved_as, latest, _read_json(saved / TRAINER_STATE_JSON), ledger, hashes,
-                                 "before_restore")
-                _write_json_atomic(saved / METADATA_FILE, meta)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    ledger.event("version_restored", f"version {name} restored as checkpoint {final.name}: training resumes "
-                 f"from its weights at global step {step}" + (f" (the previous one was kept as version "
-                                                              f"{saved_as})" if saved_as else ""),
-                 version=name, checkpoint=final.name, global_step=step, previous_saved_as=saved_as)
-    return {"version": name, "checkpoint": str(final), "global_step": step, "previous_saved_as": saved_as}
-
-
-def _write_sums(folder: Path, hashes: dict[str, str]) -> None:
-    (folder / SUMS_FILE).write_text("".join(f"{h}  {rel}\n" for rel, h in hashes.items()), encoding="utf-8")

@@ -149,7 +149,7 @@ def classify_exit(returncode: int, log_tail: str = "", *, memory: MemoryFacts | 
         return CrashReport(cls.value, summary, returncode, sig, process, pid)
 
     if hang_reason:
-        return report(CrashClass.HANG, f"hung ({hang_reason}); stopped and restarted")
+        return report(CrashClass.HANG, hang_reason)
     for cls, pattern in _PATTERNS:
         if last_tb and pattern.search(last_tb):
             return report(cls, error_line or cls.value)

@@ -1,7 +1,7 @@
 """Our own processes of a realm (supervisor, daemon, Tavern): pid files, spawn, warm then hard stop.
 
 Only our own processes are ever signalled: a pid is used only if its pid file exists *and* the process's
-command line is ``python -m training <command> ... --realm <this realm>`` (checked in
+command line is ``python -m training --realm <this realm> <command> ...`` (checked in
 ``/proc/<pid>/cmdline``). Never by name.
 """
 
@@ -101,8 +101,8 @@ def process_info(realm: Realm, role: str) -> ProcessInfo:
 
 
 def training_command(realm: Realm, role: str, extra_args: list[str] | None = None) -> list[str]:
-    """``[python, -m, training, <command>, --realm, <root>, *extra_args]``."""
-    return [sys.executable, "-m", "training", ROLE_COMMANDS.get(role, role), "--realm", str(realm.root),
+    """``[python, -m, training, --realm, <root>, <command>, *extra_args]``."""
+    return [sys.executable, "-m", "training", "--realm", str(realm.root), ROLE_COMMANDS.get(role, role),
             *(extra_args or [])]
 
 
@@ -116,7 +116,7 @@ def child_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
 
 def spawn(realm: Realm, role: str, extra_args: list[str] | None = None,
           environ: Mapping[str, str] | None = None) -> subprocess.Popen:
-    """Start ``python -m training <command> --realm <realm>`` in its own session (so a terminal's Ctrl-C
+    """Start ``python -m training --realm <realm> <command>`` in its own session (so a terminal's Ctrl-C
     reaches only its parent), output appended to ``logs/<role>.log``; writes ``run/<role>.pid``."""
     realm.ensure_layout()
     with open(realm.logs / f"{role}.log", "ab") as log:

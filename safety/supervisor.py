@@ -24,6 +24,7 @@ against :data:`TRANSITIONS`; the supervisor's own state is :class:`SupervisorSta
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import signal
@@ -101,6 +102,10 @@ class SupervisorState(str, Enum):
     RUNNING = "running"
     STOPPING = "stopping"
     STOPPED = "stopped"
+
+
+class AlreadySupervised(RuntimeError):
+    """Another supervisor holds the realm's lock (``run/supervisor.lock``)."""
 
 
 class TransitionError(RuntimeError):
@@ -182,7 +187,20 @@ class Supervisor:
         self._stop.set()
 
     def run(self) -> int:
+        """Supervise until stopped. Raises :class:`AlreadySupervised` when another supervisor runs here."""
         self.realm.ensure_layout()
+        lock_fd = os.open(self.realm.run_dir / "supervisor.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock_fd)
+            raise AlreadySupervised(f"another supervisor runs on the realm {self.realm.root}") from None
+        try:
+            return self._run()
+        finally:
+            os.close(lock_fd)
+
+    def _run(self) -> int:
         (self.realm.run_dir / STOP_REQUEST_FILE).unlink(missing_ok=True)  # left by an earlier stop
         self.ledger = Ledger(self.realm.ledger_path)
         if threading.current_thread() is threading.main_thread():
@@ -205,11 +223,30 @@ class Supervisor:
             self._stop_children()
             fatal = [c.role for c in self.children.values() if c.state == ChildState.FATAL]
             return FATAL_EXIT if fatal else 0
+        except BaseException:
+            log.exception("supervisor failed: stopping its children")
+            self._emergency_stop()
+            raise
         finally:
             self._set_supervisor_state(SupervisorState.STOPPED)
             self.ledger.event("supervisor_stopped", "supervisor stopped", pid=os.getpid())
             self.ledger.close()
             self.ledger = None
+
+    def _emergency_stop(self) -> None:
+        """Warm then hard stop of every live child without touching the ledger (it may be what failed)."""
+        live = [c.proc for c in self.children.values() if c.proc is not None and c.proc.poll() is None]
+        for proc in live:
+            proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self._stop_timeout
+        for proc in live:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            processes.remove_pid(self.realm, next(c.role for c in self.children.values() if c.proc is proc),
+                                 proc.pid)
 
     def _stop_orphans(self) -> None:
         """Children of an earlier supervisor that died without stopping them: stop them warmly."""

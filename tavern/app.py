@@ -77,8 +77,18 @@ def create_app(realm: Realm, config: RealmConfig | None = None, *, testing: bool
 
 
 def close_app(app: Flask) -> None:
-    """Stop the app's push poller and close its ledger (tests, shutdown)."""
+    """Stop the app's push poller, disconnect its Socket.IO clients (browsers then reconnect and resync)
+    and close its ledger (shutdown, tests)."""
     push.stop_push(app)
+    server = getattr(app.extensions.get("socketio"), "server", None)
+    eio = getattr(server, "eio", None)
+    for client in list(getattr(eio, "sockets", {}).values()):
+        try:  # wait=False: a polling client that never polls again must not block the shutdown
+            client.close(wait=False, reason=eio.reason.SERVER_DISCONNECT)
+        except Exception:
+            log.exception("closing a Socket.IO client failed")
+    if eio is not None:
+        eio.sockets = {}
     tavern_state(app).ledger.close()
 
 

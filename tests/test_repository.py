@@ -59,3 +59,10 @@ def test_tavern_never_imports_the_training_loop():
     for path in (ROOT / "tavern").rglob("*.py"):
         src = path.read_text(encoding="utf-8")
         assert "core.engine" not in src and "core.daemon" not in src, path
+
+
+def test_the_default_realm_config_is_valid():
+    from core.config import load_config
+
+    cfg = load_config(ROOT / "config.json")
+    assert cfg.hero.base_model is None and cfg.tavern.host == "127.0.0.1"

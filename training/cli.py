@@ -227,8 +227,10 @@ def cmd_stop_all(args, realm: Realm, config: RealmConfig, environ) -> int:
 
     timeout = args.timeout if args.timeout is not None else config.supervisor.stop_timeout_seconds
     before = {role: process_info(realm, role) for role in ROLES}
-    if process_info(realm, SUPERVISOR).state == ProcessState.RUNNING:
+    supervisor = process_info(realm, SUPERVISOR).state
+    if supervisor == ProcessState.RUNNING:
         request_stop_timeout(realm, timeout)  # the supervisor gives its children this long, then SIGKILL
+    if supervisor != ProcessState.STOPPED:
         print(stop(realm, SUPERVISOR, timeout_seconds=timeout + 30))
     for role in reversed(ROLES):  # the Tavern first, then the daemon (which checkpoints)
         now = process_info(realm, role)
@@ -332,15 +334,21 @@ def cmd_doctor(args, realm: Realm, config: RealmConfig, environ) -> int:
 
 def cmd_supervise(args, realm: Realm, config: RealmConfig, environ) -> int:
     from management.scheduler import start_prune_scheduler
-    from safety.supervisor import Supervisor
+    from safety.processes import remove_pid
+    from safety.supervisor import AlreadySupervised, Supervisor
+    from training.processes import SUPERVISOR
 
     scheduler = start_prune_scheduler(realm, config) if config.retention.enabled else None
     try:
         roles = ("daemon",) if args.no_tavern else ("daemon", "tavern")
         return Supervisor(realm, config, roles=roles, environ=environ).run()
+    except AlreadySupervised as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return ExitCode.ALREADY_RUNNING
     finally:
         if scheduler is not None:
             scheduler.shutdown(wait=False)
+        remove_pid(realm, SUPERVISOR, os.getpid())  # start-all wrote it; nothing if run in the foreground
 
 
 def cmd_vault(args, realm: Realm, config: RealmConfig, environ) -> int:

@@ -57,7 +57,8 @@ def _print_prune(result, as_json: bool) -> None:
 
 def _print_list(realm: Realm, config: RealmConfig, ledger: Ledger, as_json: bool) -> None:
     from core.vault import list_checkpoints_info
-    from management.vault_ops import checkpoint_facts, list_backups, list_versions
+    from management.vault_ops import checkpoint_facts, list_backups
+    from management.versions import list_versions
 
     infos = list_checkpoints_info(realm, config.hero.name, ledger)
     optimizer = {f.name: f.has_optimizer for f in checkpoint_facts(realm, config.hero.name, ledger)}
@@ -93,7 +94,7 @@ def _print_list(realm: Realm, config: RealmConfig, ledger: Ledger, as_json: bool
 def run_vault_command(args, realm: Realm, config: RealmConfig) -> int:
     """Dispatch ``args.vault_command``; returns the exit code."""
     from core.vault import VaultError
-    from management import vault_ops
+    from management import vault_ops, versions
 
     realm.ensure_layout()
     ledger = Ledger(realm.ledger_path)
@@ -108,12 +109,12 @@ def run_vault_command(args, realm: Realm, config: RealmConfig) -> int:
             state = "already backed up, verified" if r["already"] else "backed up, SHA-256 verified"
             print(f"step-{args.step:08d} {state}: {r['path']} ({r['files']} files, {_size(r['bytes'])})")
         elif cmd == "promote":
-            meta = vault_ops.promote(realm, config, ledger, args.step, args.name)
+            meta = versions.promote(realm, config, ledger, args.step, args.name)
             print(f"version {args.name} created from {meta['source_checkpoint']} (global step "
                   f"{meta['global_step']}, {len(meta['quests_seen'])} quests seen, base model "
                   f"{meta['base_model'] or 'embedded default'})")
         elif cmd == "restore":
-            r = vault_ops.restore(realm, config, ledger, args.name)
+            r = versions.restore(realm, config, ledger, args.name)
             print(f"version {args.name} restored as {r['checkpoint']}: the next start trains on its weights, "
                   f"continuing at global step {r['global_step']}")
             if r["previous_saved_as"]:

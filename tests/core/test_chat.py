@@ -11,6 +11,7 @@ from core.chat import (
     assistant_spans,
     check_trainable_ratio,
     count_tokens,
+    count_tokens_batch,
     tokenize_example,
     trainable_ratio,
     trainable_segments,
@@ -130,3 +131,27 @@ def test_masked_ratio_sanity_check(byte_tok):
     assert "no token carries loss" in check_trainable_ratio(10, 0, 0.01)
     silent = TokenizedExample([1, 2, 3], [IGNORE_INDEX] * 3)
     assert trainable_ratio([silent]) == 0.0 and trainable_ratio([]) == 0.0
+
+
+BATCH_EXAMPLES = [
+    TEXT, PROMPT_COMPLETION, CHAT, {"text": ""}, {"text": "  \n\t caf\u00e9 \U0001f389"},
+    {"text": "literal <|endoftext|> and <|im_start|> inside"}, {"prompt": "", "completion": "x"},
+    {"prompt": "", "completion": ""}, {"prompt": "\u00e9t\u00e9 ", "completion": "\u20ac5 \U0001f389"},
+    {"prompt": "a <|im_end|>", "completion": " b"},
+    {"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "yo"}]},
+    {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]},
+    {"unknown": 1},
+]
+
+
+@pytest.mark.parametrize("which", ["byte", "stories260K"])
+def test_count_tokens_batch_equals_count_tokens(which, byte_tok, request):
+    tok = byte_tok if which == "byte" else request.getfixturevalue("stories_tok")
+    got = count_tokens_batch(BATCH_EXAMPLES, tok)
+    for example, result in zip(BATCH_EXAMPLES, got, strict=True):
+        try:
+            expected = count_tokens(example, tok)
+        except ExampleError as exc:
+            assert isinstance(result, ExampleError) and str(result) == str(exc)
+            continue
+        assert result == expected, example

@@ -1,8 +1,16 @@
 import os
 import time
 
+from watchdog.events import (
+    FileClosedEvent,
+    FileClosedNoWriteEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileOpenedEvent,
+)
+
 from core.config import IngestConfig
-from core.ingest import InboxScanner, InboxWatcher, is_temporary_name, priority_for
+from core.ingest import CloseTracker, InboxScanner, InboxWatcher, is_temporary_name, priority_for
 from core.realm import init_realm
 
 
@@ -77,5 +85,56 @@ def test_polling_fallback_wakes_too(tmp_path):
         time.sleep(0.3)
         (realm.inbox / "a.jsonl").write_text("x")
         assert watcher.wait(5.0)
+    finally:
+        watcher.stop()
+
+
+def test_close_tracker_needs_every_handle_closed_and_nothing_since():
+    clock = FakeClock()
+    t = CloseTracker(clock=clock)
+    t.note(FileOpenedEvent("/in/a.jsonl"))    # the writer
+    t.note(FileOpenedEvent("/in/a.jsonl"))    # a reader
+    t.note(FileClosedNoWriteEvent("/in/a.jsonl"))
+    assert t.closed_at("/in/a.jsonl") is None  # the writer still holds it
+    t.note(FileClosedEvent("/in/a.jsonl"))
+    assert t.closed_at("/in/a.jsonl") == clock.now
+    t.note(FileOpenedEvent("/in/a.jsonl"))    # reopened to append: not complete any more
+    assert t.closed_at("/in/a.jsonl") is None
+    t.note(FileClosedEvent("/in/a.jsonl"))
+    t.note(FileModifiedEvent("/in/a.jsonl"))  # written by a handle opened before the watch
+    assert t.closed_at("/in/a.jsonl") is None
+    t.note(FileMovedEvent("/in/b.jsonl.part", "/in/b.jsonl"))  # renamed into place when done
+    assert t.closed_at("/in/b.jsonl") == clock.now
+
+
+def test_a_closed_file_settles_at_once_a_file_held_open_does_not(tmp_path):
+    realm = init_realm(tmp_path)
+    config = IngestConfig(settle_seconds=30.0)  # the settle interval alone would take 30 s
+    watcher = InboxWatcher(realm, config)
+    watcher.start()
+    try:
+        if watcher.mode != "events":
+            import pytest
+
+            pytest.skip("inotify events are unavailable here")
+        scanner = InboxScanner(realm, config, closed_at=watcher.closed_at)
+        held = open(realm.inbox / "held.jsonl", "w")
+        held.write('{"text": "a"}\n')
+        held.flush()
+        (realm.inbox / "done.jsonl").write_text('{"text": "b"}\n')
+        deadline = time.monotonic() + 5
+        taken = []
+        while time.monotonic() < deadline and not taken:
+            watcher.wait(0.5)
+            taken = scanner.scan()
+        assert taken == [(realm.inbox / "done.jsonl", "normal")]
+        held.write('{"text": "c"}\n')
+        held.close()
+        deadline = time.monotonic() + 5
+        taken = []
+        while time.monotonic() < deadline and not taken:
+            watcher.wait(0.5)
+            taken = [t for t in scanner.scan() if t[0].name == "held.jsonl"]
+        assert taken and (realm.inbox / "held.jsonl").read_text().count("\n") == 2
     finally:
         watcher.stop()

@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from core.chat import IGNORE_INDEX, TokenizedExample
-from core.packing import collate, iter_steps, micro_batches, model_attention_mask, pack_rows
+from core.packing import (
+    PACKED_SDPA,
+    collate,
+    iter_steps,
+    micro_batches,
+    model_attention_mask,
+    pack_rows,
+    register_packed_sdpa,
+)
 from tests.conftest import STORIES260K
 
 
@@ -51,6 +59,7 @@ def test_collate_shapes_positions_labels_and_block_diagonal_mask():
     assert batch.position_ids[0].tolist()[:5] == [0, 1, 2, 0, 1]
     assert batch.labels[0].tolist() == [IGNORE_INDEX] + a.input_ids[1:] + [IGNORE_INDEX] + b.input_ids[1:] + [IGNORE_INDEX]
     assert batch.num_tokens == 9 and batch.num_trainable == 2 + 1 + 3
+    assert batch.segments == ((3, 3), (6,))  # document lengths per row, padding joined to the last
     m = batch.attention_mask[0, 0].int().tolist()
     assert m == [[1, 0, 0, 0, 0, 0],
                  [1, 1, 0, 0, 0, 0],
@@ -68,6 +77,7 @@ def test_model_attention_mask_forms():
     mask = collate([[ex(2), ex(2)]], 0).attention_mask
     assert model_attention_mask(mask, "sdpa") is mask
     assert model_attention_mask(mask, "flash_attention_2") is None
+    assert model_attention_mask(mask, PACKED_SDPA) is None  # documents come as Batch.segments
     add = model_attention_mask(mask, "eager", torch.float32)
     assert add.dtype == torch.float32 and add[0, 0, 1, 0] == 0 and add[0, 0, 2, 0] == torch.finfo(torch.float32).min
 
@@ -90,17 +100,19 @@ def _stories260k():
 
 
 @pytest.mark.parametrize("make_model", [_tiny_qwen3, _stories260k], ids=["qwen3-nano", "stories260K"])
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", PACKED_SDPA])
 @torch.no_grad()
 def test_packed_logits_equal_each_document_alone(make_model, attn):
     model = make_model()
-    model.set_attn_implementation(attn)
+    model.set_attn_implementation(register_packed_sdpa() if attn == PACKED_SDPA else attn)
     vocab = model.config.vocab_size
     docs = [ex(11, 1, start=5, vocab=vocab), ex(17, 2, start=40, vocab=vocab), ex(23, 3, start=77, vocab=vocab),
             ex(30, 4, start=9, vocab=vocab)]
     batch = collate([docs[:3], docs[3:]], pad_token_id=0, pad_to=64)
     mask = model_attention_mask(batch.attention_mask, model.config._attn_implementation, torch.float32)
-    packed = model(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids).logits
+    extra = {"packed_segments": batch.segments} if attn == PACKED_SDPA else {}
+    packed = model(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids, **extra).logits
+    assert batch.segments == ((11, 17, 36), (64,))  # the padding joins each row's last document
     leaky = model(input_ids=batch.input_ids, position_ids=batch.position_ids).logits  # position ids only
     placements = [(0, 0), (0, 11), (0, 28), (1, 0)]
     worst_leak = 0.0

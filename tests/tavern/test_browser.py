@@ -4,6 +4,7 @@ rebuilt state after reload, escaped user strings, working controls, no CSP viola
 from __future__ import annotations
 
 import re
+import threading
 import time
 
 from tests.tavern.conftest import LedgerWriter, running_tavern, save_screenshot
@@ -135,3 +136,44 @@ def test_loss_chart_zooms_into_server_side_detail(live_tavern, page):
     page.click("#reset-zoom")
     assert page.text_content("#chart-note") == "4 steps per point"
     assert not page.console_errors, page.console_errors
+
+
+def test_after_a_tavern_restart_the_page_reconnects_and_rebuilds_its_state(tavern_realm, page):
+    from core.ledger import Ledger
+    from tavern.app import close_app
+    from tavern.server import make_tavern_server
+
+    ledger = Ledger(tavern_realm.ledger_path)
+    writer = LedgerWriter(ledger)
+    for _ in range(5):
+        writer.step()
+    writer.heartbeat()
+
+    def serve(port):
+        server, app = make_tavern_server(tavern_realm, host="127.0.0.1", port=port)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return server, app
+
+    def stop(server, app):
+        server.shutdown()
+        server.server_close()
+        close_app(app)
+
+    server, app = serve(0)
+    port = server.server_port
+    try:
+        page.goto(f"http://127.0.0.1:{port}/")
+        wait_until(lambda: step_shown(page) == 5, what="the first state")
+        stop(server, app)
+        wait_until(lambda: page.get_attribute("#conn", "data-state") == "down", what="the page to notice")
+        for _ in range(7):  # training goes on while the Tavern is down: no event can reach the page
+            writer.step()
+        writer.heartbeat()
+        server, app = serve(port)
+        wait_until(lambda: page.get_attribute("#conn", "data-state") == "live", timeout_seconds=20,
+                   what="the reconnect")
+        wait_until(lambda: step_shown(page) == 12, what="the state rebuilt from the server")
+        assert page.text_content("#chart-note") == "every step"
+    finally:
+        stop(server, app)
+        ledger.close()

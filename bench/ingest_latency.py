@@ -129,7 +129,7 @@ def queued_latencies(root: Path, files: int) -> list[float]:
         d.stop()
 
 
-def first_step_latencies(root: Path, drops: int) -> list[dict]:
+def first_step_latencies(root: Path, drops: int, offset: int) -> list[dict]:
     d = DaemonProcess(root)
     try:
         d.wait_state("idle")
@@ -137,7 +137,7 @@ def first_step_latencies(root: Path, drops: int) -> list[dict]:
         out = []
         for k in range(drops):
             name = f"drop-{k:03d}.jsonl"
-            closed = drop(root, name, quest_lines(1000 + k))
+            closed = drop(root, name, quest_lines(offset + k))
             q = wait_row(d.ledger, "SELECT id FROM quests WHERE name = ?", (name,))
             step = wait_row(d.ledger, "SELECT time FROM steps WHERE quest_id = ? ORDER BY global_step LIMIT 1",
                             (q["id"],))
@@ -157,6 +157,7 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="20 files and 3 drops")
     p.add_argument("--files", type=int, help="files for closed -> queued (default 100, quick 20)")
     p.add_argument("--drops", type=int, help="drops for closed -> first step (default 5, quick 3)")
+    p.add_argument("--keep", action="store_true", help="keep the realms (and daemon logs) for inspection")
     p.add_argument("--polling", action="store_true", help="force the polling observer (no inotify events)")
     a = p.parse_args()
     require(STORIES260K)
@@ -164,14 +165,16 @@ def main() -> int:
     files = a.files or (20 if a.quick else 100)
     drops = a.drops or (3 if a.quick else 5)
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
+    print(f"realms under {work} (removed at the end unless --keep)", flush=True)
     overrides = {"ingest": {"use_polling": True}} if a.polling else None
     try:
         r1 = init_realm(work / "queued", base_model=str(STORIES260K), overrides=overrides)
         queued = queued_latencies(r1.root, files)
         r2 = init_realm(work / "first-step", base_model=str(STORIES260K), overrides=overrides)
-        steps = first_step_latencies(r2.root, drops)
+        steps = first_step_latencies(r2.root, drops, offset=files)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if not a.keep:
+            shutil.rmtree(work, ignore_errors=True)
     first = [s["first_step_s"] for s in steps]
     rows = [
         {"what": "closed -> queued", "n": len(queued), "median": median(queued), "p95": percentile(queued, 95),

@@ -42,6 +42,10 @@ from core.realm import PRIORITIES, Realm
 TEMPORARY_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp", "~")
 CLOSE_GRACE_SECONDS = 0.15
 """After a close-write (or a rename into place), seconds without an open or change before the file is taken."""
+MOVE_PAIRING_SECONDS = 0.05
+"""watchdog holds every inotify event queued behind an unpaired ``IN_MOVED_FROM`` -- a file leaving the
+inbox: every admitted quest -- for 0.5 s, to pair it with its ``IN_MOVED_TO``. The kernel emits both halves
+of a rename together, so the inbox observer pairs within this shorter window."""
 
 log = logging.getLogger("realm.ingest")
 
@@ -103,7 +107,8 @@ class InboxScanner:
         return sorted(out)
 
     def scan(self) -> list[tuple[Path, str]]:
-        """Return ``(path, priority)`` for every settled file, oldest sighting first."""
+        """Return ``(path, priority)`` for every settled file: high, normal, then low priority, each oldest
+        sighting (or close) first, so that of files settling together the urgent one is queued first."""
         now = self.clock()
         settled: list[tuple[float, Path]] = []
         present = set()
@@ -127,8 +132,9 @@ class InboxScanner:
                 settled.append((seen.stable_since, path))
         for gone in set(self._seen) - present:
             del self._seen[gone]
-        settled.sort()
-        return [(p, priority_for(p, self.realm.inbox)) for _, p in settled]
+        rank = {p: i for i, p in enumerate(PRIORITIES)}
+        ordered = sorted((rank.get(priority_for(p, self.realm.inbox), len(rank)), t, p) for t, p in settled)
+        return [(p, priority_for(p, self.realm.inbox)) for _, _, p in ordered]
 
     def forget(self, path: Path) -> None:
         self._seen.pop(path, None)
@@ -226,6 +232,12 @@ class InboxWatcher:
         return self.tracker.closed_at(path) if self.tracker is not None and self.mode == "events" else None
 
     def start(self) -> None:
+        try:  # see MOVE_PAIRING_SECONDS; read when the observer's watch is created
+            from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
+
+            InotifyMoveEventGrouper.delay = min(InotifyMoveEventGrouper.delay, MOVE_PAIRING_SECONDS)
+        except ImportError:  # another platform or watchdog version: its own default
+            pass
         kinds = [PollingObserver] if self.config.use_polling else [Observer, PollingObserver]
         for kind in kinds:
             tracker = CloseTracker() if kind is not PollingObserver else None

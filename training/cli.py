@@ -79,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("validate", help="validate a file and print its report (exit 0 accepted, 1 rejected)")
     s.add_argument("file")
     s.add_argument("--json", action="store_true", help="print the JSON report")
+    s = sub.add_parser("eval", help="held-out loss of a checkpoint (or the base model) on a quest file")
+    s.add_argument("file")
+    s.add_argument("--checkpoint", default="latest", help="checkpoint name (step-00001234), 'latest' or 'base'")
+    s.add_argument("--max-examples", type=int, default=256)
+    s.add_argument("--every", type=int, default=1, help="use records N-1, 2N-1, ... (N = training.eval_holdout_every: the ones training held out)")
+    s.add_argument("--json", action="store_true")
     s = sub.add_parser("enqueue", help="copy a file into the inbox (the daemon validates and queues it)")
     s.add_argument("file")
     s.add_argument("--priority", choices=PRIORITIES, default="normal")
@@ -264,6 +270,31 @@ def cmd_validate(args, realm: Realm, config: RealmConfig, environ) -> int:
     return ExitCode.OK if report.accepted else ExitCode.REJECTED
 
 
+def cmd_eval(args, realm: Realm, config: RealmConfig, environ) -> int:
+    from core.checkpoint import latest_checkpoint, list_checkpoints
+    from core.evaluation import evaluate_file
+    from core.hero import resolve_model_source
+
+    path = Path(args.file)
+    if not path.exists():
+        raise FileNotFoundError(f"no such file: {path}")
+    if args.checkpoint == "base":
+        model_dir = Path(resolve_model_source(realm, config.hero, create=False)[0])
+    elif args.checkpoint == "latest":
+        model_dir = latest_checkpoint(realm.checkpoints_dir(config.hero.name))
+        if model_dir is None:
+            raise FileNotFoundError("no checkpoint yet (use --checkpoint base)")
+    else:
+        matches = [p for p in list_checkpoints(realm.checkpoints_dir(config.hero.name)) if p.name == args.checkpoint]
+        if not matches:
+            raise FileNotFoundError(f"no checkpoint named {args.checkpoint!r}")
+        model_dir = matches[0]
+    loss, n = evaluate_file(model_dir, path, config, max_examples=args.max_examples, every=args.every)
+    result = {"checkpoint": model_dir.name, "file": str(path), "examples": n, "loss": loss}
+    print(json.dumps(result) if args.json else f"{model_dir.name}: loss {loss:.4f} nats/token on {n} examples")
+    return ExitCode.OK
+
+
 def cmd_enqueue(args, realm: Realm, config: RealmConfig, environ) -> int:
     src = Path(args.file)
     if not src.is_file():
@@ -359,6 +390,6 @@ def cmd_vault(args, realm: Realm, config: RealmConfig, environ) -> int:
 
 COMMANDS = {
     "config": cmd_config, "daemon": cmd_daemon, "tavern": cmd_tavern, "start-all": cmd_start_all,
-    "stop-all": cmd_stop_all, "status": cmd_status, "validate": cmd_validate, "enqueue": cmd_enqueue,
+    "stop-all": cmd_stop_all, "status": cmd_status, "validate": cmd_validate, "eval": cmd_eval, "enqueue": cmd_enqueue,
     "new-hero": cmd_new_hero, "doctor": cmd_doctor, "supervise": cmd_supervise, "vault": cmd_vault, **{c: cmd_control for c in CONTROL_COMMANDS},
 }

@@ -57,7 +57,7 @@ def test_home_follows_the_real_daemon_training_stories260k(make_realm, page):
             assert page.text_content("#hero-level").startswith("Lv ")
             assert page.text_content("#atk") != "—"
             wait_until(lambda: page.text_content("#def") != "—", timeout_seconds=60, what="a validation loss")
-            wait_until(lambda: step_shown(page) >= 30, timeout_seconds=60, what="a longer loss curve")
+            wait_until(lambda: step_shown(page) >= 20, timeout_seconds=60, what="a longer loss curve")
             assert page.text_content("#chart-note") == "every step"
             save_screenshot(page, "home")
 

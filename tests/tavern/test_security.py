@@ -175,6 +175,20 @@ def test_templates_have_no_inline_scripts_or_styles():
         assert not re.search(r"\son[a-z]+=", html), f"inline event handler in {path.name}"
 
 
+def test_page_scripts_never_write_html_from_data():
+    """Every page script builds DOM with textContent / Tavern.el; HTML sinks are banned outright."""
+    import re
+    from pathlib import Path
+
+    sinks = re.compile(r"\.(innerHTML|outerHTML)\s*\+?=|insertAdjacentHTML\s*\(|document\.write\s*\(|\beval\s*\(|"
+                       r"new\s+Function\s*\(")
+    scripts = list((Path(__file__).resolve().parents[2] / "tavern" / "static" / "js").glob("*.js"))
+    assert scripts
+    for path in scripts:
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            assert not sinks.search(line), f"{path.name}:{n}: {line.strip()}"
+
+
 def test_body_over_the_limit_is_refused(tavern_realm):
     config = RealmConfig.model_validate({"tavern": {"max_upload_bytes": 1024}})
     application = create_app(tavern_realm, config, testing=True)

@@ -80,3 +80,16 @@ def test_enqueue_never_overwrites(capsys, tmp_path):
         assert main(["--realm", str(realm), "enqueue", str(src), "--priority", "high"], {}) == ExitCode.OK
     names = sorted(p.name for p in (realm / "inbox" / "high").iterdir())
     assert names == ["data-1.jsonl", "data.jsonl"]
+
+
+def test_new_hero_then_eval_base(capsys, make_realm):
+    realm = make_realm()
+    args = ["--realm", str(realm.root)]
+    assert main([*args, "new-hero", "--size", "nano"], {}) == ExitCode.OK
+    assert main([*args, "new-hero", "--size", "nano"], {}) == ExitCode.ERROR  # never silently replaced
+    f = write_text_quest(realm.root / "q.jsonl", 6)
+    capsys.readouterr()
+    assert main([*args, "eval", str(f), "--checkpoint", "base", "--every", "2", "--json"], {}) == ExitCode.OK
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["examples"] == 3 and 4.0 < result["loss"] < 7.0   # random init over 260 tokens: ~ln(260)=5.6
+    assert main([*args, "eval", str(f)], {}) == ExitCode.NOT_FOUND      # no checkpoint yet

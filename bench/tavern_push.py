@@ -6,8 +6,9 @@ records ``Date.now() - row.time`` when its ``step`` event arrives (same machine 
 p50/p95/max in milliseconds over all pages and steps, and the server's share (commit → emit).
 
 Part 2, cost to training: the real daemon (``python -m training daemon``) trains ../shared/models/stories260K
-on GSM8K lines; tokens/s is measured from its ``steps`` rows over alternating windows with 0 and N pages
-(0, N, 0, N, 0) and the medians are compared. Browsers run on the same machine as training here, so this counts their rendering too (an upper
+on GSM8K lines; tokens/s is the median of its per-step ``tokens_per_second`` over alternating windows with
+0 and N pages (0, N, 0, N, 0), and the medians of the two kinds of window are compared. The CPU used by the
+Tavern (this process) and by Chromium in each window is reported beside it. Browsers run on the same machine as training here, so this counts their rendering too (an upper
 bound of the cost; a browser on another machine costs the trainer only the Tavern's share).
 
     .venv/bin/python bench/tavern_push.py [--clients 20] [--steps 150] [--window-seconds 25]
@@ -122,13 +123,37 @@ def latency(browser, clients: int, steps: int, interval: float) -> dict:
             "server_emit_p95_ms": round(percentile(emitted, 0.95), 1)}
 
 
-def tokens_per_second(ledger: Ledger, since: float, until: float) -> tuple[float, int]:
-    rows = ledger.query("SELECT tokens, time FROM steps WHERE time > ? AND time <= ? ORDER BY global_step",
-                        (since, until))
-    if len(rows) < 2:
-        return float("nan"), len(rows)
-    tokens = sum(r["tokens"] for r in rows[1:])
-    return tokens / (rows[-1]["time"] - rows[0]["time"]), len(rows)
+def cpu_seconds() -> dict:
+    """CPU seconds used so far by this process (the Tavern server + the Playwright driver), and by each
+    Chromium process by pid (renderers of closed pages exit: compare pids present at both ends)."""
+    import psutil
+
+    me = psutil.Process()
+    chromium: dict[int, float] = {}
+    for proc in me.children(recursive=True):
+        try:
+            if "chromium" in proc.name():
+                t = proc.cpu_times()
+                chromium[proc.pid] = t.user + t.system
+        except psutil.Error:
+            pass
+    t = me.cpu_times()
+    return {"tavern": t.user + t.system, "chromium": chromium}
+
+
+def cpu_percent(before: dict, after: dict, seconds: float) -> dict[str, int]:
+    chromium = sum(v - before["chromium"].get(pid, 0.0) for pid, v in after["chromium"].items())
+    return {"tavern_cpu_percent": round(100 * (after["tavern"] - before["tavern"]) / seconds),
+            "chromium_cpu_percent": round(100 * chromium / seconds)}
+
+
+def tokens_per_second(ledger: Ledger, since: float, until: float) -> tuple[float | None, int]:
+    """Median of the daemon's per-step tokens/s (tokens of a step / its duration) over the window."""
+    rows = ledger.query("SELECT tokens_per_second FROM steps WHERE time > ? AND time <= ? AND "
+                        "tokens_per_second IS NOT NULL", (since, until))
+    if not rows:
+        return None, 0
+    return statistics.median(r["tokens_per_second"] for r in rows), len(rows)
 
 
 def training_cost(browser, clients: int, window_seconds: float) -> dict:
@@ -157,10 +182,13 @@ def training_cost(browser, clients: int, window_seconds: float) -> dict:
             windows = []
             for n in (0, clients, 0, clients, 0):  # alternate: the machine's load drifts
                 pages = open_pages(browser, server.url, n)
-                start = time.time()
+                start, cpu = time.time(), cpu_seconds()
                 time.sleep(window_seconds)
-                tps, nsteps = tokens_per_second(ledger, start, time.time())
-                windows.append({"clients": n, "tokens_per_second": round(tps, 1), "steps": nsteps})
+                end, cpu_end = time.time(), cpu_seconds()
+                tps, nsteps = tokens_per_second(ledger, start, end)
+                windows.append({"clients": n, "tokens_per_second": None if tps is None else round(tps, 1),
+                                "steps": nsteps,
+                                **cpu_percent(cpu, cpu_end, end - start)})
                 for p in pages:
                     p.close()
         finally:
@@ -168,10 +196,14 @@ def training_cost(browser, clients: int, window_seconds: float) -> dict:
             daemon.wait(120)
             ledger.close()
             server.close()
-    idle = statistics.median(w["tokens_per_second"] for w in windows if w["clients"] == 0)
-    watched = statistics.median(w["tokens_per_second"] for w in windows if w["clients"] == clients)
+    def median_of(n: int) -> float | None:
+        xs = [w["tokens_per_second"] for w in windows if w["clients"] == n and w["tokens_per_second"] is not None]
+        return statistics.median(xs) if xs else None
+
+    idle, watched = median_of(0), median_of(clients)
     return {"windows": windows, "median_tokens_per_second_0_clients": idle,
-            f"median_tokens_per_second_{clients}_clients": watched, "ratio_with_clients": round(watched / idle, 3)}
+            f"median_tokens_per_second_{clients}_clients": watched,
+            "ratio_with_clients": round(watched / idle, 3) if idle and watched else None}
 
 
 def main() -> int:

@@ -29,6 +29,7 @@ from typing import Any
 
 from core.chat import count_tokens, count_tokens_batch
 from core.config import RealmConfig
+from core.engine import CheckpointSkipped, Engine, count_train_examples
 from core.formats import PREFERENCE_FORMATS, SFT_FORMATS, iter_valid_records
 from core.ingest import InboxScanner, InboxWatcher
 from core.ledger import CommandState, Ledger, QuestState
@@ -59,8 +60,13 @@ class AlreadyRunning(RuntimeError):
 class Daemon:
     """One realm's long-running trainer. ``run()`` returns when stopped (or idle, with ``until_idle``)."""
 
-    def __init__(self, realm: Realm, config: RealmConfig, *, until_idle: bool = False):
+    def __init__(self, realm: Realm, config: RealmConfig, *, until_idle: bool = False,
+                 checkpoint_hooks: Any = None):
+        """``checkpoint_hooks``: an object with ``before_save(parameters=, should_stop=, on_wait=) -> bool``
+        and ``after_save(path)`` (the disk guard and retention of ``management.hooks.CheckpointHooks``,
+        passed in by the CLI), or None."""
         self.realm = realm
+        self.checkpoint_hooks = checkpoint_hooks
         self.config = config
         self.until_idle = until_idle
         self.ledger: Ledger | None = None
@@ -90,15 +96,16 @@ class Daemon:
             self.cleanup()
 
     def setup(self) -> None:
-        from core.engine import Engine  # torch import is slow: only when a daemon really starts
-
         self.realm.ensure_layout()
         self.ledger = Ledger(self.realm.ledger_path)
         self.queue = QuestQueue(self.realm, self.ledger)
         self._set_state(DaemonState.STARTING)
         for note in self.queue.reconcile():
             log.warning(note)
-        self.engine = Engine(self.realm, self.config, self.ledger, logger=log)
+        hooks = self.checkpoint_hooks
+        self.engine = Engine(self.realm, self.config, self.ledger, logger=log,
+                             before_save=self._before_save if hooks is not None else None,
+                             after_save=hooks.after_save if hooks is not None else None)
         self.engine.setup()
         hero = self.engine.hero_info
         self._status["hero"] = hero
@@ -118,6 +125,14 @@ class Daemon:
         self._ingest_thread = threading.Thread(target=self._ingest_loop, name="ingest", daemon=True)
         self._ingest_thread.start()
 
+    def _before_save(self) -> bool:
+        """The disk guard: True when the checkpoint fits; while the disk is short it waits (state paused,
+        heartbeat kept), and returns False if a stop is requested meanwhile."""
+        assert self.engine is not None
+        return self.checkpoint_hooks.before_save(
+            parameters=self.engine.hero_info.get("parameters"), should_stop=self._stop.is_set,
+            on_wait=lambda result: self._set_state(DaemonState.PAUSED, disk_full=getattr(result, "message", "")))
+
     def cleanup(self) -> None:
         self._stop.set()
         if self._watcher is not None:
@@ -129,6 +144,9 @@ class Daemon:
             try:
                 if self.engine.global_step > self.engine.last_saved_step:
                     self.engine.save_checkpoint("stop")
+            except CheckpointSkipped as exc:
+                log.error("%s: the steps after step-%08d will be trained again at the next start", exc,
+                          self.engine.last_saved_step)
             finally:
                 self.engine.cleanup()
         if self.ledger is not None:
@@ -191,6 +209,9 @@ class Daemon:
         try:
             result = self.engine.train_quest(qid, records, examples_done=quest["examples_trained"] or 0,
                                              should_stop=self._should_interrupt)
+        except CheckpointSkipped as exc:  # disk full and a stop was requested: not the quest's fault
+            log.error("%s; quest %s stays in processing", exc, qid)
+            return
         except Exception as exc:  # a failing quest must not kill the daemon
             self._quest_raised(quest, exc)
             return
@@ -203,7 +224,11 @@ class Daemon:
             return
         # interrupted: stop, or skip
         if self.engine.global_step > self.engine.last_saved_step:
-            self.engine.save_checkpoint("skip" if self._skip else "stop")
+            try:
+                self.engine.save_checkpoint("skip" if self._skip else "stop")
+            except CheckpointSkipped as exc:
+                log.error("%s; quest %s stays in processing", exc, qid)
+                return
         if self._skip:
             self.queue.transition(qid, QuestState.QUEUED, expect=QuestState.PROCESSING, deferred=1)
             self.ledger.event("quest_skipped", f"quest {quest['name']} went back to the queue at example "
@@ -346,8 +371,6 @@ class Daemon:
             self.queue.transition(quest_id, QuestState.SKIPPED, note=note, **fields)
             self.ledger.event("quest_skipped_duplicate", f"{quest['name']}: {note}", quest_id=quest_id)
             return
-        from core.engine import count_train_examples
-
         fields["examples_total"] = count_train_examples(info.get("examples") or 0,
                                                         self.config.training.eval_holdout_every)
         note = None

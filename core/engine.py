@@ -28,6 +28,8 @@ warning event; its examples count as consumed (the cursor moves on).
 
 from __future__ import annotations
 
+import errno
+import functools
 import gc
 import logging
 import math
@@ -159,6 +161,10 @@ class _HoldoutSplit:
                 self._pull()
 
 
+class CheckpointSkipped(RuntimeError):
+    """A checkpoint was not written: the disk guard found no room and a stop was requested."""
+
+
 class Engine:
     """The continuous SFT trainer of one realm's hero (see the module doc).
 
@@ -168,8 +174,13 @@ class Engine:
     loaded checkpoint's), ``last_saved_step``, ``last_checkpoint``, ``mixed_precision`` (no|bf16|fp16).
     """
 
-    def __init__(self, realm: Realm, config: RealmConfig, ledger: Ledger, logger: logging.Logger | None = None):
+    def __init__(self, realm: Realm, config: RealmConfig, ledger: Ledger, logger: logging.Logger | None = None,
+                 *, before_save: Callable[[], bool] | None = None,
+                 after_save: Callable[[Path], None] | None = None):
         self.realm, self.config, self.ledger = realm, config, ledger
+        # checkpoint hooks (the disk guard and retention of management/, passed in by the CLI):
+        # before_save() -> False means "no room and a stop was requested": the save is skipped
+        self.before_save, self.after_save = before_save, after_save
         self.log = logger or logging.getLogger("core.engine")
         self.checkpoints_dir = realm.checkpoints_dir(config.hero.name)
         self.global_step = 0
@@ -466,14 +477,28 @@ class Engine:
     # --- checkpoints and teardown -----------------------------------------------------------------------
     def save_checkpoint(self, reason: str) -> Path:
         """Save ``step-<global_step>`` atomically (replacing one of the same step) with the current cursor;
-        ``reason``: e.g. save_steps, save_interval, quest_end, sigterm. Returns its path. Raises ``OSError``."""
+        ``reason``: e.g. save_steps, save_interval, quest_end, sigterm. Returns its path.
+
+        Raises :class:`CheckpointSkipped` when ``before_save`` found no room and a stop was requested, and
+        ``OSError`` when writing fails (after one retry through ``before_save`` on a full disk)."""
+        if self.before_save is not None and not self.before_save():
+            raise CheckpointSkipped(f"no disk space for checkpoint step-{self.global_step:08d}; not saved")
         hero = {k: self.hero_info.get(k) for k in ("name", "base_model", "architecture", "parameters", "newborn")}
         info = {ckpt.KEY_CURSOR: self.cursor, ckpt.KEY_LOSS: self.last_loss, ckpt.KEY_EVAL_LOSS: self.last_eval_loss,
                 ckpt.KEY_REASON: reason, ckpt.KEY_HERO: hero, ckpt.KEY_CONFIG: self.config.model_dump()}
         started = time.perf_counter()
-        path = ckpt.save_checkpoint(self.checkpoints_dir, global_step=self.global_step, model=self._raw_model,
-                                    tokenizer=self.tokenizer, optimizer=self.optimizer, scheduler=self.scheduler,
-                                    info=info)
+        save = functools.partial(ckpt.save_checkpoint, self.checkpoints_dir, global_step=self.global_step,
+                                 model=self._raw_model, tokenizer=self.tokenizer, optimizer=self.optimizer,
+                                 scheduler=self.scheduler, info=info)
+        try:
+            path = save()
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC or self.before_save is None:
+                raise
+            self._warn("disk_full", f"disk full while saving step-{self.global_step:08d}; pruning and retrying")
+            if not self.before_save():
+                raise CheckpointSkipped(f"disk full: checkpoint step-{self.global_step:08d} not saved") from exc
+            path = save()
         self.last_checkpoint, self.last_saved_step = path, self.global_step
         self.hero_info["checkpoint"] = str(path)
         self._last_save = time.monotonic()
@@ -481,6 +506,8 @@ class Engine:
         self.ledger.event("checkpoint_saved", f"checkpoint {path.name} saved ({reason}, {seconds:.1f} s)",
                           step=self.global_step, path=str(path), reason=reason, cursor=self.cursor)
         self.log.info("checkpoint %s saved (%s) in %.1f s", path, reason, seconds)
+        if self.after_save is not None:
+            self.after_save(path)
         return path
 
     def latest_checkpoint_info(self) -> dict[str, Any] | None:

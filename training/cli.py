@@ -149,9 +149,12 @@ def cmd_config(args, realm: Realm, config: RealmConfig, environ) -> int:
 
 def cmd_daemon(args, realm: Realm, config: RealmConfig, environ) -> int:
     from core.daemon import AlreadyRunning, Daemon
+    from management.hooks import CheckpointHooks
 
+    realm.ensure_layout()
+    hooks = CheckpointHooks(realm, config)  # disk guard before each save, retention after it
     try:
-        return Daemon(realm, config, until_idle=args.until_idle).run()
+        return Daemon(realm, config, until_idle=args.until_idle, checkpoint_hooks=hooks).run()
     except AlreadyRunning as exc:
         print(f"error: {exc}", file=sys.stderr)
         return ExitCode.ALREADY_RUNNING

@@ -7,15 +7,21 @@
   const $ = (id) => document.getElementById(id);
   const MAX_LOG = 200;
   const HISTORY_POINTS = 1500;
+  const CHART_MIN_REDRAW_MS = 1000;  // live points are drawn at most once a second
 
   // ---- hero, quest, metrics ------------------------------------------------------------------
   let lastStatus = null;
   let shownStep = 0;
 
-  function setText(id, text) { const n = $(id); if (n) n.textContent = text; }
+  // Write only what changed: every write costs a layout and a repaint in each open tab.
+  function setText(id, text) {
+    const n = $(id);
+    if (n && n.textContent !== String(text)) n.textContent = text;
+  }
   function setBar(id, fraction) {
     const n = $(id);
-    if (n) n.style.width = (Math.max(0, Math.min(1, fraction || 0)) * 100).toFixed(1) + "%";
+    const width = (Math.max(0, Math.min(1, fraction || 0)) * 100).toFixed(1) + "%";
+    if (n && n.style.width !== width) n.style.width = width;
   }
 
   function showStep(step) {
@@ -33,7 +39,7 @@
     const arch = [h.architecture, h.parameters ? fmt.num(h.parameters) + " parameters" : null,
       h.base_model ? "base: " + h.base_model : null].filter(Boolean).join(" · ");
     setText("hero-arch", arch || "architecture unknown until the daemon loads the hero");
-    $("newborn-note").classList.toggle("hidden", !h.newborn);
+    $("newborn-note").classList.toggle("hidden", !h.newborn);  // toggle() is a no-op when unchanged
     setText("hero-xp", fmt.num(h.xp) + " / " + fmt.num(h.xp_next_level) + " (level " + (h.level + 1) + ")");
     setBar("xp-bar", h.xp_progress);
     showStep(m.global_step);  // never backwards: a step event may be ahead of this status
@@ -43,9 +49,9 @@
     setText("def", h.def === null ? "—" : h.def);
     setText("def-sub", m.eval_loss === null ? "no validation loss yet"
       : "validation loss " + fmt.num(m.eval_loss, 3) + " @ step " + fmt.num(m.eval_global_step));
-    const strain = $("strain");
-    strain.textContent = h.strain_zone || "—";
-    strain.className = "value" + (h.strain_zone ? " zone-" + h.strain_zone : "");
+    setText("strain", h.strain_zone || "—");
+    const zoneClass = "value" + (h.strain_zone ? " zone-" + h.strain_zone : "");
+    if ($("strain").className !== zoneClass) $("strain").className = zoneClass;
     setText("strain-sub", h.strain === null ? "grad_norm / max_grad_norm" : "grad_norm / max = " + fmt.num(h.strain, 2));
     setText("tokens-per-second", m.tokens_per_second === null ? "—" : fmt.num(Math.round(m.tokens_per_second)));
     setText("learning-rate", fmt.sci(m.learning_rate));
@@ -138,14 +144,17 @@
     plot.over.addEventListener("dblclick", resetZoom);
     window.addEventListener("resize", () => plot.setSize({width: Math.max(300, box.clientWidth), height: 320}));
   }
+  let lastDraw = 0;
   function redraw() {
     if (redrawQueued) return;
     redrawQueued = true;
-    requestAnimationFrame(() => {
+    const wait = Math.max(0, lastDraw + CHART_MIN_REDRAW_MS - Date.now());
+    setTimeout(() => requestAnimationFrame(() => {
       redrawQueued = false;
+      lastDraw = Date.now();
       if (!plot) makePlot();
       else if (!detail) plot.setData(joined(full));
-    });
+    }), plot ? wait : 0);
   }
   async function onSelect(u) {
     if (u.select.width < 5) return;
@@ -212,15 +221,24 @@
   Tavern.onResync(loadHistory);
   Tavern.onResync(loadEvents);
   socket.on("status", renderStatus);
-  socket.on("step", (s) => {
+  // Steps can arrive many times a second: keep the newest and write it once per animation frame
+  // (a hidden tab then does no work until it is shown again).
+  let newestStep = null;
+  function flushStep() {
+    const s = newestStep;
+    newestStep = null;
     showStep(s.global_step);
+    if (s.learning_rate !== null) setText("learning-rate", fmt.sci(s.learning_rate));
+    if (s.loss !== null) setText("loss", fmt.num(s.loss, 4));
+  }
+  socket.on("step", (s) => {
+    if (newestStep === null) requestAnimationFrame(flushStep);
+    newestStep = s;
     if (s.loss !== null) {
       appendPoint(full.train, s.global_step, s.loss);
       if (!detail) noteBuckets();
       redraw();
     }
-    if (s.learning_rate !== null) setText("learning-rate", fmt.sci(s.learning_rate));
-    if (s.loss !== null) setText("loss", fmt.num(s.loss, 4));
     if (full.train[0].length > 3 * HISTORY_POINTS) loadHistory();  // re-bucket a long live session
   });
   socket.on("eval", (e) => { appendPoint(full.eval, e.global_step, e.eval_loss); redraw(); });

@@ -123,7 +123,7 @@
   // The nav's status pills: filled from /api/status, then kept live by "status" and "step" events.
   function showStatus(st) {
     const ds = document.getElementById("daemon-state");
-    if (ds && st && st.daemon) {
+    if (ds && st && st.daemon && ds.dataset.state !== st.daemon.display_state) {
       ds.textContent = "daemon: " + st.daemon.display_state;
       ds.dataset.state = st.daemon.display_state;
     }
@@ -131,7 +131,8 @@
   }
   function showStep(step) {
     const gp = document.getElementById("global-step-pill");
-    if (gp) gp.textContent = "step " + fmt.num(step);
+    const text = "step " + fmt.num(step);
+    if (gp && gp.textContent !== text) gp.textContent = text;
   }
 
   const socket = io({transports: ["websocket", "polling"], tryAllTransports: true});

@@ -103,7 +103,7 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
         cells.append(line)
     widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
     for k, line in enumerate(cells):
-        print("  ".join(c.rjust(w) if k and i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths))))
+        print("  ".join(c.rjust(w) if k and i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True))))
         if k == 0:
             print("  ".join("-" * w for w in widths))
 

@@ -31,8 +31,17 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import GSM8K, PYTHON, ROOT, STORIES260K, emit_json, machine, median, print_table, \
-    require  # noqa: E402
+from _common import (
+    GSM8K,
+    PYTHON,
+    ROOT,
+    STORIES260K,
+    emit_json,
+    machine,
+    median,
+    print_table,
+    require,  # noqa: E402
+)
 
 from core.realm import init_realm  # noqa: E402
 

@@ -6,7 +6,8 @@ records ``Date.now() - row.time`` when its ``step`` event arrives (same machine 
 p50/p95/max in milliseconds over all pages and steps, and the server's share (commit → emit).
 
 Part 2, cost to training: the real daemon (``python -m training daemon``) trains ../shared/models/stories260K
-on GSM8K lines; tokens/s is the median of its per-step ``tokens_per_second`` over alternating windows with
+on GSM8K lines, watched by N raw Socket.IO clients (the Tavern's own cost) and then by N Chromium pages
+(which also render on this machine); tokens/s is the median of its per-step ``tokens_per_second`` over alternating windows with
 0 and N pages (0, N, 0, N, 0), and the medians of the two kinds of window are compared. The CPU used by the
 Tavern (this process) and by Chromium in each window is reported beside it. Browsers run on the same machine as training here, so this counts their rendering too (an upper
 bound of the cost; a browser on another machine costs the trainer only the Tavern's share).
@@ -63,6 +64,50 @@ class Server:
         self.server.shutdown()
         self.server.server_close()
         close_app(self.app)
+
+
+class SocketIOClient:
+    """A minimal Socket.IO client over a raw WebSocket (Engine.IO v4 frames, simple-websocket): connects to
+    the default namespace, answers pings and JSON-decodes every event, as a page would before rendering.
+    It costs the Tavern what a browser costs it, without the browser's rendering on this machine."""
+
+    def __init__(self, url: str):
+        import simple_websocket
+
+        self.ws = simple_websocket.Client.connect(url.replace("http://", "ws://", 1)
+                                                  + "socket.io/?EIO=4&transport=websocket")
+        opening = self.ws.receive(timeout=60)  # generous: the machine may be saturated by training
+        if not opening or not opening.startswith("0"):
+            raise RuntimeError(f"unexpected Engine.IO opening {opening!r}")
+        self.ws.send("40")
+        self.events = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                msg = self.ws.receive(timeout=0.5)
+            except Exception:  # closed by the server or by close()
+                return
+            if msg == "2":
+                self.ws.send("3")
+            elif isinstance(msg, str) and msg.startswith("42"):
+                json.loads(msg[2:])
+                self.events += 1
+
+    def close(self) -> None:
+        self._stop.set()
+        self.ws.close()
+        self._thread.join(2)
+
+
+def open_clients(kind: str, browser, url: str, n: int) -> list:
+    """n watchers of Home: Chromium pages ("browser") or raw Socket.IO clients ("socketio")."""
+    if kind == "browser":
+        return open_pages(browser, url, n)
+    return [SocketIOClient(url) for _ in range(n)]
 
 
 def open_pages(browser, url: str, n: int) -> list:
@@ -180,30 +225,37 @@ def training_cost(browser, clients: int, window_seconds: float) -> dict:
                     raise RuntimeError(f"the daemon did not train; see {realm.logs / 'daemon.log'}")
                 time.sleep(0.5)
             windows = []
-            for n in (0, clients, 0, clients, 0):  # alternate: the machine's load drifts
-                pages = open_pages(browser, server.url, n)
-                start, cpu = time.time(), cpu_seconds()
-                time.sleep(window_seconds)
-                end, cpu_end = time.time(), cpu_seconds()
-                tps, nsteps = tokens_per_second(ledger, start, end)
-                windows.append({"clients": n, "tokens_per_second": None if tps is None else round(tps, 1),
-                                "steps": nsteps,
-                                **cpu_percent(cpu, cpu_end, end - start)})
-                for p in pages:
-                    p.close()
+            for kind in ("socketio", "browser"):
+                for n in (0, clients, 0, clients, 0):  # alternate: the machine's load drifts
+                    watchers = open_clients(kind, browser, server.url, n)
+                    start, cpu = time.time(), cpu_seconds()
+                    time.sleep(window_seconds)
+                    end, cpu_end = time.time(), cpu_seconds()
+                    tps, nsteps = tokens_per_second(ledger, start, end)
+                    windows.append({"kind": kind, "clients": n, "steps": nsteps,
+                                    "tokens_per_second": None if tps is None else round(tps, 1),
+                                    **cpu_percent(cpu, cpu_end, end - start)})
+                    if kind == "socketio" and n:
+                        windows[-1]["events_received"] = sum(w.events for w in watchers)
+                    for w in watchers:
+                        w.close()
         finally:
             daemon.send_signal(signal.SIGTERM)
             daemon.wait(120)
             ledger.close()
             server.close()
-    def median_of(n: int) -> float | None:
-        xs = [w["tokens_per_second"] for w in windows if w["clients"] == n and w["tokens_per_second"] is not None]
+    def median_of(kind: str, n: int) -> float | None:
+        xs = [w["tokens_per_second"] for w in windows
+              if w["kind"] == kind and w["clients"] == n and w["tokens_per_second"] is not None]
         return statistics.median(xs) if xs else None
 
-    idle, watched = median_of(0), median_of(clients)
-    return {"windows": windows, "median_tokens_per_second_0_clients": idle,
-            f"median_tokens_per_second_{clients}_clients": watched,
-            "ratio_with_clients": round(watched / idle, 3) if idle and watched else None}
+    summary = {}
+    for kind in ("socketio", "browser"):
+        idle, watched = median_of(kind, 0), median_of(kind, clients)
+        summary[kind] = {"median_tokens_per_second_0_clients": idle,
+                         f"median_tokens_per_second_{clients}_clients": watched,
+                         "ratio": round(watched / idle, 3) if idle and watched else None}
+    return {"summary": summary, "windows": windows}
 
 
 def main() -> int:
@@ -211,7 +263,7 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=20)
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--interval", type=float, default=0.1, help="seconds between step rows (part 1)")
-    ap.add_argument("--window-seconds", type=float, default=20.0)
+    ap.add_argument("--window-seconds", type=float, default=15.0)
     ap.add_argument("--skip-training", action="store_true")
     args = ap.parse_args()
     from playwright.sync_api import sync_playwright

@@ -29,8 +29,17 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import GSM8K, PYTHON, ROOT, STORIES260K, emit_json, machine, peak_rss_mb, print_table, \
-    require  # noqa: E402
+from _common import (
+    GSM8K,
+    PYTHON,
+    ROOT,
+    STORIES260K,
+    emit_json,
+    machine,
+    peak_rss_mb,
+    print_table,
+    require,  # noqa: E402
+)
 
 SMALL_MB = 16
 

@@ -68,6 +68,14 @@ class TrainingConfig(_Section):
     eval_max_examples: int = Field(64, ge=1, description="At most this many held-out examples per quest.")
     max_attempts: int = Field(3, ge=1, description="A quest whose training raises is retried up to this many "
                               "times, then failed with the error.")
+    max_nonfinite_steps: int = Field(3, ge=1, description="After this many consecutive optimizer steps with a "
+                                     "NaN/Inf loss or gradient norm (each update skipped), roll back to the last "
+                                     "checkpoint with a lower learning rate (an error event).")
+    nonfinite_lr_factor: float = Field(0.5, gt=0, le=1, description="Each such rollback multiplies the learning "
+                                       "rate by this; the reduced rate is kept across restarts (ledger key "
+                                       "lr_scale/<hero>) until training.learning_rate is changed.")
+    max_nonfinite_rollbacks: int = Field(3, ge=1, description="Rollbacks in a row without a good step in between "
+                                         "before the quest raises (then max_attempts applies).")
     min_trainable_token_ratio: float = Field(
         0.01, ge=0, le=1, description="Sanity check: a quest whose completion tokens are fewer than this share "
         "of all tokens is flagged in its report (the loss mask is probably wrong).")

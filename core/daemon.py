@@ -30,6 +30,7 @@ from typing import Any
 from core.chat import count_tokens, count_tokens_batch
 from core.config import RealmConfig
 from core.engine import CheckpointSkipped, Engine, count_train_examples
+from core.faults import TrainingRolledBack
 from core.formats import PREFERENCE_FORMATS, SFT_FORMATS, iter_valid_records
 from core.ingest import InboxScanner, InboxWatcher
 from core.ledger import CommandState, Ledger, QuestState
@@ -82,6 +83,7 @@ class Daemon:
         self._ingest_thread: threading.Thread | None = None
         self._watcher: InboxWatcher | None = None
         self._ingest_error: BaseException | None = None
+        self._untakeable: dict[Path, tuple[int, int]] = {}  # inbox files admit failed on: (size, mtime_ns)
 
     # lifecycle -------------------------------------------------------------------
     def run(self) -> int:
@@ -106,7 +108,9 @@ class Daemon:
         self.engine = Engine(self.realm, self.config, self.ledger, logger=log,
                              before_save=self._before_save if hooks is not None else None,
                              after_save=hooks.after_save if hooks is not None else None)
+        completed = self._completed_steps()
         self.engine.setup()
+        self._reopen_lost_quests(completed)
         hero = self.engine.hero_info
         self._status["hero"] = hero
         if hero.get("newborn"):
@@ -176,7 +180,8 @@ class Daemon:
                 continue
             quest = self.queue.next_trainable(TRAINABLE_FORMATS)
             if quest is None:
-                if self.until_idle and self._ingest_idle():
+                # re-checked after: a validation may have queued a quest since next_trainable() looked
+                if self.until_idle and self._ingest_idle() and self.queue.next_trainable(TRAINABLE_FORMATS) is None:
                     log.info("nothing trainable left: exiting (--until-idle)")
                     break
                 self._set_state(DaemonState.IDLE, quest_id=None)
@@ -206,9 +211,15 @@ class Daemon:
         self._skip = False
         self._set_state(DaemonState.TRAINING, quest_id=qid)
         records = self._trainable_records(quest)
+        completed = self._completed_steps()
         try:
             result = self.engine.train_quest(qid, records, examples_done=quest["examples_trained"] or 0,
                                              should_stop=self._should_interrupt)
+        except TrainingRolledBack as exc:  # non-finite losses: the engine is back at its last checkpoint
+            log.error("%s; quest %s resumes from the ledger's cursor", exc, qid)
+            self._status["hero"] = self.engine.hero_info
+            self._reopen_lost_quests(completed)
+            return  # still processing: the loop resumes it at examples_trained (rolled back)
         except CheckpointSkipped as exc:  # disk full and a stop was requested: not the quest's fault
             log.error("%s; quest %s stays in processing", exc, qid)
             return
@@ -234,6 +245,35 @@ class Daemon:
             self.ledger.event("quest_skipped", f"quest {quest['name']} went back to the queue at example "
                               f"{result.examples_trained}", quest_id=qid)
             self._skip = False
+
+    def _completed_steps(self) -> dict[int, int]:
+        """``{quest id: last global step}`` of the completed quests that trained steps."""
+        assert self.ledger is not None
+        rows = self.ledger.query("SELECT id, last_global_step FROM quests WHERE state=? AND last_global_step "
+                                 "IS NOT NULL", (QuestState.COMPLETED.value,))
+        return {r["id"]: r["last_global_step"] for r in rows}
+
+    def _reopen_lost_quests(self, completed: dict[int, int]) -> None:
+        """Queue again the quests of ``completed`` whose last steps are newer than the weights the engine
+        now holds (a corrupt latest checkpoint fell back to an older one): a quest is never left completed
+        with steps its hero lost. They resume at their rolled-back ``examples_trained``."""
+        assert self.queue is not None and self.ledger is not None and self.engine is not None
+        step = self.engine.global_step
+        for qid, last in completed.items():
+            if last <= step:
+                continue
+            try:
+                quest = self.queue.transition(qid, QuestState.QUEUED, expect=QuestState.COMPLETED,
+                                              note=f"reopened: its steps after global step {step} were lost "
+                                              "with their checkpoint")
+            except (OSError, QuestStateError) as exc:  # its file was removed meanwhile
+                self.ledger.event("quest_lost", f"quest {qid} completed at global step {last} but the hero was "
+                                  f"rolled back to global step {step}, and it cannot be queued again ({exc})",
+                                  level="error", quest_id=qid)
+                continue
+            self.ledger.event("quest_reopened", f"quest {quest['name']} completed at global step {last} but the "
+                              f"hero was rolled back to global step {step}: queued again, it resumes at "
+                              f"example {quest['examples_trained']}", level="error", quest_id=qid)
 
     def _quest_raised(self, quest: dict[str, Any], exc: Exception) -> None:
         assert self.queue is not None and self.ledger is not None
@@ -333,11 +373,21 @@ class Daemon:
             self._ingest_error = exc
 
     def _take(self, path: Path, priority: str) -> None:
-        assert self.queue is not None
+        assert self.queue is not None and self.ledger is not None
         try:
+            st = path.lstat()
+            if self._untakeable.get(path) == (st.st_size, st.st_mtime_ns):
+                return  # failed before and unchanged since: not retried every scan
             qid = self.queue.admit(path, priority)
         except FileNotFoundError:
             return  # gone before we took it
+        except OSError as exc:  # e.g. no permission to move it: one alert, retried once the file changes
+            self._untakeable[path] = (st.st_size, st.st_mtime_ns)
+            log.error("cannot take %s from the inbox: %s", path, exc)
+            self.ledger.event("ingest_error", f"cannot take {path.name} from the inbox: {exc}", level="error",
+                              path=str(path))
+            return
+        self._untakeable.pop(path, None)
         self._validate(qid)
 
     def _validate(self, quest_id: int) -> None:

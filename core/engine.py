@@ -24,6 +24,13 @@ RNG state: no example is replayed or skipped. The checkpoint's cursor also recor
 tokens (exact gradient accumulation). A step whose loss or gradient norm is not finite, or that has no
 trainable token, is skipped: no optimizer update, ``global_step`` not incremented, no step row, a
 warning event; its examples count as consumed (the cursor moves on).
+
+**Faults** (:mod:`core.faults`). After ``training.max_nonfinite_steps`` non-finite steps in a row the
+engine rolls back to the last good checkpoint with a lower learning rate and raises
+:class:`core.faults.TrainingRolledBack` (restart the quest from the ledger's cursor). A CUDA
+out-of-memory error halves the micro-batch (doubling accumulation: the step's rows and tokens are
+unchanged) and retries the step; on CUDA each quest starts with a probe step on a full micro-batch of
+``max_length`` rows (the longest batch any step can have), so an OOM shows at once, not hours later.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ import torch.nn.functional as F
 from core import checkpoint as ckpt
 from core.chat import TokenizedExample, count_tokens, tokenize_example
 from core.config import RealmConfig
+from core.faults import NonFiniteLossError, TrainingRolledBack, free_memory, load_lr_scale, store_lr_scale
 from core.hero import (
     NEWBORN_HINT,
     describe_model,
@@ -58,6 +66,7 @@ from core.packing import (
     PACKED_SDPA,
     Batch,
     collate,
+    collate_flat,
     iter_steps,
     micro_batches,
     model_attention_mask,
@@ -194,6 +203,14 @@ class Engine:
         self.last_checkpoint: Path | None = None
         self.last_saved_step = 0  # global step of the checkpoint last saved or loaded (0: none)
         self._last_save = time.monotonic()
+        # faults (core.faults): rows per forward pass (halved on CUDA OOM), non-finite steps in a row,
+        # rollbacks without a good step since, learning-rate scale (kept in the ledger), memory probe
+        # at each quest's start (None: on CUDA only)
+        self.micro_batch_size = config.training.micro_batch_size
+        self.nonfinite_streak = 0
+        self.rollbacks_in_a_row = 0
+        self.lr_scale = 1.0
+        self.probe_memory: bool | None = None
 
     # --- setup ----------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -226,11 +243,12 @@ class Engine:
         self.model.config.use_cache = False
         self.model.to(self.accelerator.device).train()  # on its device before the optimizer holds its params
 
+        self.lr_scale = load_lr_scale(self.ledger, hero.name, t.learning_rate)
         decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,
+            lr=t.learning_rate * self.lr_scale, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,
             fused=self.accelerator.device.type == "cuda")
         self.scheduler = self._make_scheduler()
         if state is not None:
@@ -298,11 +316,12 @@ class Engine:
         """After restoring optimizer/scheduler state, apply the config's current values (a changed config
         takes effect at restart); identical config -> identical values, so resume stays exact."""
         t = self.config.training
-        self.scheduler.base_lrs = [t.learning_rate] * len(self.optimizer.param_groups)
+        peak = t.learning_rate * self.lr_scale  # lr_scale < 1 after non-finite rollbacks (core.faults)
+        self.scheduler.base_lrs = [peak] * len(self.optimizer.param_groups)
         lrs = [base * lam(self.scheduler.last_epoch) for base, lam in
                zip(self.scheduler.base_lrs, self.scheduler.lr_lambdas, strict=True)]
         for group, lr, wd in zip(self.optimizer.param_groups, lrs, (t.weight_decay, 0.0), strict=True):
-            group.update(lr=lr, initial_lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+            group.update(lr=lr, initial_lr=peak, betas=(t.adam_beta1, t.adam_beta2),
                          eps=t.adam_epsilon, weight_decay=wd)
         self.scheduler._last_lr = lrs
 
@@ -324,6 +343,14 @@ class Engine:
         return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=-100, reduction="sum")
 
+    def _collate(self, rows: list[list[TokenizedExample]]) -> Batch:
+        """A micro-batch for :meth:`_loss_sum`: with segmented attention (CPU) the rows' examples end to end
+        without padding (:func:`core.packing.collate_flat`: no compute on pads), else padded rows with the
+        4D mask (:func:`core.packing.collate`)."""
+        if self._attn == PACKED_SDPA:
+            return collate_flat(rows)
+        return collate(rows, self.tokenizer.pad_token_id, self._pad_to())
+
     def _pad_to(self) -> int | None:
         return self.config.training.max_length if self.config.training.packing else None
 
@@ -336,6 +363,11 @@ class Engine:
         already consumed (the ledger's ``examples_trained``). ``should_stop`` is called before each
         optimizer step; when it returns True the call returns ``status="interrupted"`` without saving.
         At the end: evaluation, a checkpoint with ``quest_done=True``, ``status="completed"``.
+
+        Raises :class:`core.faults.TrainingRolledBack` after rolling back to the last good checkpoint
+        (non-finite losses, see :mod:`core.faults`): call again with the ledger's ``examples_trained``;
+        :class:`core.faults.NonFiniteLossError` when rollbacks do not help; ``torch.OutOfMemoryError`` when
+        even one row per forward pass does not fit.
         """
         t = self.config.training
         quest = self.ledger.get_quest(quest_id)
@@ -365,6 +397,8 @@ class Engine:
                                self.last_loss, self.last_eval_loss, len(eval_set),
                                str(self.last_checkpoint) if self.last_checkpoint else None, split.train_total)
 
+        if self.probe_memory if self.probe_memory is not None else self.accelerator.device.type == "cuda":
+            self._probe_memory()
         pending = iter_steps(train, t.micro_batch_size * t.gradient_accumulation_steps, t.max_length, t.packing)
         mark = time.perf_counter()  # tokens/s counts tokenization and compute, not evaluation or saving
         rows = next(pending, None)
@@ -426,18 +460,19 @@ class Engine:
         learning_rate, tokens)``, or None when the update was skipped (no trainable token, non-finite loss
         or gradient norm, fp16 overflow); warnings name the examples [start, end) of the quest."""
         t = self.config.training
-        batches = [collate(mb, self.tokenizer.pad_token_id, self._pad_to())
-                   for mb in micro_batches(rows, t.micro_batch_size)]
-        n_trainable = sum(b.num_trainable for b in batches)
-        if n_trainable == 0:
-            self._warn("empty_step", f"examples {start}-{end - 1} of quest {quest_id} carry no trainable "
-                       "token (all masked or truncated away); skipped", quest_id=quest_id)
-            return None
-        loss_total = torch.zeros((), device=self.accelerator.device)
-        for b in batches:
-            loss_sum = self._loss_sum(b)
-            self.accelerator.backward(loss_sum / n_trainable)  # normalized over the whole optimizer step
-            loss_total += loss_sum.detach()
+        while True:  # once, unless CUDA runs out of memory: then again with half the micro-batch
+            batches = [self._collate(mb) for mb in micro_batches(rows, self.micro_batch_size)]
+            n_trainable = sum(b.num_trainable for b in batches)
+            if n_trainable == 0:
+                self._warn("empty_step", f"examples {start}-{end - 1} of quest {quest_id} carry no trainable "
+                           "token (all masked or truncated away); skipped", quest_id=quest_id)
+                return None
+            try:
+                loss_total = self._forward_backward(batches, n_trainable)
+                break
+            except torch.OutOfMemoryError as exc:
+                error = str(exc)  # leave the except block first: its traceback holds the step's tensors
+            self._out_of_memory(error, f"examples {start}-{end - 1} of quest {quest_id}")
         grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), t.max_grad_norm)
         # the step's only host sync: two scalars for the metrics
         loss, norm = torch.stack([loss_total / n_trainable, grad_norm.float().to(loss_total.device)]).tolist()
@@ -447,6 +482,9 @@ class Engine:
             lines = [ex.line for row in rows for ex in row]
             self._warn("nonfinite_loss", f"loss {loss} / grad_norm {norm} at examples {start}-{end - 1} of quest "
                        f"{quest_id}: update skipped", quest_id=quest_id, lines=lines)
+            self.nonfinite_streak += 1
+            if self.nonfinite_streak >= t.max_nonfinite_steps:
+                self._roll_back(quest_id)  # raises TrainingRolledBack
             return None
         self.optimizer.step()
         skipped = self.accelerator.optimizer_step_was_skipped  # fp16 loss scaling found inf gradients
@@ -454,7 +492,83 @@ class Engine:
         if skipped:
             return None
         self.scheduler.step()
+        self.nonfinite_streak = self.rollbacks_in_a_row = 0
         return loss, norm, learning_rate, sum(b.num_tokens for b in batches)
+
+    def _forward_backward(self, batches: list[Batch], n_trainable: int) -> torch.Tensor:
+        """Accumulate the gradients of the step's micro-batches; returns the summed loss (fp32 scalar)."""
+        loss_total = torch.zeros((), device=self.accelerator.device)
+        for b in batches:
+            loss_sum = self._loss_sum(b)
+            self.accelerator.backward(loss_sum / n_trainable)  # normalized over the whole optimizer step
+            loss_total += loss_sum.detach()
+        return loss_total
+
+    def _out_of_memory(self, error: str, where: str) -> None:
+        """After ``torch.OutOfMemoryError``: drop the partial gradients, free memory and halve the
+        micro-batch (accumulation doubles: same rows per step). Raises ``torch.OutOfMemoryError`` when
+        the micro-batch is already one row."""
+        self.optimizer.zero_grad(set_to_none=True)
+        free_memory()
+        old = self.micro_batch_size
+        if old == 1:
+            raise torch.OutOfMemoryError(f"out of memory at {where} with micro_batch_size 1: lower "
+                                         f"training.max_length or use a smaller model ({error})")
+        self.micro_batch_size = old // 2
+        t = self.config.training
+        rows = t.micro_batch_size * t.gradient_accumulation_steps
+        self._warn("out_of_memory", f"out of memory at {where} with micro_batch_size {old}: retrying with "
+                   f"micro_batch_size {self.micro_batch_size} and gradient accumulation "
+                   f"{math.ceil(rows / self.micro_batch_size)} (same {rows} rows per optimizer step)",
+                   micro_batch_size=self.micro_batch_size, previous_micro_batch_size=old, error=error[:500])
+
+    def _probe_memory(self) -> None:
+        """Forward/backward on ``micro_batch_size`` rows of ``max_length`` tokens (every step's batches are
+        at most that), halving the micro-batch while it runs out of memory; gradients dropped, RNG restored
+        (exact resume is unaffected)."""
+        t = self.config.training
+        token = self.tokenizer.pad_token_id or 0
+        rng = ckpt.rng_state()
+        while True:
+            full = TokenizedExample([token] * t.max_length, [token] * t.max_length)
+            batch = self._collate([[full]] * self.micro_batch_size)  # as the steps' batches are built
+            try:
+                self._loss_sum(batch).backward()
+                error = None
+            except torch.OutOfMemoryError as exc:
+                error = str(exc)
+            finally:
+                self.optimizer.zero_grad(set_to_none=True)
+                ckpt.set_rng_state(rng)
+            if error is None:
+                return
+            self._out_of_memory(error, f"the memory probe ({t.max_length} tokens per row)")
+
+    def _roll_back(self, quest_id: int) -> None:
+        """Reload the last good checkpoint with the learning rate times ``training.nonfinite_lr_factor``
+        (an error event), then raise :class:`TrainingRolledBack`; :class:`NonFiniteLossError` after
+        ``training.max_nonfinite_rollbacks`` rollbacks with no good step in between."""
+        t = self.config.training
+        from_step, streak = self.global_step, self.nonfinite_streak
+        self.nonfinite_streak = 0
+        if self.rollbacks_in_a_row >= t.max_nonfinite_rollbacks:
+            raise NonFiniteLossError(f"loss still not finite after {self.rollbacks_in_a_row} rollback(s) to "
+                                     f"global step {from_step} with learning rate x{self.lr_scale:g}")
+        self.rollbacks_in_a_row += 1
+        old_lr = t.learning_rate * self.lr_scale
+        scale = self.lr_scale * t.nonfinite_lr_factor
+        store_lr_scale(self.ledger, self.config.hero.name, scale, t.learning_rate, from_step)
+        self.cleanup()
+        self.setup()  # newest loadable checkpoint, ledger rolled back to it, lr_scale read back
+        message = (f"loss not finite for {streak} steps in a row at global step {from_step} (quest {quest_id}): "
+                   f"rolled back to global step {self.global_step} "
+                   f"({Path(self.last_checkpoint).name if self.last_checkpoint else 'the starting weights'}), "
+                   f"learning rate {old_lr:.3g} -> {t.learning_rate * self.lr_scale:.3g}")
+        self.log.error(message)
+        self.ledger.event("nonfinite_rollback", message, level="error", quest_id=quest_id, from_step=from_step,
+                          to_step=self.global_step, lr_scale=self.lr_scale)
+        raise TrainingRolledBack(message, quest_id=quest_id, from_step=from_step, to_step=self.global_step,
+                                 lr_scale=self.lr_scale)
 
     @torch.no_grad()
     def evaluate(self, examples: list[TokenizedExample]) -> float:
@@ -465,8 +579,8 @@ class Engine:
         try:
             total = torch.zeros((), device=self.accelerator.device)
             n = 0
-            for mb in micro_batches(pack_rows(examples, t.max_length, t.packing), t.micro_batch_size):
-                batch = collate(mb, self.tokenizer.pad_token_id, self._pad_to())
+            for mb in micro_batches(pack_rows(examples, t.max_length, t.packing), self.micro_batch_size):
+                batch = self._collate(mb)
                 if batch.num_trainable:
                     total += self._loss_sum(batch)
                     n += batch.num_trainable

@@ -21,7 +21,9 @@ batch also carries its rows' document lengths (:attr:`Batch.segments`) and
 every real token (each document attends causally to itself only, the trailing pads join the row's last
 document: causally, no real token sees them), at a fraction of the cost: the dense masked kernel computes
 all ``L x L`` scores of a row, the causal kernel on a document of ``n`` tokens about ``n^2 / 2``; a
-micro-batch whose rows each hold one example is a single causal SDPA call, as without packing.
+micro-batch whose rows each hold one example is a single causal SDPA call, as without packing. With
+segmented attention the rows need no padding either: :func:`collate_flat` lays a micro-batch's rows end
+to end as one row of real tokens (the rows still decide which examples make each optimizer step).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ import torch.nn.functional as F
 from core.chat import IGNORE_INDEX, TokenizedExample
 
 T = TypeVar("T", bound=TokenizedExample)
+
+_SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
 PACKED_SDPA = "sdpa_packed"
 """Name of the segmented attention implementation (:func:`packed_sdpa_attention`) in transformers'
@@ -53,7 +57,7 @@ class Batch:
     input_ids: torch.Tensor
     labels: torch.Tensor
     position_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    attention_mask: torch.Tensor | None  # None from collate_flat (segmented attention only)
     num_tokens: int
     num_trainable: int
     segments: tuple[tuple[int, ...], ...] | None = None
@@ -61,8 +65,8 @@ class Batch:
     def to(self, device: torch.device | str) -> Batch:
         return Batch(self.input_ids.to(device, non_blocking=True), self.labels.to(device, non_blocking=True),
                      self.position_ids.to(device, non_blocking=True),
-                     self.attention_mask.to(device, non_blocking=True), self.num_tokens, self.num_trainable,
-                     self.segments)
+                     None if self.attention_mask is None else self.attention_mask.to(device, non_blocking=True),
+                     self.num_tokens, self.num_trainable, self.segments)
 
 
 def iter_steps(examples: Iterable[T], rows_per_step: int, max_length: int,
@@ -140,6 +144,31 @@ def collate(rows: list[list[TokenizedExample]], pad_token_id: int, pad_to: int |
     return Batch(input_ids, labels, position_ids, mask.unsqueeze(1), sum(lengths), trainable, tuple(segments))
 
 
+def collate_flat(rows: list[list[TokenizedExample]]) -> Batch:
+    """The micro-batch's rows laid end to end as one row of their real tokens: shapes (1, N), N = the
+    examples' tokens (at most rows x max_length), no padding; ``attention_mask`` None and ``segments`` the
+    example lengths, for :func:`packed_sdpa_attention`, which attends within each example only.
+
+    The rows (and so which examples make each optimizer step, see :func:`iter_steps`) are the same as with
+    :func:`collate`; only the padding is not computed. Labels, position ids and the loss are the same for
+    every real token (the first token of each example is never predicted)."""
+    examples = [ex for row in rows for ex in row]
+    ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    trainable = 0
+    for ex in examples:
+        n = len(ex.input_ids)
+        ids.extend(ex.input_ids)
+        labels.append(IGNORE_INDEX)  # never predict an example's first token from the previous one
+        labels.extend(ex.labels[1:])
+        positions.extend(range(n))
+        trainable += sum(1 for x in ex.labels[1:] if x != IGNORE_INDEX)
+    segments = tuple(len(ex.input_ids) for ex in examples if len(ex.input_ids))
+    as_row = (lambda xs: torch.tensor([xs], dtype=torch.long))  # noqa: E731
+    return Batch(as_row(ids), as_row(labels), as_row(positions), None, len(ids), trainable, (segments or (0,),))
+
+
 def model_attention_mask(mask: torch.Tensor, attn_implementation: str | None,
                          dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
     """The 4D bool mask ``(B, 1, L, L)`` in the form the model's attention implementation expects.
@@ -175,24 +204,24 @@ def packed_sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value:
     if packed_segments is None or attention_mask is not None or key.shape[2] != L or len(packed_segments) != B:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:
-        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    gqa = query.shape[1] != key.shape[1]
+    if gqa and not _SDPA_HAS_GQA:
+        key, value = repeat_kv(key, query.shape[1] // key.shape[1]), repeat_kv(value, query.shape[1] // key.shape[1])
+        gqa = False
+    extra = {"enable_gqa": True} if gqa else {}
     if all(len(s) == 1 for s in packed_segments):  # one document per row: a plain causal batch
-        out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling, is_causal=True)
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling, is_causal=True,
+                                             **extra)
     else:
         rows = []
-        for b, sizes in enumerate(packed_segments):
-            q, k, v = query[b:b + 1], key[b:b + 1], value[b:b + 1]
-            parts, start = [], 0
-            for n in sizes:
-                end = start + n
-                parts.append(F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, start:end],
-                                                            v[:, :, start:end], dropout_p=dropout, scale=scaling,
-                                                            is_causal=n > 1))
-                start = end
+        # unbind/split, not slicing: their backward is one stack/concatenation, not a zero-filled tensor per piece
+        for sizes, qb, kb, vb in zip(packed_segments, query.unbind(0), key.unbind(0), value.unbind(0), strict=True):
+            parts = [F.scaled_dot_product_attention(q[None], k[None], v[None], dropout_p=dropout, scale=scaling,
+                                                    is_causal=q.shape[1] > 1, **extra)
+                     for q, k, v in zip(qb.split(sizes, dim=1), kb.split(sizes, dim=1), vb.split(sizes, dim=1),
+                                        strict=True)]
             rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
-        out = torch.cat(rows, dim=0)
+        out = rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
     return out.transpose(1, 2).contiguous(), None
 
 

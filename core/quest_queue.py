@@ -20,13 +20,30 @@ from core.ledger import Ledger, QuestState
 from core.realm import PRIORITIES, Realm
 
 REPORT_SUFFIX = ".report.json"
+MAX_STORED_NAME_BYTES = 200
+"""Longest stored name (UTF-8 bytes): with ``.report.json`` and a temporary-file suffix it stays within the
+filesystem's 255-byte name limit. Longer dropped names are shortened, keeping their extension."""
+
+
+def stored_name_for(quest_id: int, name: str) -> str:
+    """``<id>-<name>`` (id zero-padded to 6 digits), the name shortened to fit :data:`MAX_STORED_NAME_BYTES`."""
+    prefix = f"{quest_id:06d}-"
+    stored = prefix + name
+    if len(stored.encode("utf-8", "surrogateescape")) <= MAX_STORED_NAME_BYTES:
+        return stored
+    suffix = "".join(Path(name).suffixes)
+    suffix = suffix if len(suffix.encode("utf-8", "surrogateescape")) <= 20 else ""
+    keep = MAX_STORED_NAME_BYTES - len(prefix) - len(suffix.encode("utf-8", "surrogateescape")) - 1
+    stem = name.encode("utf-8", "surrogateescape")[:keep].decode("utf-8", "ignore")
+    return f"{prefix}{stem}~{suffix}"
 
 ALLOWED: dict[QuestState, set[QuestState]] = {
     QuestState.VALIDATING: {QuestState.QUEUED, QuestState.FAILED, QuestState.SKIPPED, QuestState.VALIDATING},
     QuestState.QUEUED: {QuestState.PROCESSING, QuestState.QUEUED, QuestState.REMOVED},
     QuestState.PROCESSING: {QuestState.COMPLETED, QuestState.QUEUED, QuestState.FAILED},
     QuestState.FAILED: {QuestState.QUEUED, QuestState.REMOVED},
-    QuestState.COMPLETED: {QuestState.REMOVED},
+    # completed -> queued: only when the checkpoint holding its last steps was lost (Daemon._reopen_lost_quests)
+    QuestState.COMPLETED: {QuestState.REMOVED, QuestState.QUEUED},
     QuestState.SKIPPED: {QuestState.REMOVED, QuestState.QUEUED},
     QuestState.REMOVED: {QuestState.QUEUED},
 }
@@ -76,7 +93,12 @@ class QuestQueue:
             raise ValueError(f"priority must be one of {PRIORITIES}, got {priority!r}")
         name = name or source.name
         now = time.time()
-        size = source.stat().st_size
+        try:
+            size = source.stat().st_size
+        except FileNotFoundError:
+            if not source.is_symlink():
+                raise
+            size = source.lstat().st_size  # a dangling symbolic link: taken, then rejected by validation
         with self.ledger.transaction() as c:
             cur = c.execute(
                 "INSERT INTO quests(name, stored_name, state, priority, size_bytes, created_at, updated_at) "
@@ -84,7 +106,7 @@ class QuestQueue:
                 (name, "", QuestState.VALIDATING.value, priority, size, now, now),
             )
             quest_id = int(cur.lastrowid)
-            stored = f"{quest_id:06d}-{name}"
+            stored = stored_name_for(quest_id, name)
             c.execute("UPDATE quests SET stored_name=? WHERE id=?", (stored, quest_id))
             dest = self.realm.queue_dir("validating") / stored
             _move(source, dest)

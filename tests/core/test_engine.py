@@ -215,7 +215,8 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(make_realm):
 
 
 def test_nonfinite_loss_skips_the_update_without_a_step(make_realm):
-    realm = make_realm(training=SMALL)
+    realm = make_realm(training={**SMALL, "max_nonfinite_steps": 4})  # 3 in a row: skipped, no rollback
+    # (the rollback after max_nonfinite_steps: tests/core/test_faults.py)
     ledger = Ledger(realm.ledger_path)
     records = make_records(10)
     qid = admit(realm, ledger, "quest.jsonl", records)
@@ -263,4 +264,42 @@ def test_stories260k_base_model_without_packing(make_realm):
     again = start(realm, ledger)
     assert again.global_step == 3 and again.tokenizer.chat_template == engine.tokenizer.chat_template
     again.cleanup()
+    ledger.close()
+
+
+def test_packed_steps_on_cpu_compute_the_same_loss_as_padded_rows_with_the_4d_mask(make_realm):
+    """The engine's CPU path (examples end to end, attention per example) against the reference: the same
+    rows padded to max_length with the block-diagonal mask under SDPA, from the same initial weights."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from core.chat import tokenize_example
+    from core.packing import PACKED_SDPA, collate, iter_steps, micro_batches
+
+    realm = make_realm(training={**SMALL, "warmup_steps": 0, "save_steps": 100})
+    ledger = Ledger(realm.ledger_path)
+    records = make_records(16)
+    qid = admit(realm, ledger, "quest.jsonl", records)
+    engine = start(realm, ledger)
+    assert engine._attn == PACKED_SDPA  # CPU: segmented attention
+    t = engine.config.training
+    tokenized = [tokenize_example(ex, engine.tokenizer, t.max_length, line) for line, ex in records]
+    rows = next(iter_steps(tokenized, t.micro_batch_size * t.gradient_accumulation_steps, t.max_length))
+    reference = AutoModelForCausalLM.from_pretrained(realm.hero_dir("hero") / "base", dtype=torch.float32)
+    reference.set_attn_implementation("sdpa")
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for mb in micro_batches(rows, t.micro_batch_size):
+            b = collate(mb, engine.tokenizer.pad_token_id, t.max_length)
+            logits = reference(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                               position_ids=b.position_ids).logits[:, :-1]
+            total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), b.labels[:, 1:].reshape(-1),
+                                     ignore_index=-100, reduction="sum").item()
+            n += b.num_trainable
+    calls = []
+    engine.train_quest(qid, records, should_stop=lambda: len(calls) > 1 or bool(calls.append(1)))
+    first = ledger.steps()[0]
+    assert first["example_end"] == sum(len(r) for r in rows)
+    assert first["loss"] == pytest.approx(total / n, abs=1e-5)
+    engine.cleanup()
     ledger.close()

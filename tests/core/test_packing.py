@@ -9,6 +9,7 @@ from core.chat import IGNORE_INDEX, TokenizedExample
 from core.packing import (
     PACKED_SDPA,
     collate,
+    collate_flat,
     iter_steps,
     micro_batches,
     model_attention_mask,
@@ -122,3 +123,26 @@ def test_packed_logits_equal_each_document_alone(make_model, attn):
         torch.testing.assert_close(got, alone, rtol=0, atol=1e-5)
         worst_leak = max(worst_leak, (leaky[row, pos:pos + len(doc)] - alone).abs().max().item())
     assert worst_leak > 1e-3  # without the mask later documents attend to earlier ones: the mask matters
+
+
+@pytest.mark.parametrize("make_model", [_tiny_qwen3, _stories260k], ids=["qwen3-nano", "stories260K"])
+@torch.no_grad()
+def test_flat_batch_without_padding_gives_each_document_its_own_logits_and_loss(make_model):
+    model = make_model()
+    model.set_attn_implementation(register_packed_sdpa())
+    vocab = model.config.vocab_size
+    docs = [ex(11, 1, start=5, vocab=vocab), ex(17, 2, start=40, vocab=vocab), ex(30, 4, start=9, vocab=vocab)]
+    rows = [docs[:2], docs[2:]]
+    flat = collate_flat(rows)
+    assert flat.input_ids.shape == flat.labels.shape == flat.position_ids.shape == (1, 58)
+    assert flat.attention_mask is None and flat.segments == ((11, 17, 30),)
+    padded = collate(rows, pad_token_id=0, pad_to=32)
+    assert (flat.num_tokens, flat.num_trainable) == (padded.num_tokens, padded.num_trainable) == (58, 55)
+    assert flat.labels[0].tolist() == [x for d in docs for x in [IGNORE_INDEX] + d.labels[1:]]
+    assert flat.position_ids[0].tolist() == [p for d in docs for p in range(len(d))]
+    logits = model(input_ids=flat.input_ids, position_ids=flat.position_ids, packed_segments=flat.segments).logits
+    pos = 0
+    for doc in docs:
+        alone = model(input_ids=torch.tensor([doc.input_ids])).logits[0]
+        torch.testing.assert_close(logits[0, pos:pos + len(doc)], alone, rtol=0, atol=1e-5)
+        pos += len(doc)

@@ -94,3 +94,22 @@ def test_reconcile_trusts_the_folder(queue):
     os.rename(queue.path_of(quest), queue.realm.queue_dir("normal") / quest["stored_name"])
     notes = queue.reconcile()
     assert notes and queue.ledger.get_quest(qid)["state"] == "queued"
+
+
+def test_a_name_too_long_for_the_queue_is_shortened_keeping_its_extension(queue):
+    name = "\u00e9" * 120 + ".jsonl.gz"  # 249 bytes: with the id and .report.json over the 255-byte limit
+    qid = queue.admit(_drop(queue, name, "x\n"))
+    quest = queue.ledger.get_quest(qid)
+    assert quest["name"] == name  # the user's name is kept in the ledger
+    stored = quest["stored_name"]
+    assert len(stored.encode()) <= 200 and stored.startswith(f"{qid:06d}-\u00e9") and stored.endswith("~.jsonl.gz")
+    assert queue.path_of(quest).read_text() == "x\n"
+    queue.transition(qid, QuestState.FAILED, error="test")  # the report beside it fits too
+    queue.report_path_of(queue.ledger.get_quest(qid)).write_text("{}")
+
+
+def test_a_dangling_symlink_is_taken_to_be_rejected(queue, tmp_path):
+    link = queue.realm.inbox / "dangling.jsonl"
+    os.symlink(tmp_path / "missing", link)
+    quest = queue.ledger.get_quest(queue.admit(link))
+    assert queue.path_of(quest).is_symlink() and not os.path.lexists(link)

@@ -59,6 +59,7 @@ def test_home_follows_the_real_daemon_training_stories260k(make_realm, page):
             wait_until(lambda: page.text_content("#def") != "—", timeout_seconds=60, what="a validation loss")
             wait_until(lambda: step_shown(page) >= 20, timeout_seconds=60, what="a longer loss curve")
             assert page.text_content("#chart-note") == "every step"
+            page.wait_for_timeout(1000)  # the chart draws live points at most twice a second
             save_screenshot(page, "home")
 
             page.click("#controls [data-command=pause]")

@@ -1,15 +1,18 @@
 """Acceptance, end to end: the real daemon process trains ../shared/models/stories260K on GSM8K lines while
 real headless Chromium watches the Tavern's Home page: the hero card shows the real model and the step
-advances without a reload; pause reaches the real daemon and its answer is shown."""
+advances without a reload; pause reaches the real daemon and its answer is shown; a quest uploaded on the
+Quests page moves queued -> processing -> completed on screen."""
 
 from __future__ import annotations
 
 import itertools
+import json
 import signal
 import subprocess
 
 import pytest
 
+from core.ledger import Ledger
 from tests.conftest import PYTHON, SHARED_DATA, STORIES260K, needs_shared, python_env
 from tests.tavern.conftest import running_tavern, save_screenshot
 from tests.tavern.test_browser import step_shown, wait_until
@@ -34,7 +37,7 @@ def stop_daemon(proc: subprocess.Popen) -> int:
         return proc.wait(10)
 
 
-def test_home_follows_the_real_daemon_training_stories260k(make_realm, page):
+def test_home_follows_the_real_daemon_training_stories260k(make_realm, page, tmp_path):
     realm = make_realm(
         "stories", hero={"base_model": str(STORIES260K)},
         training={"save_steps": 10, "eval_steps": 10, "eval_holdout_every": 10, "max_length": 384,
@@ -70,6 +73,34 @@ def test_home_follows_the_real_daemon_training_stories260k(make_realm, page):
             page.click("#controls [data-command=resume]")
             wait_until(lambda: "resumed" in (page.text_content("#command-result") or ""), timeout_seconds=30,
                        what="the daemon's answer to resume")
+
+            # an uploaded quest moves queued -> processing -> completed on screen, trained by the real daemon
+            page.click("#controls [data-command=pause]")
+            wait_until(lambda: page.text_content("#daemon-state") == "daemon: paused", timeout_seconds=30,
+                       what="paused again")
+            upload = tmp_path / "uploaded_quest.jsonl"
+            upload.write_text("".join(json.dumps({"text": f"Once upon a time there was a cat number {i}."}) + "\n"
+                                      for i in range(1500)), encoding="utf-8")
+            page.goto(live.url + "/quests")
+            page.set_input_files("#upload-file", str(upload))
+            page.select_option("#upload-priority", "high")
+            page.click("#upload-button")
+            row = page.locator("#group-queued tr", has_text="uploaded_quest.jsonl")
+            row.wait_for(timeout=60_000)
+            page.evaluate("window.__sameDocument = true")
+            ledger = Ledger(realm.ledger_path)
+            ledger.send_command("skip")    # the GSM8K quest goes back to the queue, nothing lost
+            ledger.send_command("resume")  # the high-priority upload trains next
+            try:
+                page.locator("#group-processing tr", has_text="uploaded_quest.jsonl").wait_for(timeout=60_000)
+                page.locator("#group-finished tr", has_text="uploaded_quest.jsonl").wait_for(timeout=180_000)
+            except Exception:
+                print(ledger.list_quests(), ledger.events()[-20:])
+                raise
+            assert page.evaluate("window.__sameDocument") is True  # no reload happened
+            quest = [q for q in ledger.list_quests() if q["name"] == "uploaded_quest.jsonl"][0]
+            assert quest["state"] == "completed" and quest["examples_trained"] == quest["examples_total"] == 1350
+            ledger.close()
         finally:
             code = stop_daemon(daemon)
         assert code == 0, (realm.logs / "daemon-test.log").read_text(errors="replace")[-3000:]

@@ -21,9 +21,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from shared_quests import GSM8K_FIELD_MAP, write_shared_quests  # noqa: E402
+
 from core.ledger import Ledger  # noqa: E402
 from core.realm import init_realm  # noqa: E402
-from shared_quests import GSM8K_FIELD_MAP, write_shared_quests  # noqa: E402
 
 STORIES = ROOT.parent / "shared" / "models" / "stories260K"
 

@@ -152,9 +152,10 @@ def test_stale_heartbeat_and_dead_pid(client, tavern_realm):
     ledger.close()
 
 
-def test_docs_formula_table_is_in_sync():
+@pytest.mark.parametrize("doc_name", ["docs/tavern.md", "README.md"])
+def test_docs_formula_table_is_in_sync(doc_name):
     from pathlib import Path
 
-    doc = (Path(__file__).resolve().parents[2] / "docs" / "tavern.md").read_text(encoding="utf-8")
+    doc = (Path(__file__).resolve().parents[2] / doc_name).read_text(encoding="utf-8")
     block = doc.split("<!-- game-formulas:start -->\n", 1)[1].split("<!-- game-formulas:end -->", 1)[0]
-    assert block == game.formula_table_markdown(), "regenerate the table in docs/tavern.md"
+    assert block == game.formula_table_markdown(), f"regenerate the table in {doc_name}"

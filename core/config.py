@@ -89,6 +89,10 @@ class IngestConfig(_Section):
     settle_seconds: float = Field(1.0, ge=0, description="A file is taken only once its size and mtime have "
                                   "not changed for this long.")
     use_polling: bool = Field(False, description="Force the polling observer (network filesystems).")
+    close_write_fast_path: bool = Field(
+        True, description="Take a file 0.15 s after its writer closed it (inotify close-write, or renamed into "
+        "place, with no handle left open) instead of after settle_seconds of stability. Turn off for writers "
+        "that append by reopening the file (e.g. `echo >> file` in a loop).")
     skip_duplicates: bool = Field(True, description="Skip a file whose content hash was already trained.")
 
 

@@ -119,7 +119,8 @@ class InboxScanner:
                 continue
             present.add(path)
             closed = self.closed_at(path) if self.closed_at is not None else None
-            if closed is not None and now - closed >= min(CLOSE_GRACE_SECONDS, self.config.settle_seconds):
+            if (self.config.close_write_fast_path and closed is not None
+                    and now - closed >= min(CLOSE_GRACE_SECONDS, self.config.settle_seconds)):
                 settled.append((closed, path))  # closed by its writer, untouched since: complete
                 continue
             seen = self._seen.get(path)

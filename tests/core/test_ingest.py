@@ -138,3 +138,20 @@ def test_a_closed_file_settles_at_once_a_file_held_open_does_not(tmp_path):
         assert taken and (realm.inbox / "held.jsonl").read_text().count("\n") == 2
     finally:
         watcher.stop()
+
+
+def test_close_write_fast_path_can_be_turned_off(tmp_path):
+    from core.ingest import CloseTracker
+
+    realm = init_realm(tmp_path)
+    clock = FakeClock()
+    f = realm.inbox / "a.jsonl"
+    f.write_text("x\n")
+    for fast, expected_after_grace in ((True, [(f, "normal")]), (False, [])):
+        tracker = CloseTracker(clock=clock)
+        scanner = InboxScanner(realm, IngestConfig(settle_seconds=5.0, close_write_fast_path=fast), clock=clock,
+                               closed_at=tracker.closed_at)
+        assert scanner.scan() == []
+        tracker._closed[str(f)] = clock.now
+        clock.now += 0.2
+        assert scanner.scan() == expected_after_grace

@@ -211,7 +211,11 @@ def training_cost(browser, clients: int, window_seconds: float) -> dict:
                          "eval_holdout_every": 0},
             "validation": {"field_map": {"gsm8k*.jsonl": {"question": "prompt", "answer": "completion"}}}})
         with open(GSM8K, encoding="utf-8") as src:
-            (realm.inbox / "gsm8k_train.jsonl").write_text("".join(itertools.islice(src, 5000)))
+            lines = src.readlines()
+        # enough training for every window: GSM8K three times, in three orders (distinct content hashes)
+        for name, order in (("gsm8k_train.jsonl", lines), ("gsm8k_train_reversed.jsonl", lines[::-1]),
+                            ("gsm8k_train_interleaved.jsonl", lines[::2] + lines[1::2])):
+            (realm.inbox / name).write_text("".join(order))
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         log = stack.enter_context(open(realm.logs / "daemon.log", "wb"))
         daemon = subprocess.Popen([sys.executable, "-m", "training", "--realm", str(realm.root), "daemon"],

@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from core.fsutil import fsync_tree
+
 FORMAT_VERSION = 1
 TRAINER_STATE_PT = "trainer_state.pt"
 TRAINER_STATE_JSON = "trainer_state.json"
@@ -104,18 +106,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state[KEY_RNG_CUDA])
 
 
-def _fsync_tree(folder: Path) -> None:
-    for p in folder.iterdir():
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(checkpoints_dir: Path | str, *, global_step: int, model, tokenizer, optimizer, scheduler,
                     info: dict[str, Any]) -> Path:
     """Write ``step-XXXXXXXX`` atomically and return its path.
@@ -137,7 +127,7 @@ def save_checkpoint(checkpoints_dir: Path | str, *, global_step: int, model, tok
                     KEY_RNG: rng_state()}, tmp / TRAINER_STATE_PT)
         state = {KEY_FORMAT_VERSION: FORMAT_VERSION, KEY_GLOBAL_STEP: global_step, KEY_TIME: time.time(), **info}
         (tmp / TRAINER_STATE_JSON).write_text(json.dumps(state, indent=2, default=str) + "\n", encoding="utf-8")
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         final = d / name
         old = d / f".old-{name}"
         if final.exists():

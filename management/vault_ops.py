@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from core.config import RealmConfig
+from core.fsutil import fsync_tree
 from core.ledger import Ledger
 from core.realm import Realm
 from core.vault import TAG_PINNED, VaultError, delete_checkpoint, list_checkpoints_info
@@ -83,18 +84,6 @@ def tree_hashes(folder: Path, exclude: frozenset[str] = frozenset({SUMS_FILE})) 
 
 
 _copy_file = shutil.copy2  # module attribute: the fault-injection test replaces it with a corrupting copy
-
-
-def fsync_tree(folder: Path) -> None:
-    for p in folder.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def copy_verified(src: Path, dest: Path, skip: frozenset[str] = frozenset()) -> dict[str, str]:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from core.config import RealmConfig
+from core.fsutil import fsync_tree
 from core.ledger import Ledger
 from core.realm import Realm
 from core.vault import list_checkpoints_info
@@ -32,7 +33,6 @@ from management.vault_ops import (
     checkpoint_name_of,
     checkpoint_path,
     copy_verified,
-    fsync_tree,
     read_json,
     tree_hashes,
     verify_copy,

@@ -110,7 +110,9 @@ def test_sigkilled_daemon_is_restarted_a_hang_is_killed_and_stop_all_is_warm(mak
     kinds = [e["kind"] for e in events(realm)]
     assert kinds.count("daemon_stopped") >= 1 and kinds[-1] == "supervisor_stopped"  # warm: the daemon saved
     saved = [json.loads(e["data"]) for e in events(realm, "checkpoint_saved")]
-    assert saved[-1]["reason"] == "stop" and saved[-1]["step"] == last_step(realm)
+    # nothing lost at the warm stop: the last checkpoint holds the last step (saved at the stop, or by
+    # save_steps when the stop came right after such a save: then there is nothing new to save)
+    assert saved[-1]["step"] == last_step(realm) and saved[-1]["reason"] in ("stop", "save_steps")
     children = kv(realm, "supervisor")["children"]
     assert children["daemon"]["state"] == "stopped" and kv(realm, "supervisor")["state"] == "stopped"
     status = json.loads(cli(realm, "status", "--json").stdout)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -77,3 +79,21 @@ def python_env() -> dict:
 
 
 PYTHON = sys.executable
+
+
+def cli(realm, *args, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python -m training --realm <realm> <args>`` in a real process; output captured as text."""
+    return subprocess.run([PYTHON, "-m", "training", "--realm", str(realm.root), *args],
+                          capture_output=True, text=True, timeout=timeout, env=python_env())
+
+
+def wait_for(predicate, timeout: float = 90.0, what: str = "condition"):
+    """Poll ``predicate`` every 0.2 s until it returns a truthy value (returned); AssertionError after
+    ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -6,31 +6,23 @@ import json
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 
 from core.ledger import Ledger
 from safety.processes import alive, read_pid
 from safety.supervisor import TRANSITIONS, Child, ChildState, Supervisor, TransitionError
-from tests.conftest import PYTHON, python_env, write_text_quest
+from tests.conftest import PYTHON, python_env, wait_for, write_text_quest
+from tests.conftest import cli as _cli
+
+
+def cli(realm, *args, timeout=180):
+    return _cli(realm, *args, timeout=timeout)
+
 
 FAST_SUPERVISOR = {"backoff_initial_seconds": 0.2, "poll_interval_seconds": 0.2, "stop_timeout_seconds": 60}
 
 
-def cli(realm, *args, timeout=180):
-    return subprocess.run([PYTHON, "-m", "training", "--realm", str(realm.root), *args],
-                          capture_output=True, text=True, timeout=timeout, env=python_env())
-
-
-def wait_for(predicate, timeout=90.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def events(realm, kind=None):

@@ -6,20 +6,15 @@ import json
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 
 from core.daemon import Daemon
 from core.ledger import Ledger
-from tests.conftest import PYTHON, python_env, write_text_quest
+from tests.conftest import PYTHON, cli, python_env, wait_for, write_text_quest
 
 pytestmark = pytest.mark.slow
 
-
-def cli(realm, *args, timeout=120):
-    return subprocess.run([PYTHON, "-m", "training", "--realm", str(realm.root), *args],
-                          capture_output=True, text=True, timeout=timeout, env=python_env())
 
 
 def status(realm):
@@ -27,15 +22,6 @@ def status(realm):
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
-
-def wait_for(predicate, timeout=90.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_start_all_trains_a_dropped_file_and_stop_all_leaves_a_checkpoint(make_realm):

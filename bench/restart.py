@@ -112,7 +112,7 @@ class Daemon:
 
 
 def kill_restart(work: Path, cycles: int) -> list[dict]:
-    from core import checkpoint as ckpt
+    from core import checkpoint_layout as ckpt
     from core.ledger import Ledger
 
     realm = init_realm(work / "kill", base_model=str(STORIES260K), overrides={"training": TRAINING})

@@ -1,17 +1,15 @@
 """Checkpoints of the continuous trainer: everything needed to resume exactly.
 
-Layout of ``models/<hero>/checkpoints/step-00001234/`` (8-digit zero-padded global step)::
+The folder and file names, the ``trainer_state.json``/``.pt`` keys and the torch-free readers
+(:func:`list_checkpoints`, :func:`latest_checkpoint`, :func:`read_checkpoint_info`, :func:`step_of`,
+:func:`checkpoint_name`) live in :mod:`core.checkpoint_layout` and are re-exported here; this module adds
+what needs torch: saving, verifying and loading.
 
-    config.json, model.safetensors, generation_config.json   Hugging Face format (save_pretrained)
-    tokenizer.json, tokenizer_config.json, ...                the tokenizer (chat template included)
-    trainer_state.pt                                          optimizer, LR scheduler, RNG states
-    trainer_state.json                                        global_step, cursor, metrics, hero, config
-
-A checkpoint is written into ``.tmp-step-XXXXXXXX-<pid>`` in the same folder and renamed, so a folder
-named ``step-XXXXXXXX`` is always complete. Re-saving an existing step (e.g. a quest that ends exactly on
-a ``save_steps`` boundary) renames the old one to ``.old-step-...`` first; :func:`clean_incomplete`
+A checkpoint is written into a ``.tmp-<name>-<pid>`` folder beside its final place and renamed, so a
+folder under a checkpoint name is always complete. Re-saving an existing step (e.g. a quest that ends
+exactly on a ``save_steps`` boundary) renames the old one to ``.old-<name>`` first; :func:`clean_incomplete`
 repairs what a crash between those renames leaves. A checkpoint that fails to load is renamed to
-``step-XXXXXXXX.corrupt`` by :func:`quarantine` (kept for inspection, ignored from then on).
+``<name>.corrupt`` by :func:`quarantine` (kept for inspection, ignored from then on).
 """
 
 from __future__ import annotations
@@ -19,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 import time
 from pathlib import Path
@@ -27,68 +24,52 @@ from typing import Any
 
 import torch
 
+from core.checkpoint_layout import (
+    CORRUPT_SUFFIX,
+    FORMAT_VERSION,
+    KEY_CONFIG,
+    KEY_CURSOR,
+    KEY_EVAL_LOSS,
+    KEY_EXAMPLES_DONE,
+    KEY_FORMAT_VERSION,
+    KEY_GLOBAL_STEP,
+    KEY_HERO,
+    KEY_HOLDOUT_EVERY,
+    KEY_LOSS,
+    KEY_OPTIMIZER,
+    KEY_QUEST_DONE,
+    KEY_QUEST_ID,
+    KEY_REASON,
+    KEY_RNG,
+    KEY_RNG_CUDA,
+    KEY_RNG_PYTHON,
+    KEY_RNG_TORCH,
+    KEY_SCHEDULER,
+    KEY_TIME,
+    MODEL_CONFIG_FILE,
+    OLD_PREFIX,
+    TMP_PREFIX,
+    TRAINER_STATE_JSON,
+    TRAINER_STATE_PT,
+    WEIGHTS_FILE,
+    CheckpointError,
+    checkpoint_name,
+    latest_checkpoint,
+    list_checkpoints,
+    read_checkpoint_info,
+    step_of,
+)
 from core.fsutil import fsync_tree
 
-FORMAT_VERSION = 1
-TRAINER_STATE_PT = "trainer_state.pt"
-TRAINER_STATE_JSON = "trainer_state.json"
-WEIGHTS_FILE = "model.safetensors"
-
-# trainer_state.json keys
-KEY_FORMAT_VERSION = "format_version"
-KEY_GLOBAL_STEP = "global_step"
-KEY_CURSOR = "cursor"
-KEY_TIME = "time"
-KEY_LOSS = "loss"
-KEY_EVAL_LOSS = "eval_loss"
-KEY_REASON = "reason"
-KEY_HERO = "hero"
-KEY_CONFIG = "config"
-# cursor keys
-KEY_QUEST_ID = "quest_id"
-KEY_EXAMPLES_DONE = "examples_done"
-KEY_QUEST_DONE = "quest_done"
-KEY_HOLDOUT_EVERY = "eval_holdout_every"  # the quest's held-out spacing: its train example indices depend on it
-# trainer_state.pt keys
-KEY_OPTIMIZER = "optimizer"
-KEY_SCHEDULER = "scheduler"
-KEY_RNG = "rng"
-KEY_RNG_PYTHON = "python"
-KEY_RNG_TORCH = "torch"
-KEY_RNG_CUDA = "cuda"
-
-STEP_DIR_RE = re.compile(r"^step-(\d{8})$")
-
-
-class CheckpointError(RuntimeError):
-    """Raised when a checkpoint is missing files or a file cannot be read (e.g. truncated)."""
-
-
-def checkpoint_name(global_step: int) -> str:
-    """``step-00001234``."""
-    return f"step-{global_step:08d}"
-
-
-def step_of(path: Path | str) -> int:
-    """The global step in a checkpoint folder's name. Raises ``ValueError`` for another name."""
-    m = STEP_DIR_RE.match(Path(path).name)
-    if not m:
-        raise ValueError(f"{path} is not a checkpoint folder (step-XXXXXXXX)")
-    return int(m.group(1))
-
-
-def list_checkpoints(checkpoints_dir: Path | str) -> list[Path]:
-    """Complete checkpoint folders, oldest (lowest global step) first; [] when the folder is absent."""
-    d = Path(checkpoints_dir)
-    if not d.is_dir():
-        return []
-    found = [p for p in d.iterdir() if p.is_dir() and STEP_DIR_RE.match(p.name)]
-    return sorted(found, key=step_of)
-
-
-def latest_checkpoint(checkpoints_dir: Path | str) -> Path | None:
-    found = list_checkpoints(checkpoints_dir)
-    return found[-1] if found else None
+__all__ = [  # the layout names the engine and tools use through this module
+    "FORMAT_VERSION", "KEY_CONFIG", "KEY_CURSOR", "KEY_EVAL_LOSS", "KEY_EXAMPLES_DONE", "KEY_FORMAT_VERSION",
+    "KEY_GLOBAL_STEP", "KEY_HERO", "KEY_HOLDOUT_EVERY", "KEY_LOSS", "KEY_OPTIMIZER", "KEY_QUEST_DONE",
+    "KEY_QUEST_ID", "KEY_REASON", "KEY_RNG", "KEY_RNG_CUDA", "KEY_RNG_PYTHON", "KEY_RNG_TORCH", "KEY_SCHEDULER",
+    "KEY_TIME", "TRAINER_STATE_JSON", "TRAINER_STATE_PT", "WEIGHTS_FILE", "CheckpointError", "checkpoint_name",
+    "clean_incomplete", "latest_checkpoint", "list_checkpoints", "load_trainer_state", "prune_checkpoints",
+    "quarantine", "read_checkpoint_info", "rng_state", "save_checkpoint", "set_rng_state", "step_of",
+    "verify_checkpoint", "verify_weights",
+]
 
 
 def rng_state() -> dict[str, Any]:
@@ -108,7 +89,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(checkpoints_dir: Path | str, *, global_step: int, model, tokenizer, optimizer, scheduler,
                     info: dict[str, Any]) -> Path:
-    """Write ``step-XXXXXXXX`` atomically and return its path.
+    """Write the checkpoint of ``global_step`` (:func:`checkpoint_name`) atomically and return its path.
 
     ``model``: a transformers model (unwrapped); ``info``: the JSON part (cursor, loss, eval_loss,
     reason, hero, config), to which ``global_step``, ``time`` and ``format_version`` are added.
@@ -117,7 +98,7 @@ def save_checkpoint(checkpoints_dir: Path | str, *, global_step: int, model, tok
     d = Path(checkpoints_dir)
     d.mkdir(parents=True, exist_ok=True)
     name = checkpoint_name(global_step)
-    tmp = d / f".tmp-{name}-{os.getpid()}"
+    tmp = d / f"{TMP_PREFIX}{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -129,7 +110,7 @@ def save_checkpoint(checkpoints_dir: Path | str, *, global_step: int, model, tok
         (tmp / TRAINER_STATE_JSON).write_text(json.dumps(state, indent=2, default=str) + "\n", encoding="utf-8")
         fsync_tree(tmp)
         final = d / name
-        old = d / f".old-{name}"
+        old = d / f"{OLD_PREFIX}{name}"
         if final.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.rename(final, old)
@@ -142,18 +123,18 @@ def save_checkpoint(checkpoints_dir: Path | str, *, global_step: int, model, tok
 
 
 def clean_incomplete(checkpoints_dir: Path | str) -> list[str]:
-    """Remove ``.tmp-*`` folders of interrupted saves; restore an ``.old-step-*`` whose replacement never
+    """Remove ``.tmp-*`` folders of interrupted saves; restore an ``.old-*`` checkpoint whose replacement never
     landed (else delete it). Returns notes on what was done."""
     d = Path(checkpoints_dir)
     notes: list[str] = []
     if not d.is_dir():
         return notes
     for p in sorted(d.iterdir()):
-        if p.name.startswith(".tmp-"):
+        if p.name.startswith(TMP_PREFIX):
             shutil.rmtree(p, ignore_errors=True)
             notes.append(f"removed the interrupted save {p.name}")
-        elif p.name.startswith(".old-"):
-            final = d / p.name[len(".old-"):]
+        elif p.name.startswith(OLD_PREFIX):
+            final = d / p.name[len(OLD_PREFIX):]
             if final.exists():
                 shutil.rmtree(p, ignore_errors=True)
             else:
@@ -163,27 +144,15 @@ def clean_incomplete(checkpoints_dir: Path | str) -> list[str]:
 
 
 def quarantine(path: Path | str) -> Path:
-    """Rename a broken checkpoint to ``step-XXXXXXXX.corrupt`` (a unique suffix if taken); returns the path."""
+    """Rename a broken checkpoint to ``<name>.corrupt`` (a unique suffix if taken); returns the path."""
     p = Path(path)
-    dest = p.with_name(p.name + ".corrupt")
+    dest = p.with_name(p.name + CORRUPT_SUFFIX)
     n = 1
     while dest.exists():
         n += 1
-        dest = p.with_name(f"{p.name}.corrupt{n}")
+        dest = p.with_name(f"{p.name}{CORRUPT_SUFFIX}{n}")
     os.rename(p, dest)
     return dest
-
-
-def read_checkpoint_info(path: Path | str) -> dict[str, Any]:
-    """``trainer_state.json`` of a checkpoint (cheap: no tensors). Raises :class:`CheckpointError`."""
-    f = Path(path) / TRAINER_STATE_JSON
-    try:
-        state = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{f}: cannot read: {exc}") from exc
-    if not isinstance(state, dict) or KEY_GLOBAL_STEP not in state:
-        raise CheckpointError(f"{f}: no {KEY_GLOBAL_STEP}")
-    return state
 
 
 def verify_weights(path: Path | str) -> None:
@@ -214,8 +183,8 @@ def verify_checkpoint(path: Path | str) -> None:
     """Every ``*.json`` file parses (model config, tokenizer, trainer state) and the weights are whole
     (:func:`verify_weights`). Raises :class:`CheckpointError`."""
     folder = Path(path)
-    if not (folder / "config.json").is_file():
-        raise CheckpointError(f"{folder}: no config.json")
+    if not (folder / MODEL_CONFIG_FILE).is_file():
+        raise CheckpointError(f"{folder}: no {MODEL_CONFIG_FILE}")
     for f in sorted(folder.glob("*.json")):
         try:
             json.loads(f.read_text(encoding="utf-8"))

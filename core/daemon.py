@@ -16,7 +16,6 @@ checkpoint is saved.
 from __future__ import annotations
 
 import copy
-import fcntl
 import logging
 import os
 import signal
@@ -28,14 +27,16 @@ from pathlib import Path
 from typing import Any
 
 from core.chat import count_tokens, count_tokens_batch
+from core.checkpoint_layout import checkpoint_name
 from core.config import RealmConfig
 from core.engine import CheckpointSkipped, Engine, count_train_examples
 from core.faults import TrainingRolledBack
 from core.formats import PREFERENCE_FORMATS, SFT_FORMATS, iter_valid_records
+from core.fsutil import ExclusiveLock
 from core.ingest import InboxScanner, InboxWatcher
 from core.ledger import CommandState, Ledger, QuestState
 from core.quest_queue import QuestQueue, QuestStateError
-from core.realm import Realm
+from core.realm import DAEMON_LOCK, Realm
 from core.validation import length_action, validate_file, write_report
 
 log = logging.getLogger("realm.daemon")
@@ -77,7 +78,7 @@ class Daemon:
         self.paused = False
         self._stop = threading.Event()
         self._skip = False
-        self._lock_fd: int | None = None
+        self._instance_lock = ExclusiveLock(realm.lock_file(DAEMON_LOCK))
         self._status: dict[str, Any] = {}
         self._last_heartbeat = 0.0
         self._ingest_thread: threading.Thread | None = None
@@ -149,8 +150,8 @@ class Daemon:
                 if self.engine.global_step > self.engine.last_saved_step:
                     self.engine.save_checkpoint("stop")
             except CheckpointSkipped as exc:
-                log.error("%s: the steps after step-%08d will be trained again at the next start", exc,
-                          self.engine.last_saved_step)
+                log.error("%s: the steps after %s will be trained again at the next start", exc,
+                          checkpoint_name(self.engine.last_saved_step))
             finally:
                 self.engine.cleanup()
         if self.ledger is not None:
@@ -487,22 +488,13 @@ class Daemon:
 
     # single instance ----------------------------------------------------------------------
     def _acquire_lock(self) -> None:
-        self.realm.run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.realm.run_dir / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise AlreadyRunning(f"another daemon is running on the realm {self.realm.root}") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self._lock_fd = fd
+        if not self._instance_lock.acquire():
+            raise AlreadyRunning(f"another daemon is running on the realm {self.realm.root}")
+        os.ftruncate(self._instance_lock.fd, 0)
+        os.write(self._instance_lock.fd, str(os.getpid()).encode())
 
     def _release_lock(self) -> None:
-        if self._lock_fd is not None:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        self._instance_lock.release()
 
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():

@@ -590,13 +590,13 @@ class Engine:
 
     # --- checkpoints and teardown -----------------------------------------------------------------------
     def save_checkpoint(self, reason: str) -> Path:
-        """Save ``step-<global_step>`` atomically (replacing one of the same step) with the current cursor;
+        """Save the checkpoint of ``global_step`` (:func:`core.checkpoint.checkpoint_name`) atomically (replacing one of the same step) with the current cursor;
         ``reason``: e.g. save_steps, save_interval, quest_end, sigterm. Returns its path.
 
         Raises :class:`CheckpointSkipped` when ``before_save`` found no room and a stop was requested, and
         ``OSError`` when writing fails (after one retry through ``before_save`` on a full disk)."""
         if self.before_save is not None and not self.before_save():
-            raise CheckpointSkipped(f"no disk space for checkpoint step-{self.global_step:08d}; not saved")
+            raise CheckpointSkipped(f"no disk space for checkpoint {ckpt.checkpoint_name(self.global_step)}; not saved")
         hero = {k: self.hero_info.get(k) for k in ("name", "base_model", "architecture", "parameters", "newborn")}
         info = {ckpt.KEY_CURSOR: self.cursor, ckpt.KEY_LOSS: self.last_loss, ckpt.KEY_EVAL_LOSS: self.last_eval_loss,
                 ckpt.KEY_REASON: reason, ckpt.KEY_HERO: hero, ckpt.KEY_CONFIG: self.config.model_dump()}
@@ -609,9 +609,9 @@ class Engine:
         except OSError as exc:
             if exc.errno != errno.ENOSPC or self.before_save is None:
                 raise
-            self._warn("disk_full", f"disk full while saving step-{self.global_step:08d}; pruning and retrying")
+            self._warn("disk_full", f"disk full while saving {ckpt.checkpoint_name(self.global_step)}; pruning and retrying")
             if not self.before_save():
-                raise CheckpointSkipped(f"disk full: checkpoint step-{self.global_step:08d} not saved") from exc
+                raise CheckpointSkipped(f"disk full: checkpoint {ckpt.checkpoint_name(self.global_step)} not saved") from exc
             path = save()
         self.last_checkpoint, self.last_saved_step = path, self.global_step
         self.hero_info["checkpoint"] = str(path)

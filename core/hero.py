@@ -207,7 +207,7 @@ def resolve_tokenizer_source(realm: Realm, config) -> str:
     default hero is not created yet; its tokenizer is built in code). ``config``: a
     :class:`core.config.RealmConfig`. Raises :class:`HeroError` like :func:`resolve_model_source`.
     """
-    from core.checkpoint import list_checkpoints  # local: core.checkpoint imports torch too, keep it lazy
+    from core.checkpoint_layout import list_checkpoints
 
     for path in reversed(list_checkpoints(realm.checkpoints_dir(config.hero.name))):
         if (path / "tokenizer_config.json").is_file():

@@ -17,13 +17,13 @@ with a user message. Exports follow TRL's conversational formats: pairs as *pref
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from core.fsutil import atomic_write
 from core.ledger import Ledger
 
 ROLES = ("system", "user", "assistant")
@@ -35,7 +35,7 @@ CREATE TABLE IF NOT EXISTS preferences (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     time REAL NOT NULL,              -- unix seconds
     kind TEXT NOT NULL,              -- rating | pair
-    checkpoint TEXT NOT NULL,        -- checkpoint name that produced the answer(s), e.g. step-00001200
+    checkpoint TEXT NOT NULL,        -- checkpoint name that produced the answer(s), or base
     prompt TEXT NOT NULL,            -- JSON list of {role, content} messages, last one from the user
     chosen TEXT,                     -- the preferred answer (pair, or a +1 rating)
     rejected TEXT,                   -- the worse answer (pair, or a -1 rating)
@@ -226,13 +226,11 @@ def rating_records(ledger: Ledger) -> Iterator[dict[str, Any]]:
 def _write_jsonl(records: Iterator[dict[str, Any]], path: Path | str) -> int:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     n = 0
-    with tmp.open("w", encoding="utf-8") as f:
+    with atomic_write(path) as f:  # readers never see a half-written file
         for rec in records:
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             n += 1
-    os.replace(tmp, path)  # readers never see a half-written file
     return n
 
 

@@ -8,7 +8,7 @@ Layout::
     <realm>/models/<hero>/base/           the embedded default hero, when one was created
     <realm>/models/<hero>/checkpoints/step-00001234/
     <realm>/logs/                         daemon.log, tavern.log
-    <realm>/run/                          pid files
+    <realm>/run/                          pid files, lock files (DAEMON_LOCK, SUPERVISOR_LOCK, PRUNE_LOCK)
     <realm>/ledger.sqlite                 the SQLite ledger (WAL)
 
 The repository root is the default realm; ``--realm DIR`` or ``REALM_HOME`` selects another.
@@ -27,6 +27,11 @@ from core.config import CONFIG_FILENAME, RealmConfig, load_config
 PRIORITIES = ("high", "normal", "low")
 QUEUE_FOLDERS = ("validating", *PRIORITIES, "processing", "recently_completed", "failed", "trash")
 REALM_ENV = "REALM_HOME"
+# lock files under run/ (core.fsutil.ExclusiveLock): one daemon, one supervisor, one prune at a time;
+# a version restore holds DAEMON_LOCK so no daemon starts meanwhile
+DAEMON_LOCK = "daemon.lock"
+SUPERVISOR_LOCK = "supervisor.lock"
+PRUNE_LOCK = "prune.lock"
 
 
 class RealmError(RuntimeError):
@@ -85,6 +90,12 @@ class Realm:
 
     def pid_file(self, process_name: str) -> Path:
         return self.run_dir / f"{process_name}.pid"
+
+    def lock_file(self, lock_name: str) -> Path:
+        """``run/<lock_name>``, one of :data:`DAEMON_LOCK`, :data:`SUPERVISOR_LOCK`, :data:`PRUNE_LOCK`."""
+        if lock_name not in (DAEMON_LOCK, SUPERVISOR_LOCK, PRUNE_LOCK):
+            raise ValueError(f"unknown lock {lock_name!r}")
+        return self.run_dir / lock_name
 
     # behaviour ---------------------------------------------------------------
     def load_config(self) -> RealmConfig:

@@ -27,7 +27,6 @@ import gzip
 import hashlib
 import json
 import math
-import os
 import zlib
 from collections import Counter
 from collections.abc import Callable
@@ -48,6 +47,7 @@ from core.formats import (
     parse_line,
     preference_as_sft,
 )
+from core.fsutil import sha256_file, write_text_atomic
 
 #: At most this many bad lines (and, separately, dropped lines) are stored in a report.
 MAX_LISTED_LINES = 10_000
@@ -284,14 +284,6 @@ class _Tally:
                           p50=found[50], p95=found[95], p99=found[99], max=keys[-1])
 
 
-def _hash_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _peek_text(path: Path, compressed: bool, size: int = 4096) -> bytes:
     """The first bytes of the (decompressed) content, BOM and leading whitespace removed."""
     with (gzip.open(path, "rb") if compressed else open(path, "rb")) as f:
@@ -376,7 +368,7 @@ def validate_file(path: Path, *, display_name: str | None = None, config: RealmC
                               length_policy=vcfg.length_policy, max_bad_line_ratio=vcfg.max_bad_line_ratio)
     reason, looks_like_array = _file_level_reason(path, name)
     if reason is not None:
-        report.content_hash = _hash_file(path)
+        report.content_hash = sha256_file(path)
         report.reason = reason
         return report
 
@@ -412,7 +404,7 @@ def validate_file(path: Path, *, display_name: str | None = None, config: RealmC
     except CorruptFileError as exc:
         if measurer is not None:
             measurer.flush()
-        content_hash = _hash_file(path)
+        content_hash = sha256_file(path)
         stream_error = f"{exc} (after line {tally.lines:,})"
 
     report.content_hash = content_hash
@@ -465,18 +457,7 @@ def _rejection_reason(tally: _Tally, report: ValidationReport, stream_error: str
 def write_report(report: ValidationReport, path: Path) -> None:
     """Write ``report`` as JSON to ``path`` atomically (a hidden temporary file in the same folder, fsync,
     rename). Raises ``OSError`` when the folder is not writable."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(report.to_json())
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_text_atomic(path, report.to_json() + "\n")
 
 
 def _size(n: int) -> str:

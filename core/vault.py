@@ -1,37 +1,47 @@
 """The vault: a hero's checkpoints as the Tavern shows them, with pins, guarded deletion and disk usage.
 
-Checkpoints live in ``<realm>/models/<hero>/checkpoints/step-00001234/`` (8-digit global step); each holds
-``trainer_state.json`` with ``global_step``, ``time`` (unix seconds), ``loss``, ``eval_loss`` (may be null)
-and more. Folders whose name does not match :data:`CHECKPOINT_NAME_RE` exactly (``.tmp-...`` being written,
-``.trash-...`` being deleted, anything else) are not checkpoints.
+Checkpoints are named and found as :mod:`core.checkpoint_layout` says (one folder per global step under
+``<realm>/models/<hero>/checkpoints/``); each holds ``trainer_state.json`` with ``global_step``, ``time``
+(unix seconds), ``loss``, ``eval_loss`` (may be null) and more. Folders whose name is not exactly a
+checkpoint name (``.tmp-...`` being written, ``.trash-...`` being deleted, anything else) are not
+checkpoints.
 
 Pins are a list of checkpoint names in the ledger's key/value table under :data:`PINNED_KEY`; retention
 (``management/``) reads the same key. Deletion is by exact name only: the caller must type the name again
 (``confirm``), and the latest (the resume point), the best and pinned checkpoints are refused.
 
-No Flask here: the Tavern's vault page calls these functions. Nor torch: :mod:`core.checkpoint` (the
-engine's writer, whose folder naming and ``trainer_state.json`` keys this module reads) imports torch, which
-the Tavern process must not pay for, so the strict name pattern is repeated here.
+No Flask here: the Tavern's vault page calls these functions. Nor torch: the layout module is torch-free,
+while :mod:`core.checkpoint` (the engine's writer) imports torch, which the Tavern process must not pay for.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+from core.checkpoint_layout import (
+    CHECKPOINT_PREFIX,
+    EXAMPLE_NAME,
+    KEY_EVAL_LOSS,
+    KEY_LOSS,
+    KEY_REASON,
+    KEY_TIME,
+    STEP_DIGITS,
+    TRAINER_STATE_JSON,
+    TRASH_PREFIX,
+    is_checkpoint_name,
+    list_checkpoints,
+    match_step,
+)
 from core.ledger import Ledger
 from core.realm import Realm
 
-CHECKPOINT_NAME_RE = re.compile(r"^step-(\d{8})$")
-TRAINER_STATE_FILENAME = "trainer_state.json"
 PINNED_KEY = "pinned_checkpoints"
-TRASH_PREFIX = ".trash-"
 
 TAG_LATEST = "latest"
 TAG_BEST = "best"
@@ -52,25 +62,16 @@ def parse_checkpoint_name(name: str) -> int:
 
     Raises :class:`VaultError` for anything else (path separators, ``..``, prefixes, other digits counts).
     """
-    m = CHECKPOINT_NAME_RE.fullmatch(name) if isinstance(name, str) else None
-    if not m:
-        raise VaultError(f"{name!r} is not a checkpoint name (expected step- and 8 digits, e.g. step-00001234)")
-    return int(m.group(1))
+    step = match_step(name)
+    if step is None:
+        raise VaultError(f"{name!r} is not a checkpoint name (expected {CHECKPOINT_PREFIX} and {STEP_DIGITS} digits, "
+                         f"e.g. {EXAMPLE_NAME})")
+    return step
 
 
 def _checkpoint_dirs(realm: Realm, hero_name: str) -> list[tuple[int, str, Path]]:
     """(global_step, name, path) of each checkpoint folder, oldest first. Symlinks are not checkpoints."""
-    root = realm.checkpoints_dir(hero_name)
-    if not root.is_dir():
-        return []
-    out = []
-    with os.scandir(root) as it:
-        for entry in it:
-            m = CHECKPOINT_NAME_RE.fullmatch(entry.name)
-            if m and entry.is_dir(follow_symlinks=False):
-                out.append((int(m.group(1)), entry.name, Path(entry.path)))
-    out.sort()
-    return out
+    return [(match_step(p.name), p.name, p) for p in list_checkpoints(realm.checkpoints_dir(hero_name))]
 
 
 def _tree_bytes(path: Path) -> int:
@@ -95,17 +96,17 @@ def _tree_bytes(path: Path) -> int:
 
 def _read_state(path: Path) -> tuple[dict[str, Any], str | None]:
     """(trainer_state.json as a dict, problem or None)."""
-    state_file = path / TRAINER_STATE_FILENAME
+    state_file = path / TRAINER_STATE_JSON
     try:
         if state_file.stat().st_size > _MAX_STATE_BYTES:
-            return {}, f"{TRAINER_STATE_FILENAME} is larger than {_MAX_STATE_BYTES} bytes"
+            return {}, f"{TRAINER_STATE_JSON} is larger than {_MAX_STATE_BYTES} bytes"
         data = json.loads(state_file.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        return {}, f"{TRAINER_STATE_FILENAME} is missing"
+        return {}, f"{TRAINER_STATE_JSON} is missing"
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return {}, f"{TRAINER_STATE_FILENAME} is unreadable: {exc}"
+        return {}, f"{TRAINER_STATE_JSON} is unreadable: {exc}"
     if not isinstance(data, dict):
-        return {}, f"{TRAINER_STATE_FILENAME} is not a JSON object"
+        return {}, f"{TRAINER_STATE_JSON} is not a JSON object"
     return data, None
 
 
@@ -123,7 +124,7 @@ def pinned_checkpoints(ledger: Ledger) -> list[str]:
     value = ledger.get_value(PINNED_KEY, [])
     if not isinstance(value, list):
         return []
-    return sorted({v for v in value if isinstance(v, str) and CHECKPOINT_NAME_RE.fullmatch(v)})
+    return sorted({v for v in value if is_checkpoint_name(v)})
 
 
 def _set_pins(ledger: Ledger, name: str, pinned: bool) -> bool:
@@ -189,11 +190,11 @@ def list_checkpoints_info(realm: Realm, hero_name: str, ledger: Ledger) -> list[
             mtime = path.stat().st_mtime
         except OSError:
             continue  # deleted while we listed
-        t = _number(state.get("time"))
+        t = _number(state.get(KEY_TIME))
         infos.append({
             "name": name, "step": step, "time": t if t is not None else mtime,
-            "loss": _number(state.get("loss")), "eval_loss": _number(state.get("eval_loss")),
-            "reason": state.get("reason") if isinstance(state.get("reason"), str) else None,
+            "loss": _number(state.get(KEY_LOSS)), "eval_loss": _number(state.get(KEY_EVAL_LOSS)),
+            "reason": state.get(KEY_REASON) if isinstance(state.get(KEY_REASON), str) else None,
             "size_bytes": _tree_bytes(path), "tags": [], "problem": problem,
         })
     if infos:
@@ -244,7 +245,7 @@ def delete_checkpoint(realm: Realm, hero_name: str, ledger: Ledger, name: str, c
     if TAG_PINNED in info["tags"]:
         raise VaultError(f"{name} is pinned; unpin it first")
     root = realm.checkpoints_dir(hero_name)
-    path = root / name  # name matched CHECKPOINT_NAME_RE: no separators, no "..", cannot leave root
+    path = root / name  # a checkpoint name (parse_checkpoint_name): no separators, no "..", cannot leave root
     trash = root / f"{TRASH_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
     try:
         os.rename(path, trash)

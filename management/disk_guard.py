@@ -16,10 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.checkpoint_layout import TRAINER_STATE_PT, list_checkpoints
 from core.config import RealmConfig
 from core.ledger import Ledger
 from core.realm import Realm
-from management.vault_ops import TRAINER_STATE_PT, prune
+from management.vault_ops import prune
 
 GIB = 1024 ** 3
 SAFETY_FACTOR = 1.1           # a new checkpoint may be a little larger than the last one
@@ -50,10 +51,8 @@ def estimate_checkpoint_bytes(checkpoints_dir: Path | None = None, parameters: i
     ``parameters`` x ``bytes_per_parameter`` x (1 weights + 2 Adam moments) x 1.1 + 4 MiB. Raises
     ``ValueError`` when neither a checkpoint nor ``parameters`` is available.
     """
-    if checkpoints_dir is not None and Path(checkpoints_dir).is_dir():
-        found = sorted((p for p in Path(checkpoints_dir).iterdir()
-                        if p.is_dir() and p.name.startswith("step-") and (p / TRAINER_STATE_PT).exists()),
-                       key=lambda p: p.name, reverse=True)
+    if checkpoints_dir is not None:
+        found = [p for p in reversed(list_checkpoints(checkpoints_dir)) if (p / TRAINER_STATE_PT).exists()]
         for p in found[:3]:
             size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
             if size:

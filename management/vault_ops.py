@@ -1,7 +1,7 @@
 """Vault operations on a realm's hero: prune (apply a retention plan), strip optimizer state, backup with
 SHA-256 verification (named versions: :mod:`management.versions`).
 
-Layout (``core.realm``/``core.checkpoint``)::
+Layout (``core.realm``/``core.checkpoint_layout``)::
 
     models/<hero>/checkpoints/step-00001234/    checkpoints (trainer_state.pt holds the optimizer state)
     models/<hero>/versions/<name>/               named versions: a full checkpoint copy + metadata.json
@@ -22,11 +22,8 @@ from its source), ``OSError`` from the filesystem.
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
 import os
-import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -35,24 +32,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.checkpoint_layout import (
+    KEY_OPTIMIZER,
+    KEY_OPTIMIZER_REMOVED,
+    KEY_TIME,
+    TMP_PREFIX,
+    TRAINER_STATE_JSON,
+    TRAINER_STATE_PT,
+    checkpoint_name,
+    list_checkpoints,
+)
 from core.config import RealmConfig
-from core.fsutil import fsync_tree
+from core.fsutil import ExclusiveLock, atomic_write, fsync_tree, sha256_file, write_json_atomic
 from core.ledger import Ledger
-from core.realm import Realm
+from core.realm import PRUNE_LOCK, Realm
 from core.vault import TAG_PINNED, VaultError, delete_checkpoint, list_checkpoints_info
 from management.retention import CheckpointFacts, RetentionPlan, RetentionPolicy, plan_retention
 
-TRAINER_STATE_JSON = "trainer_state.json"   # = core.checkpoint.TRAINER_STATE_JSON (no torch import here)
-TRAINER_STATE_PT = "trainer_state.pt"       # = core.checkpoint.TRAINER_STATE_PT
-OPTIMIZER_REMOVED_KEY = "optimizer_state_removed"  # trainer_state.json: {"time", "bytes_freed"} once stripped
+OPTIMIZER_REMOVED_KEY = KEY_OPTIMIZER_REMOVED  # trainer_state.json: {"time", "bytes_freed"} once stripped
 SUMS_FILE = "SHA256SUMS"
 METADATA_FILE = "metadata.json"
-HASH_CHUNK_BYTES = 1 << 20
-
-
-def checkpoint_name_of(global_step: int) -> str:
-    """``step-00001234`` (same as :func:`core.checkpoint.checkpoint_name`, without importing torch)."""
-    return f"step-{global_step:08d}"
 
 
 class VaultOpsError(ValueError):
@@ -63,16 +62,7 @@ class BackupError(RuntimeError):
     """A copy does not match its source (SHA-256); nothing was left under the final name."""
 
 
-# hashing and verified copies ---------------------------------------------------------------------------
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK_BYTES):
-            h.update(chunk)
-    return h.hexdigest()
-
-
+# hashing and verified copies (sha256_file: core.fsutil) ------------------------------------------------
 def tree_hashes(folder: Path, exclude: frozenset[str] = frozenset({SUMS_FILE})) -> dict[str, str]:
     """``{relative posix path: sha256}`` of every regular file under ``folder`` (symlinks skipped)."""
     out = {}
@@ -96,7 +86,7 @@ def copy_verified(src: Path, dest: Path, skip: frozenset[str] = frozenset()) -> 
     if dest.exists():
         raise FileExistsError(f"{dest} exists")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".tmp-{dest.name}-{os.getpid()}")
+    tmp = dest.with_name(f"{TMP_PREFIX}{dest.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         expected = {k: v for k, v in tree_hashes(src).items() if k not in skip}
@@ -144,15 +134,6 @@ def read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(data, indent=2, default=str) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def checkpoint_facts(realm: Realm, hero_name: str, ledger: Ledger) -> list[CheckpointFacts]:
     """:class:`CheckpointFacts` of every checkpoint of ``hero_name`` (oldest first), from the vault listing
     and each ``trainer_state.json`` (no torch)."""
@@ -181,24 +162,19 @@ def strip_optimizer_state(path: Path) -> int:
     """
     import torch
 
-    from core import checkpoint as ckpt
-
     state_json = path / TRAINER_STATE_JSON
     pt = path / TRAINER_STATE_PT
     before = pt.stat().st_size
     blob = torch.load(pt, map_location="cpu", weights_only=True)
-    optimizer = blob.get(ckpt.KEY_OPTIMIZER) or {}
+    optimizer = blob.get(KEY_OPTIMIZER) or {}
     if optimizer.get("state"):
-        blob[ckpt.KEY_OPTIMIZER] = {"state": {}, "param_groups": optimizer.get("param_groups", [])}
-        tmp = pt.with_name(f".{pt.name}.{os.getpid()}.tmp")
-        torch.save(blob, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, pt)
+        blob[KEY_OPTIMIZER] = {"state": {}, "param_groups": optimizer.get("param_groups", [])}
+        with atomic_write(pt, "wb") as f:
+            torch.save(blob, f)
     freed = max(0, before - pt.stat().st_size)
     state = read_json(state_json)
     if state:
-        state[OPTIMIZER_REMOVED_KEY] = {"time": time.time(), "bytes_freed": freed}
+        state[OPTIMIZER_REMOVED_KEY] = {KEY_TIME: time.time(), "bytes_freed": freed}
         write_json_atomic(state_json, state)
     return freed
 
@@ -226,17 +202,11 @@ class PruneResult:
 @contextmanager
 def _prune_lock(realm: Realm) -> Iterator[bool]:
     """Non-blocking exclusive lock ``run/prune.lock``: yields False when another prune holds it."""
-    realm.run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(realm.run_dir / "prune.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    lock = ExclusiveLock(realm.lock_file(PRUNE_LOCK))
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
+        yield lock.acquire()
     finally:
-        os.close(fd)
+        lock.release()
 
 
 def prune(realm: Realm, config: RealmConfig, ledger: Ledger, *, dry_run: bool = False,
@@ -297,7 +267,7 @@ def prune_after_save(realm: Realm, config: RealmConfig, ledger: Ledger) -> Prune
 
 # backups -----------------------------------------------------------------------------------------------
 def checkpoint_path(realm: Realm, hero: str, step: int) -> Path:
-    name = checkpoint_name_of(step)
+    name = checkpoint_name(step)
     path = realm.checkpoints_dir(hero) / name
     if not path.is_dir():
         raise VaultOpsError(f"no checkpoint {name} in the vault of {hero} (see `python -m training vault list`)")
@@ -311,7 +281,7 @@ def backup_root(realm: Realm, config: RealmConfig, override: str | None = None) 
 
 
 def backup(realm: Realm, config: RealmConfig, ledger: Ledger, step: int, folder: str | None = None) -> dict:
-    """Copy checkpoint ``step`` to ``<backup folder>/<hero>/step-XXXXXXXX/`` and verify every file's
+    """Copy checkpoint ``step`` to ``<backup folder>/<hero>/<checkpoint name>/`` and verify every file's
     SHA-256 against the source. An existing, intact backup of the same step is kept as is; a damaged
     one is replaced.
 
@@ -339,8 +309,5 @@ def _bytes(folder: Path) -> int:
 
 def list_backups(realm: Realm, config: RealmConfig) -> list[dict[str, Any]]:
     """``{"name", "path", "bytes"}`` of each backup of the hero, newest step first."""
-    root = backup_root(realm, config)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and re.fullmatch(r"step-\d{8}", p.name)]
-    return [{"name": p.name, "path": str(p), "bytes": _bytes(p)} for p in sorted(found, reverse=True)]
+    found = list_checkpoints(backup_root(realm, config))  # backups are named as checkpoints are
+    return [{"name": p.name, "path": str(p), "bytes": _bytes(p)} for p in reversed(found)]

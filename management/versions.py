@@ -8,7 +8,6 @@ and ``metadata.json`` (base model, quests seen, metrics, file hashes). Errors: :
 
 from __future__ import annotations
 
-import fcntl
 import os
 import re
 import shutil
@@ -18,25 +17,37 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from core.checkpoint_layout import (
+    KEY_CURSOR,
+    KEY_EVAL_LOSS,
+    KEY_GLOBAL_STEP,
+    KEY_HERO,
+    KEY_LOSS,
+    KEY_OPTIMIZER_REMOVED,
+    KEY_REASON,
+    KEY_RESTORED_FROM,
+    KEY_RNG,
+    KEY_SCHEDULER,
+    KEY_TIME,
+    TMP_PREFIX,
+    TRAINER_STATE_JSON,
+    TRAINER_STATE_PT,
+    checkpoint_name,
+)
 from core.config import RealmConfig
-from core.fsutil import fsync_tree
+from core.fsutil import ExclusiveLock, fsync_tree, write_json_atomic
 from core.ledger import Ledger
-from core.realm import Realm
+from core.realm import DAEMON_LOCK, Realm
 from core.vault import list_checkpoints_info
 from management.vault_ops import (
     METADATA_FILE,
-    OPTIMIZER_REMOVED_KEY,
     SUMS_FILE,
-    TRAINER_STATE_JSON,
-    TRAINER_STATE_PT,
     VaultOpsError,
-    checkpoint_name_of,
     checkpoint_path,
     copy_verified,
     read_json,
     tree_hashes,
     verify_copy,
-    write_json_atomic,
 )
 
 VERSION_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -57,13 +68,13 @@ def _quests_seen(ledger: Ledger, global_step: int) -> list[dict[str, Any]]:
 
 def _metadata(name: str, source: Path, state: dict[str, Any], ledger: Ledger, hashes: dict[str, str],
               kind: str) -> dict[str, Any]:
-    step = int(state.get("global_step", 0))
-    hero = state.get("hero") or {}
+    step = int(state.get(KEY_GLOBAL_STEP, 0))
+    hero = state.get(KEY_HERO) or {}
     evals = ledger.query("SELECT global_step, quest_id, eval_loss, examples FROM evals WHERE global_step <= ? "
                          "ORDER BY global_step DESC LIMIT 20", (step,))
     return {"name": name, "kind": kind, "created_at": time.time(), "source_checkpoint": source.name,
             "global_step": step, "base_model": hero.get("base_model"), "hero": hero,
-            "metrics": {"loss": state.get("loss"), "eval_loss": state.get("eval_loss"), "recent_evals": evals},
+            "metrics": {"loss": state.get(KEY_LOSS), "eval_loss": state.get(KEY_EVAL_LOSS), "recent_evals": evals},
             "quests_seen": _quests_seen(ledger, step), "files": hashes}
 
 
@@ -105,19 +116,15 @@ def list_versions(realm: Realm, hero: str) -> list[dict[str, Any]]:
 
 @contextmanager
 def _daemon_lock(realm: Realm) -> Iterator[None]:
-    """Hold the daemon's single-instance lock (``run/daemon.lock``) so no daemon runs meanwhile.
-    Raises :class:`VaultOpsError` when a daemon holds it."""
-    realm.run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(realm.run_dir / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    """Hold the daemon's single-instance lock (:data:`core.realm.DAEMON_LOCK`) so no daemon runs
+    meanwhile. Raises :class:`VaultOpsError` when a daemon holds it."""
+    lock = ExclusiveLock(realm.lock_file(DAEMON_LOCK))
+    if not lock.acquire():
+        raise VaultOpsError("the daemon is running: stop it first (`python -m training stop-all`), then restore")
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise VaultOpsError("the daemon is running: stop it first (`python -m training stop-all`), "
-                                "then restore") from None
         yield
     finally:
-        os.close(fd)
+        lock.release()
 
 
 def _merged_trainer_state(version: Path, latest: Path | None, dest: Path) -> None:
@@ -125,12 +132,10 @@ def _merged_trainer_state(version: Path, latest: Path | None, dest: Path) -> Non
     weights), the latest checkpoint's scheduler and RNG (the schedule continues at the current step)."""
     import torch
 
-    from core import checkpoint as ckpt
-
     blob = torch.load(version / TRAINER_STATE_PT, map_location="cpu", weights_only=True)
     if latest is not None:
         current = torch.load(latest / TRAINER_STATE_PT, map_location="cpu", weights_only=True)
-        blob = {**blob, ckpt.KEY_SCHEDULER: current[ckpt.KEY_SCHEDULER], ckpt.KEY_RNG: current[ckpt.KEY_RNG]}
+        blob = {**blob, KEY_SCHEDULER: current[KEY_SCHEDULER], KEY_RNG: current[KEY_RNG]}
     torch.save(blob, dest / TRAINER_STATE_PT)
 
 
@@ -160,15 +165,15 @@ def restore(realm: Realm, config: RealmConfig, ledger: Ledger, name: str) -> dic
         latest = root / infos[0]["name"] if infos else None
         vstate = read_json(version / TRAINER_STATE_JSON)
         base = read_json(latest / TRAINER_STATE_JSON) if latest else dict(vstate)
-        step = int(base.get("global_step", 0)) if latest else 0
+        step = int(base.get(KEY_GLOBAL_STEP, 0)) if latest else 0
         if not latest:
-            base["cursor"] = None
-        base.update({"global_step": step, "time": time.time(), "reason": "restore",
-                     "loss": vstate.get("loss"), "eval_loss": vstate.get("eval_loss"),
-                     "hero": vstate.get("hero", base.get("hero")),
-                     "restored_from": {"version": name, "global_step": vstate.get("global_step")}})
-        base.pop(OPTIMIZER_REMOVED_KEY, None)
-        tmp = root / f".tmp-restore-{checkpoint_name_of(step)}-{os.getpid()}"
+            base[KEY_CURSOR] = None
+        base.update({KEY_GLOBAL_STEP: step, KEY_TIME: time.time(), KEY_REASON: "restore",
+                     KEY_LOSS: vstate.get(KEY_LOSS), KEY_EVAL_LOSS: vstate.get(KEY_EVAL_LOSS),
+                     KEY_HERO: vstate.get(KEY_HERO, base.get(KEY_HERO)),
+                     KEY_RESTORED_FROM: {"version": name, "global_step": vstate.get(KEY_GLOBAL_STEP)}})
+        base.pop(KEY_OPTIMIZER_REMOVED, None)
+        tmp = root / f"{TMP_PREFIX}restore-{checkpoint_name(step)}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             skip = {SUMS_FILE, METADATA_FILE, TRAINER_STATE_JSON, TRAINER_STATE_PT}
@@ -186,7 +191,7 @@ def restore(realm: Realm, config: RealmConfig, ledger: Ledger, name: str) -> dic
                 hashes = tree_hashes(latest)
                 _write_sums(latest, hashes)
                 os.rename(latest, saved)
-            final = root / checkpoint_name_of(step)
+            final = root / checkpoint_name(step)
             try:
                 os.rename(tmp, final)
             except OSError:

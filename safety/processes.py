@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+from core.fsutil import write_text_atomic
 from core.realm import Realm
 
 ROLE_COMMANDS = {"daemon": "daemon", "tavern": "tavern", "supervisor": "supervise"}
@@ -66,9 +67,7 @@ def read_pid(realm: Realm, role: str) -> int | None:
 def write_pid(realm: Realm, role: str, pid: int) -> None:
     """Write ``run/<role>.pid`` atomically."""
     realm.run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = realm.pid_file(role).with_suffix(f".pid.{os.getpid()}.tmp")
-    tmp.write_text(str(pid))
-    os.replace(tmp, realm.pid_file(role))
+    write_text_atomic(realm.pid_file(role), str(pid))
 
 
 def remove_pid(realm: Realm, role: str, pid: int) -> None:

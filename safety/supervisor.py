@@ -24,7 +24,6 @@ against :data:`TRANSITIONS`; the supervisor's own state is :class:`SupervisorSta
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import signal
@@ -40,8 +39,9 @@ from typing import Any
 import psutil
 
 from core.config import RealmConfig
+from core.fsutil import ExclusiveLock, write_json_atomic
 from core.ledger import Ledger
-from core.realm import Realm
+from core.realm import SUPERVISOR_LOCK, Realm
 from safety import processes
 from safety.crash import MemoryFacts, classify_exit, read_log_tail, read_oom_kill_count, record_crash
 
@@ -76,12 +76,8 @@ STOP_REQUEST_FILE = "supervisor.stop.json"
 def request_stop_timeout(realm: Realm, timeout_seconds: float) -> None:
     """Tell a running supervisor how long its children get to stop warmly at the next stop (``stop-all
     --timeout``): written to ``run/supervisor.stop.json``, read and removed when it stops."""
-    import json
-
     realm.run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = realm.run_dir / f".{STOP_REQUEST_FILE}.{os.getpid()}"
-    tmp.write_text(json.dumps({"timeout_seconds": float(timeout_seconds)}))
-    os.replace(tmp, realm.run_dir / STOP_REQUEST_FILE)
+    write_json_atomic(realm.run_dir / STOP_REQUEST_FILE, {"timeout_seconds": float(timeout_seconds)}, indent=None)
 
 
 def _take_stop_timeout(realm: Realm, default: float) -> float:
@@ -189,16 +185,13 @@ class Supervisor:
     def run(self) -> int:
         """Supervise until stopped. Raises :class:`AlreadySupervised` when another supervisor runs here."""
         self.realm.ensure_layout()
-        lock_fd = os.open(self.realm.run_dir / "supervisor.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(lock_fd)
-            raise AlreadySupervised(f"another supervisor runs on the realm {self.realm.root}") from None
+        lock = ExclusiveLock(self.realm.lock_file(SUPERVISOR_LOCK))
+        if not lock.acquire():
+            raise AlreadySupervised(f"another supervisor runs on the realm {self.realm.root}")
         try:
             return self._run()
         finally:
-            os.close(lock_fd)
+            lock.release()
 
     def _run(self) -> int:
         (self.realm.run_dir / STOP_REQUEST_FILE).unlink(missing_ok=True)  # left by an earlier stop

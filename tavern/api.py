@@ -23,6 +23,7 @@ from tavern import game
 from tavern.context import current_config, current_ledger, current_realm
 from tavern.push import event_payload
 from tavern.schemas import QUEST_RECORD_SCHEMA, QUEST_SCHEMA
+from tavern.security import refuse
 from tavern.status import build_status
 
 bp = Blueprint("api", __name__, url_prefix="/api")
@@ -38,7 +39,7 @@ class BadParameter(ValueError):
 
 @bp.errorhandler(BadParameter)
 def _bad(exc: BadParameter):
-    return jsonify(error=str(exc)), 400
+    return refuse(400, str(exc))
 
 
 def int_arg(name: str, default: int | None, lo: int, hi: int | None = None) -> int | None:

@@ -21,9 +21,10 @@ from typing import Any
 from flask import Flask
 from flask_socketio import SocketIO
 
+from core.checkpoint_layout import list_checkpoints
 from core.ledger import CommandState, Ledger
 from tavern.context import tavern_state
-from tavern.status import CHECKPOINT_RE, build_status
+from tavern.status import build_status, checkpoint_view
 
 log = logging.getLogger(__name__)
 
@@ -186,14 +187,7 @@ class LedgerPoller:
 
     def _scan_checkpoints(self) -> dict[str, dict[str, Any]]:
         folder = self.realm.checkpoints_dir(self._hero_name())
-        out: dict[str, dict[str, Any]] = {}
-        if folder.is_dir():
-            for p in folder.iterdir():
-                m = CHECKPOINT_RE.match(p.name)
-                if m and p.is_dir():
-                    out[p.name] = {"name": p.name, "global_step": int(m.group(1)),
-                                   "path": str(p.relative_to(self.realm.root))}
-        return out
+        return {p.name: checkpoint_view(self.realm, p) for p in list_checkpoints(folder)}
 
 
 def event_payload(row: dict[str, Any]) -> dict[str, Any]:

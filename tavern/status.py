@@ -7,12 +7,14 @@ latest ``evals`` row, the current quest row, queue counts. Game stats come from 
 from __future__ import annotations
 
 import math
-import re
 import time
+from pathlib import Path
 from typing import Any
 
 import psutil
 
+from core.checkpoint_layout import latest_checkpoint as latest_checkpoint_path
+from core.checkpoint_layout import step_of
 from core.config import RealmConfig
 from core.ledger import Ledger, QuestState
 from core.realm import Realm
@@ -20,7 +22,6 @@ from tavern import game
 
 HEARTBEAT_STALE_SECONDS = 30.0  # a daemon whose heartbeat is older is shown as "not responding"
 ETA_WINDOW_STEPS = 50  # steps of the current quest used to estimate examples/second
-CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
 
 
 def daemon_view(ledger: Ledger, now: float) -> dict[str, Any]:
@@ -74,17 +75,16 @@ def current_quest(ledger: Ledger, daemon_kv: dict[str, Any], eta_from_daemon: fl
 
 
 def latest_checkpoint(realm: Realm, hero_name: str) -> dict | None:
-    """The highest ``step-*`` folder of the hero's vault: ``{"global_step", "name", "path"}`` or None."""
-    folder = realm.checkpoints_dir(hero_name)
-    best = None
-    if folder.is_dir():
-        for p in folder.iterdir():
-            m = CHECKPOINT_RE.match(p.name)
-            if m and p.is_dir() and (best is None or int(m.group(1)) > best[0]):
-                best = (int(m.group(1)), p)
-    if best is None:
-        return None
-    return {"global_step": best[0], "name": best[1].name, "path": str(best[1].relative_to(realm.root))}
+    """The hero's latest checkpoint (:func:`core.checkpoint_layout.latest_checkpoint`) as
+    :func:`checkpoint_view` shows it, or None."""
+    path = latest_checkpoint_path(realm.checkpoints_dir(hero_name))
+    return None if path is None else checkpoint_view(realm, path)
+
+
+def checkpoint_view(realm: Realm, path: Path) -> dict[str, Any]:
+    """``{"global_step", "name", "path"}`` of the checkpoint folder ``path`` (``path`` relative to the realm:
+    clients need names, not the server's folders)."""
+    return {"global_step": step_of(path), "name": path.name, "path": str(path.relative_to(realm.root))}
 
 
 def build_status(ledger: Ledger, realm: Realm, config: RealmConfig, now: float | None = None) -> dict:

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from enum import IntEnum
 from pathlib import Path
 
+from core.checkpoint_layout import EXAMPLE_NAME, parse_step_argument
 from core.config import ConfigError, RealmConfig, config_json_schema
 from core.realm import PRIORITIES, Realm, default_realm_root, init_realm
 
@@ -59,10 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--dry-run", action="store_true", help="only show what would be removed and why")
     v.add_argument("--json", action="store_true")
     v = vault.add_parser("backup", help="copy a checkpoint to backup.folder and verify its SHA-256")
-    v.add_argument("step", type=_global_step, help="global step (1234) or checkpoint name (step-00001234)")
+    v.add_argument("step", type=_global_step, help=f"global step (1234) or checkpoint name ({EXAMPLE_NAME})")
     v.add_argument("--to", help="backup folder (default: config backup.folder)")
     v = vault.add_parser("promote", help="make a checkpoint a named version (models/<hero>/versions/NAME)")
-    v.add_argument("step", type=_global_step, help="global step (1234) or checkpoint name (step-00001234)")
+    v.add_argument("step", type=_global_step, help=f"global step (1234) or checkpoint name ({EXAMPLE_NAME})")
     v.add_argument("--name", required=True, help="version name: letters, digits, '_', '.', '-'")
     v = vault.add_parser("restore", help="make a named version the hero's starting point again (the daemon "
                          "must be stopped; the global step goes on)")
@@ -81,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the JSON report")
     s = sub.add_parser("eval", help="held-out loss of a checkpoint (or the base model) on a quest file")
     s.add_argument("file")
-    s.add_argument("--checkpoint", default="latest", help="checkpoint name (step-00001234), 'latest' or 'base'")
+    s.add_argument("--checkpoint", default="latest", help=f"checkpoint name ({EXAMPLE_NAME}), 'latest' or 'base'")
     s.add_argument("--max-examples", type=int, default=256)
     s.add_argument("--every", type=int, default=1, help="use records N-1, 2N-1, ... (N = training.eval_holdout_every: the ones training held out)")
     s.add_argument("--json", action="store_true")
@@ -102,14 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _global_step(text: str) -> int:
-    """``1234`` or ``step-00001234`` -> 1234 (exact: never a prefix or a pattern)."""
-    import re
-
-    m = re.fullmatch(r"(?:step-(\d{8})|(\d{1,8}))", text.strip())
-    if not m:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a global step (1234) or checkpoint name "
-                                         "(step-00001234)")
-    return int(m.group(1) or m.group(2))
+    """``1234`` or ``step-00001234`` -> 1234 (:func:`core.checkpoint_layout.parse_step_argument`)."""
+    try:
+        return parse_step_argument(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
@@ -274,7 +272,7 @@ def cmd_validate(args, realm: Realm, config: RealmConfig, environ) -> int:
 
 
 def cmd_eval(args, realm: Realm, config: RealmConfig, environ) -> int:
-    from core.checkpoint import latest_checkpoint, list_checkpoints
+    from core.checkpoint_layout import latest_checkpoint, list_checkpoints
     from core.evaluation import evaluate_file
     from core.hero import resolve_model_source
 

@@ -12,7 +12,7 @@ def hero_tokenizer(realm: Realm, config: RealmConfig):
 
     Raises :class:`core.hero.HeroError` when a configured base model cannot be found.
     """
-    from core.checkpoint import latest_checkpoint
+    from core.checkpoint_layout import latest_checkpoint
     from core.hero import build_byte_tokenizer, default_hero_dir, load_tokenizer, resolve_model_source
 
     checkpoint = latest_checkpoint(realm.checkpoints_dir(config.hero.name))

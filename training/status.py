@@ -6,29 +6,22 @@ Read-only: everything comes from the ledger, the checkpoints folder and the pid 
 from __future__ import annotations
 
 import json
-import re
 import time
 from typing import Any
 
+from core.checkpoint_layout import latest_checkpoint, step_of
 from core.config import RealmConfig
 from core.ledger import Ledger, QuestState
 from core.realm import Realm
 from safety.crash import recent_crashes
 from training.processes import ROLES, SUPERVISOR, process_info
 
-_STEP_DIR = re.compile(r"^step-(\d{8})$")
 HEARTBEAT_STALE_SECONDS = 120.0
 
 
 def _last_checkpoint(realm: Realm, hero: str) -> dict[str, Any] | None:
-    folder = realm.checkpoints_dir(hero)
-    if not folder.is_dir():
-        return None
-    steps = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_DIR.match(p.name)))
-    if not steps:
-        return None
-    step, path = steps[-1]
-    return {"step": step, "path": str(path)}
+    path = latest_checkpoint(realm.checkpoints_dir(hero))
+    return None if path is None else {"step": step_of(path), "path": str(path)}
 
 
 def collect_status(realm: Realm, config: RealmConfig) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import json
 import sys
 import time
 
+from core.checkpoint_layout import checkpoint_name
 from core.config import RealmConfig
 from core.ledger import Ledger
 from core.realm import Realm
@@ -107,7 +108,7 @@ def run_vault_command(args, realm: Realm, config: RealmConfig) -> int:
         elif cmd == "backup":
             r = vault_ops.backup(realm, config, ledger, args.step, folder=args.to)
             state = "already backed up, verified" if r["already"] else "backed up, SHA-256 verified"
-            print(f"step-{args.step:08d} {state}: {r['path']} ({r['files']} files, {_size(r['bytes'])})")
+            print(f"{checkpoint_name(args.step)} {state}: {r['path']} ({r['files']} files, {_size(r['bytes'])})")
         elif cmd == "promote":
             meta = versions.promote(realm, config, ledger, args.step, args.name)
             print(f"version {args.name} created from {meta['source_checkpoint']} (global step "

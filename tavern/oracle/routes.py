@@ -42,16 +42,11 @@ from tavern.oracle.service import (
 )
 from tavern.oracle.store import ModelNotFound
 from tavern.oracle.worker import MAX_NEW_TOKENS_LIMIT, OracleBusy, OracleRequest
+from tavern.security import refuse
 
 bp = Blueprint("oracle", __name__)
 
 MAX_LIST_LIMIT = 500
-
-
-def _bad(message: str, status: int = 400):
-    resp = jsonify(error=message)
-    resp.status_code = status
-    return resp
 
 
 def _body() -> dict[str, Any]:
@@ -63,7 +58,7 @@ def _body() -> dict[str, Any]:
 
 @bp.errorhandler(preferences.PreferenceError)
 def _preference_error(exc: preferences.PreferenceError):
-    return _bad(str(exc))
+    return refuse(400, str(exc))
 
 
 @bp.get("/oracle")
@@ -120,7 +115,7 @@ def list_preferences():
         before = request.args.get("before_id")
         before_id = int(before) if before else None
     except ValueError:
-        return _bad("limit and before_id must be integers")
+        return refuse(400, "limit and before_id must be integers")
     ledger = current_ledger()
     return jsonify(preferences=preferences.list_preferences(ledger, _kind_arg(), limit, before_id),
                    counts=preferences.preference_counts(ledger))

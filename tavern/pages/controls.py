@@ -19,6 +19,7 @@ from flask import Blueprint, jsonify
 
 from tavern.context import current_ledger
 from tavern.push import command_payload
+from tavern.security import refuse
 from tavern.status import daemon_view
 
 bp = Blueprint("controls", __name__, url_prefix="/api/controls")
@@ -35,7 +36,7 @@ RECENT_COMMANDS = 20
 @bp.post("/<command>")
 def send(command: str):
     if command not in COMMANDS:
-        return jsonify(error=f"unknown command {command!r}; one of {sorted(COMMANDS)}"), 404
+        return refuse(404, f"unknown command {command!r}; one of {sorted(COMMANDS)}")
     ledger = current_ledger()
 
     daemon = daemon_view(ledger, time.time())
@@ -51,7 +52,7 @@ def send(command: str):
 def get(command_id: int):
     rows = current_ledger().query("SELECT * FROM commands WHERE id=?", (command_id,))
     if not rows:
-        return jsonify(error=f"no command {command_id}"), 404
+        return refuse(404, f"no command {command_id}")
     return jsonify(command_payload(rows[0]))
 
 

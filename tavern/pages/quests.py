@@ -32,6 +32,7 @@ from core.quest_queue import QuestStateError, folder_name
 from core.realm import PRIORITIES, RealmError
 from tavern.context import current_config, current_ledger, current_queue, current_realm
 from tavern.pages.quest_files import UploadError, list_inbox, read_preview, read_report, save_upload
+from tavern.security import refuse
 
 bp = Blueprint("quests", __name__)
 
@@ -44,12 +45,6 @@ PUBLIC_FIELDS = (
     "examples_total", "examples_trained", "tokens", "steps", "first_global_step", "last_global_step", "note",
     "error", "deferred", "created_at", "updated_at", "started_at", "finished_at",
 )
-
-
-def _error(status: int, message: str):
-    resp = jsonify(error=message)
-    resp.status_code = status
-    return resp
 
 
 def passed_validation(quest: dict[str, Any]) -> bool:
@@ -146,7 +141,7 @@ def api_list():
 def api_detail(quest_id: int):
     quest = _get(quest_id)
     if quest is None:
-        return _error(404, f"no quest {quest_id}")
+        return refuse(404, f"no quest {quest_id}")
     realm = current_realm()
     data_path, report_path = _quest_files(quest)
     return jsonify(quest=public_quest(quest, trainable_formats()), report=read_report(report_path),
@@ -162,13 +157,13 @@ def api_upload():
         upload = request.files.get("file")
         priority = request.form.get("priority", "normal")
     except RequestEntityTooLarge:
-        return _error(413, f"the upload is larger than the limit of {limit} bytes (tavern.max_upload_bytes)")
+        return refuse(413, f"the upload is larger than the limit of {limit} bytes (tavern.max_upload_bytes)")
     if upload is None:
-        return _error(400, "no file in the upload (multipart field 'file')")
+        return refuse(400, "no file in the upload (multipart field 'file')")
     try:
         path = save_upload(upload.stream, upload.filename or "", priority, current_realm().inbox, limit)
     except UploadError as exc:
-        return _error(exc.status, str(exc))
+        return refuse(exc.status, str(exc))
     realm = current_realm()
     current_ledger().event("quest_uploaded", f"{path.name} uploaded into the inbox ({priority})",
                            name=path.name, priority=priority, size_bytes=path.stat().st_size)
@@ -189,11 +184,11 @@ def _transition(quest_id: int, to_state: QuestState, expect: QuestState, event: 
     try:
         row = current_queue().transition(quest_id, to_state, expect=expect, **kwargs)
     except QuestStateError as exc:
-        return _error(409, f"{exc} (the page was out of date; it has been refreshed)")
+        return refuse(409, f"{exc} (the page was out of date; it has been refreshed)")
     except FileNotFoundError:
-        return _error(409, f"the file of quest {quest_id} is missing from its queue folder")
+        return refuse(409, f"the file of quest {quest_id} is missing from its queue folder")
     except FileExistsError as exc:
-        return _error(409, str(exc))
+        return refuse(409, str(exc))
     current_ledger().event(event, message, quest_id=quest_id)
     return jsonify(quest=public_quest(row, trainable_formats()))
 
@@ -202,12 +197,12 @@ def _transition(quest_id: int, to_state: QuestState, expect: QuestState, event: 
 def api_priority(quest_id: int):
     priority = _body().get("priority")
     if priority not in PRIORITIES:
-        return _error(400, f"priority must be one of {', '.join(PRIORITIES)}")
+        return refuse(400, f"priority must be one of {', '.join(PRIORITIES)}")
     quest = _get(quest_id)
     if quest is None:
-        return _error(404, f"no quest {quest_id}")
+        return refuse(404, f"no quest {quest_id}")
     if quest["state"] != QuestState.QUEUED.value:
-        return _error(409, f"only queued quests change priority; quest {quest_id} is {quest['state']}")
+        return refuse(409, f"only queued quests change priority; quest {quest_id} is {quest['state']}")
     return _transition(quest_id, QuestState.QUEUED, QuestState.QUEUED, "quest_priority",
                        f"{quest['name']}: priority {quest['priority']} -> {priority}", priority=priority)
 
@@ -216,12 +211,12 @@ def api_priority(quest_id: int):
 def api_retry(quest_id: int):
     quest = _get(quest_id)
     if quest is None:
-        return _error(404, f"no quest {quest_id}")
+        return refuse(404, f"no quest {quest_id}")
     kind = failure_kind(quest)
     if kind is None:
-        return _error(409, f"only failed quests can be retried; quest {quest_id} is {quest['state']}")
+        return refuse(409, f"only failed quests can be retried; quest {quest_id} is {quest['state']}")
     if kind == "validation":
-        return _error(409, "this file failed validation, so training it again would fail the same way: "
+        return refuse(409, "this file failed validation, so training it again would fail the same way: "
                       "read its report, fix the file and drop it into the inbox again")
     return _transition(quest_id, QuestState.QUEUED, QuestState.FAILED, "quest_retry_requested",
                        f"{quest['name']} queued again by the user after {quest['attempts']} failed attempts",
@@ -233,9 +228,9 @@ def api_retry(quest_id: int):
 def api_remove(quest_id: int):
     quest = _get(quest_id)
     if quest is None:
-        return _error(404, f"no quest {quest_id}")
+        return refuse(404, f"no quest {quest_id}")
     if quest["state"] not in (QuestState.QUEUED.value, QuestState.FAILED.value):
-        return _error(409, f"only queued or failed quests can be removed; quest {quest_id} is {quest['state']}")
+        return refuse(409, f"only queued or failed quests can be removed; quest {quest_id} is {quest['state']}")
     return _transition(quest_id, QuestState.REMOVED, QuestState(quest["state"]), "quest_removed",
                        f"{quest['name']} removed by the user (kept in queue/trash/)")
 
@@ -244,9 +239,9 @@ def api_remove(quest_id: int):
 def api_restore(quest_id: int):
     quest = _get(quest_id)
     if quest is None:
-        return _error(404, f"no quest {quest_id}")
+        return refuse(404, f"no quest {quest_id}")
     if "restore" not in public_quest(quest)["actions"]:
-        return _error(409, f"quest {quest_id} cannot be restored (only removed quests that passed validation)")
+        return refuse(409, f"quest {quest_id} cannot be restored (only removed quests that passed validation)")
     return _transition(quest_id, QuestState.QUEUED, QuestState.REMOVED, "quest_restored",
                        f"{quest['name']} restored from the trash into the queue", attempts=0, error=None,
                        finished_at=None)

@@ -30,14 +30,9 @@ from core.vault import (
 )
 from tavern.context import current_config, current_ledger, current_realm
 from tavern.extensions import socketio
+from tavern.security import refuse
 
 bp = Blueprint("vault", __name__)
-
-
-def _error(status: int, message: str):
-    resp = jsonify(error=message)
-    resp.status_code = status
-    return resp
 
 
 def _hero() -> str:
@@ -53,7 +48,7 @@ def _check_name(name: str):
     try:
         parse_checkpoint_name(name)
     except VaultError as exc:
-        return _error(400, str(exc))
+        return refuse(400, str(exc))
     return None
 
 
@@ -80,7 +75,7 @@ def api_pin(name: str):
     try:
         pin(current_ledger(), name, current_realm(), _hero())
     except VaultError as exc:
-        return _error(404, str(exc))
+        return refuse(404, str(exc))
     _notify("pinned", name)
     return jsonify(name=name, pinned=True)
 
@@ -101,12 +96,12 @@ def api_delete(name: str):
     body = request.get_json(silent=True)
     confirm = body.get("confirm") if isinstance(body, dict) else request.form.get("confirm")
     if not isinstance(confirm, str) or not confirm:
-        return _error(400, f"type the exact name {name} to confirm the deletion (field 'confirm')")
+        return refuse(400, f"type the exact name {name} to confirm the deletion (field 'confirm')")
     if not _known(name):
-        return _error(404, f"no checkpoint {name} in the vault of {_hero()}")
+        return refuse(404, f"no checkpoint {name} in the vault of {_hero()}")
     try:
         result = delete_checkpoint(current_realm(), _hero(), current_ledger(), name, confirm)
     except VaultError as exc:
-        return _error(409, str(exc))
+        return refuse(409, str(exc))
     _notify("deleted", name)
     return jsonify(result)

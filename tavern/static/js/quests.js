@@ -34,15 +34,7 @@
   }
 
   // actions ---------------------------------------------------------------------------------------
-  async function act(url, body, done) {
-    try {
-      await apiPost(url, body);
-      toast(done, "success");
-    } catch (e) {
-      toast(e.message, "error");
-    }
-    await refresh();
-  }
+  const act = (url, body, done) => Tavern.act(url, body, done, refresh);
 
   function confirmButton(label, confirmLabel, onConfirm) {
     // Two clicks, no native dialog: the first arms the button for a few seconds.

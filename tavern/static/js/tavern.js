@@ -4,6 +4,8 @@
  *   socket                  the page's Socket.IO connection (same origin; reconnects by itself)
  *   apiGet(url)             GET JSON; throws Error(message) on HTTP errors
  *   apiPost(url, body)      POST JSON (or FormData) with the CSRF header; throws Error(message)
+ *   Tavern.act(url, body, done, after)   a button's action: apiPost, toast `done` (or the error), then
+ *                           await after() either way (e.g. refetch the page); resolves to the answer or null
  *   Tavern.el(tag, attrs, ...children)   build DOM safely: strings become text nodes (never HTML)
  *   Tavern.onResync(fn)     fn() runs at load and after every (re)connect: rebuild state from /api
  *   Tavern.fmt.*            number / duration / bytes / time formatting
@@ -41,6 +43,18 @@
       payload = JSON.stringify(body === undefined ? {} : body);
     }
     return parse(await fetch(url, {method: "POST", credentials: "same-origin", headers, body: payload}));
+  }
+
+  async function act(url, body, done, after) {
+    let answer = null;
+    try {
+      answer = await apiPost(url, body);
+      toast(done, "success");
+    } catch (e) {
+      toast(e.message, "error");
+    }
+    if (after) await after();
+    return answer;
   }
 
   function el(tag, attrs, ...children) {
@@ -158,7 +172,7 @@
   window.socket = socket;
   window.apiGet = apiGet;
   window.apiPost = apiPost;
-  window.Tavern = {csrf, el, fmt, toast, onResync, resyncAll, apiGet, apiPost, socket};
+  window.Tavern = {csrf, el, fmt, toast, onResync, resyncAll, apiGet, apiPost, act, socket};
 
   onResync(() => apiGet("/api/status").then(showStatus));
   document.addEventListener("DOMContentLoaded", resyncAll);

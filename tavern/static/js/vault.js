@@ -70,15 +70,7 @@
     timer = setTimeout(() => { timer = null; refresh().catch((e) => toast(e.message, "error")); }, 150);
   }
 
-  async function post(url, body, done) {
-    try {
-      await apiPost(url, body);
-      toast(done, "success");
-    } catch (e) {
-      toast(e.message, "error");
-    }
-    await refresh();
-  }
+  const post = (url, body, done) => Tavern.act(url, body, done, refresh);
 
   // deletion: the user types the exact name; the server checks it again --------------------------------
   const card = document.getElementById("delete-card");

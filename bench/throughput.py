@@ -24,6 +24,9 @@ Systems:
   ``AdamW``; the floor of what any framework on top of ``transformers`` can cost.
 - ``bare_causal`` (not with ``--quick``): the bare loop with plain causal attention (no mask: packed
   examples attend to each other), to show what the mask costs.
+- ``engine_lora`` / ``trl_lora``: the same two with a LoRA adapter (PEFT; r 16, alpha 32, no dropout, on
+  every linear layer of the decoder blocks: the engine's default targets, given to TRL as the same list),
+  everything else as above. With ``--quick`` only on stories260K and ``small``.
 
 Models: random-init Qwen3 ``micro``/``tiny``/``small`` (:data:`core.hero.HERO_SIZES`, about 2.5M, 10M,
 40M parameters, byte-level tokenizer, ``max_length`` 1024 x 4 rows) and ../shared/models/stories260K
@@ -157,7 +160,22 @@ class Run:
         return sum(self.tokens) / sum(self.times)
 
 
-def run_engine(model_dir: Path, examples: list[dict], spec: dict, warmup: int, workdir: Path, cuda: bool) -> Run:
+LORA = {"r": 16, "alpha": 32.0, "dropout": 0.0}
+
+
+def lora_targets(model_dir: Path) -> list[str]:
+    """The engine's default LoRA targets for this model (core.adapters.default_target_modules)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from core.adapters import default_target_modules
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    return default_target_modules(model)
+
+
+def run_engine(model_dir: Path, examples: list[dict], spec: dict, warmup: int, workdir: Path, cuda: bool,
+               lora: bool = False) -> Run:
     from core.daemon import TRAINABLE_FORMATS  # noqa: F401  (the daemon's import path, as in production)
     from core.engine import Engine
     from core.formats import iter_valid_records
@@ -171,6 +189,8 @@ def run_engine(model_dir: Path, examples: list[dict], spec: dict, warmup: int, w
                 "learning_rate": LEARNING_RATE, "warmup_steps": 0, "lr_scheduler_type": "constant",
                 "eval_steps": 0, "eval_holdout_every": 0, "save_steps": 10 ** 6, "save_interval_minutes": 10 ** 6,
                 "seed": SEED, "mixed_precision": "bf16" if cuda else "no"}
+    if lora:
+        training.update(adapter="lora", lora=LORA)
     realm = init_realm(root, base_model=str(model_dir), overrides={"training": training})
     config = realm.load_config()
     ledger = Ledger(realm.ledger_path)
@@ -306,7 +326,7 @@ def trl_batch_size(examples: list[dict], model_dir: Path, spec: dict) -> tuple[i
 
 
 def run_trl(model_dir: Path, examples: list[dict], spec: dict, warmup: int, batch_size: int, workdir: Path,
-            cuda: bool) -> Run:
+            cuda: bool, lora: bool = False) -> Run:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
@@ -358,8 +378,14 @@ def run_trl(model_dir: Path, examples: list[dict], spec: dict, warmup: int, batc
             if logs and "loss" in logs:
                 losses.append(float(logs["loss"]))
 
+    peft_config = None
+    if lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                                 target_modules=lora_targets(model_dir), bias="none", task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
-                         callbacks=[Clock()])
+                         callbacks=[Clock()], peft_config=peft_config)
     collator = trainer.data_collator
 
     def counting(features):
@@ -378,10 +404,11 @@ def run_trl(model_dir: Path, examples: list[dict], spec: dict, warmup: int, batc
 
 
 # --- driver ------------------------------------------------------------------------------------------
-def loss_agreement(curves: dict[str, list[float]]) -> dict:
-    """Compare each system's mean loss over the common steps with the bare loop's, in units of the
-    per-step noise (std of the bare loop's step-to-step differences / sqrt 2, over sqrt(steps))."""
-    ref = curves.get("bare")
+def loss_agreement(curves: dict[str, list[float]], reference: str = "bare") -> dict:
+    """Compare each system's mean loss over the common steps with the reference's (the bare loop; TRL +
+    PEFT for the LoRA systems), in units of the per-step noise (std of the reference's step-to-step
+    differences / sqrt 2, over sqrt(steps))."""
+    ref = curves.get(reference)
     if not ref:
         return {}
     n = min(len(c) for c in curves.values())
@@ -391,7 +418,7 @@ def loss_agreement(curves: dict[str, list[float]]) -> dict:
     out = {"steps": n, "step_noise": round(noise, 4)}
     for name, c in curves.items():
         delta = sum(c[:n]) / n - sum(ref[:n]) / n
-        out[name] = {"mean_loss": round(sum(c[:n]) / n, 4), "delta_vs_bare": round(delta, 4),
+        out[name] = {"mean_loss": round(sum(c[:n]) / n, 4), "delta_vs_reference": round(delta, 4),
                      "agrees": bool(abs(delta) <= max(3 * se, 0.02 * abs(sum(ref[:n]) / n)))}
     return out
 
@@ -405,7 +432,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     style = {"engine": ("o-", "our Engine"), "trl": ("s-", "TRL SFTTrainer (fp32, padding)"),
              "bare": ("^-", "bare PyTorch loop (same packing + mask)"),
-             "bare_causal": ("v:", "bare loop, causal only (documents attend across)")}
+             "bare_causal": ("v:", "bare loop, causal only (documents attend across)"),
+             "engine_lora": ("o--", "our Engine, LoRA r16"), "trl_lora": ("s--", "TRL SFTTrainer + PEFT LoRA r16")}
     for system, (marker, label) in style.items():
         pts = sorted((r["parameters"], r["tokens_per_s"], r["model"]) for r in rows if r["system"] == system)
         if pts:
@@ -431,7 +459,7 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="fewer steps and 2 repeats (a few minutes)")
     p.add_argument("--repeats", type=int, help="runs per system and model (default 3, quick 2)")
     p.add_argument("--models", help="comma-separated subset of stories260K,micro,tiny,small")
-    p.add_argument("--systems", help="comma-separated subset of engine,trl,bare,bare_causal")
+    p.add_argument("--systems", help="comma-separated subset of engine,trl,bare,bare_causal,engine_lora,trl_lora")
     p.add_argument("--threads", type=int, help="torch threads for every run (default: torch's default here)")
     p.add_argument("--docs", action="store_true", help="also copy the PNG to docs/perf/throughput.png")
     a = p.parse_args()
@@ -443,7 +471,8 @@ def main() -> int:
     torch.manual_seed(SEED)
     repeats = a.repeats or (2 if a.quick else 3)
     systems = a.systems.split(",") if a.systems else (["engine", "trl", "bare"] + ([] if a.quick else
-                                                                                  ["bare_causal"]))
+                                                                                  ["bare_causal"])
+                                                       + ["engine_lora", "trl_lora"])
     specs = model_specs(cuda, a.quick)
     if a.models:
         specs = [s for s in specs if s["name"] in a.models.split(",")]
@@ -460,15 +489,18 @@ def main() -> int:
             model_dir = materialize(spec, workdir)
             bs, mean_len = trl_batch_size(examples, model_dir, spec)
             params, fpt = flops_per_token(model_dir, round(mean_len))
-            runs: dict[str, list[Run]] = {s: [] for s in systems}
+            lora_here = not a.quick or a.systems or spec["name"] in ("stories260K", "small", "qwen3-0.6b")
+            model_systems = [s for s in systems if lora_here or not s.endswith("_lora")]
+            runs: dict[str, list[Run]] = {s: [] for s in model_systems}
             for rep in range(repeats):
-                order = systems[rep % len(systems):] + systems[:rep % len(systems)]  # alternate who goes first
+                n = len(model_systems)
+                order = model_systems[rep % n:] + model_systems[:rep % n]  # alternate who goes first
                 for system in order:
                     torch.set_num_threads(threads)  # the same for every run (a library may change it)
-                    if system == "engine":
-                        r = run_engine(model_dir, examples, spec, warmup, workdir, cuda)
-                    elif system == "trl":
-                        r = run_trl(model_dir, examples, spec, warmup, bs, workdir, cuda)
+                    if system in ("engine", "engine_lora"):
+                        r = run_engine(model_dir, examples, spec, warmup, workdir, cuda, lora=system == "engine_lora")
+                    elif system in ("trl", "trl_lora"):
+                        r = run_trl(model_dir, examples, spec, warmup, bs, workdir, cuda, lora=system == "trl_lora")
                     else:
                         r = run_bare(model_dir, examples, spec, warmup, cuda, block_mask=system == "bare")
                     runs[system].append(r)
@@ -477,8 +509,8 @@ def main() -> int:
                           f"{torch.get_num_threads()})", flush=True)
                 peaks.append(matmul_peak_gflops(device="cuda" if cuda else "cpu",
                                                 dtype=torch.bfloat16 if cuda else torch.float32))
-            curves[spec["name"]] = {s: runs[s][0].losses for s in systems}
-            for system in systems:
+            curves[spec["name"]] = {s: runs[s][0].losses for s in model_systems}
+            for system in model_systems:
                 tps = median([r.tokens_per_second for r in runs[system]])
                 results.append({"model": spec["name"], "parameters": params, "system": system,
                                 "tokens_per_s": round(tps, 1), "flops_per_token": fpt,
@@ -496,11 +528,11 @@ def main() -> int:
     by = {(r["model"], r["system"]): r for r in results}
     for r in results:
         r["mfu"] = round(r["tokens_per_s"] * r["flops_per_token"] / (peak * 1e9), 4)
-        eng = by.get((r["model"], "engine"))
-        r["engine_ratio"] = round(eng["tokens_per_s"] / r["tokens_per_s"], 3) if eng and r["system"] != "engine" \
-            else None
+        eng = by.get((r["model"], "engine_lora" if r["system"].endswith("_lora") else "engine"))
+        mine = r["system"] in ("engine", "engine_lora")
+        r["engine_ratio"] = round(eng["tokens_per_s"] / r["tokens_per_s"], 3) if eng and not mine else None
         r["engine_ratio_best"] = round(eng["best_tokens_per_s"] / r["best_tokens_per_s"], 3) \
-            if eng and r["system"] != "engine" else None
+            if eng and not mine else None
     print()
     print_table(results, [("model", "model", ""), ("parameters", "params", ","), ("system", "system", ""),
                           ("tokens_per_s", "tokens/s", ",.0f"), ("mfu", "MFU", ".1%"), ("step_s", "s/step", ".2f"),
@@ -510,10 +542,13 @@ def main() -> int:
     print(f"\nfp32 matmul peak {peak:.1f} GFLOP/s (median of {len(peaks)} measurements between the runs, "
           f"max {max(peaks):.1f}); "
           f"{repeats} runs per system, median; {time.time() - started:.0f} s")
-    agreement = {m: loss_agreement(c) for m, c in curves.items()}
+    agreement = {}
+    for m, c in curves.items():
+        agreement[m] = loss_agreement({k: v for k, v in c.items() if not k.endswith("_lora")})
+        agreement[m + " (LoRA)"] = loss_agreement({k: v for k, v in c.items() if k.endswith("_lora")}, "trl_lora")
     for m, ag in agreement.items():
         if ag:
-            print(f"loss agreement {m}: " + ", ".join(f"{s} {v['mean_loss']} ({v['delta_vs_bare']:+})"
+            print(f"loss agreement {m}: " + ", ".join(f"{s} {v['mean_loss']} ({v['delta_vs_reference']:+})"
                                                       for s, v in ag.items() if isinstance(v, dict)))
     targets = {}
     for m in ("tiny", "small"):
@@ -522,6 +557,11 @@ def main() -> int:
             targets[f"{m}_engine_vs_trl"] = {"value": round(e["tokens_per_s"] / t["tokens_per_s"], 3), "target": 1.5}
         if e and b:
             targets[f"{m}_engine_vs_bare"] = {"value": round(e["tokens_per_s"] / b["tokens_per_s"], 3), "target": 0.95}
+    for m in ("stories260K", "tiny", "small", "qwen3-0.6b"):
+        e, t = by.get((m, "engine_lora")), by.get((m, "trl_lora"))
+        if e and t:
+            targets[f"{m}_lora_engine_vs_trl"] = {"value": round(e["tokens_per_s"] / t["tokens_per_s"], 3),
+                                                  "target": 1.5}
     if by.get(("small", "engine")):
         targets["small_engine_mfu"] = {"value": by[("small", "engine")]["mfu"], "target": 0.60}
     for v in targets.values():

@@ -25,8 +25,10 @@ from typing import Any
 import torch
 
 from core.checkpoint_layout import (
+    ADAPTER_CONFIG_FILE,
     CORRUPT_SUFFIX,
     FORMAT_VERSION,
+    KEY_ADAPTER,
     KEY_CONFIG,
     KEY_CURSOR,
     KEY_EVAL_LOSS,
@@ -62,7 +64,7 @@ from core.checkpoint_layout import (
 from core.fsutil import fsync_tree
 
 __all__ = [  # the layout names the engine and tools use through this module
-    "FORMAT_VERSION", "KEY_CONFIG", "KEY_CURSOR", "KEY_EVAL_LOSS", "KEY_EXAMPLES_DONE", "KEY_FORMAT_VERSION",
+    "FORMAT_VERSION", "KEY_ADAPTER", "KEY_CONFIG", "KEY_CURSOR", "KEY_EVAL_LOSS", "KEY_EXAMPLES_DONE", "KEY_FORMAT_VERSION",
     "KEY_GLOBAL_STEP", "KEY_HERO", "KEY_HOLDOUT_EVERY", "KEY_LOSS", "KEY_OPTIMIZER", "KEY_QUEST_DONE",
     "KEY_QUEST_ID", "KEY_REASON", "KEY_RNG", "KEY_RNG_CUDA", "KEY_RNG_PYTHON", "KEY_RNG_TORCH", "KEY_SCHEDULER",
     "KEY_TIME", "TRAINER_STATE_JSON", "TRAINER_STATE_PT", "WEIGHTS_FILE", "CheckpointError", "checkpoint_name",
@@ -91,8 +93,10 @@ def save_checkpoint(checkpoints_dir: Path | str, *, global_step: int, model, tok
                     info: dict[str, Any]) -> Path:
     """Write the checkpoint of ``global_step`` (:func:`checkpoint_name`) atomically and return its path.
 
-    ``model``: a transformers model (unwrapped); ``info``: the JSON part (cursor, loss, eval_loss,
-    reason, hero, config), to which ``global_step``, ``time`` and ``format_version`` are added.
+    ``model``: a transformers model (unwrapped), or a PEFT model, whose ``save_pretrained`` writes the
+    adapter only (``adapter_config.json`` + ``adapter_model.safetensors``); ``info``: the JSON part (cursor,
+    loss, eval_loss, reason, hero, config; ``adapter`` for an adapter), to which ``global_step``, ``time``
+    and ``format_version`` are added.
     Files are fsynced before the rename. Raises ``OSError`` (e.g. disk full) with nothing left behind.
     """
     d = Path(checkpoints_dir)
@@ -180,11 +184,16 @@ def verify_weights(path: Path | str) -> None:
 
 
 def verify_checkpoint(path: Path | str) -> None:
-    """Every ``*.json`` file parses (model config, tokenizer, trainer state) and the weights are whole
-    (:func:`verify_weights`). Raises :class:`CheckpointError`."""
+    """Every ``*.json`` file parses (model or adapter config, tokenizer, trainer state) and the weights are
+    whole (:func:`verify_weights`); an adapter checkpoint's trainer state names its adapter and base.
+    Raises :class:`CheckpointError`."""
     folder = Path(path)
-    if not (folder / MODEL_CONFIG_FILE).is_file():
-        raise CheckpointError(f"{folder}: no {MODEL_CONFIG_FILE}")
+    adapter = (folder / ADAPTER_CONFIG_FILE).is_file()
+    if not adapter and not (folder / MODEL_CONFIG_FILE).is_file():
+        raise CheckpointError(f"{folder}: no {MODEL_CONFIG_FILE} (nor {ADAPTER_CONFIG_FILE})")
+    if adapter and not isinstance(read_checkpoint_info(folder).get(KEY_ADAPTER), dict):
+        raise CheckpointError(f"{folder}: an adapter without its base's identity ({KEY_ADAPTER} in "
+                              f"{TRAINER_STATE_JSON})")
     for f in sorted(folder.glob("*.json")):
         try:
             json.loads(f.read_text(encoding="utf-8"))

@@ -7,6 +7,8 @@ A hero's checkpoints live in ``<realm>/models/<hero>/checkpoints/`` (:meth:`core
 
     step-00001234/                 one checkpoint: "step-" and the global step, zero-padded to 8 digits
         config.json, model.safetensors, generation_config.json   Hugging Face format (save_pretrained)
+        -- or, for an adapter (training.adapter lora/qlora), instead of those three:
+        adapter_config.json, adapter_model.safetensors            PEFT format (the adapter weights only)
         tokenizer.json, tokenizer_config.json, ...                the tokenizer (chat template included)
         trainer_state.pt           optimizer, LR scheduler, RNG states (torch; keys KEY_OPTIMIZER...)
         trainer_state.json         global_step, cursor, metrics, hero, config (keys KEY_GLOBAL_STEP...)
@@ -50,6 +52,8 @@ TRAINER_STATE_PT = "trainer_state.pt"
 TRAINER_STATE_JSON = "trainer_state.json"
 WEIGHTS_FILE = "model.safetensors"
 MODEL_CONFIG_FILE = "config.json"
+ADAPTER_CONFIG_FILE = "adapter_config.json"  # PEFT's save_pretrained: an adapter checkpoint has these two
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"  # instead of config.json + model.safetensors
 
 # trainer_state.json keys
 KEY_FORMAT_VERSION = "format_version"
@@ -63,6 +67,11 @@ KEY_HERO = "hero"
 KEY_CONFIG = "config"
 KEY_OPTIMIZER_REMOVED = "optimizer_state_removed"  # {"time", "bytes_freed"} once the optimizer was stripped
 KEY_RESTORED_FROM = "restored_from"  # {"version", "global_step"} on a checkpoint made by a version restore
+KEY_ADAPTER = "adapter"  # adapter checkpoints: {"type", "base": {identity + weights hash}, "trainable_parameters", ...}
+# keys of KEY_ADAPTER
+KEY_ADAPTER_TYPE = "type"  # "lora" | "qlora"
+KEY_ADAPTER_BASE = "base"  # {"base_model", "path", "architecture", "parameters", "weights_sha256"}
+KEY_TRAINABLE_PARAMETERS = "trainable_parameters"
 # cursor keys
 KEY_QUEST_ID = "quest_id"
 KEY_EXAMPLES_DONE = "examples_done"
@@ -147,6 +156,11 @@ def latest_checkpoint(checkpoints_dir: Path | str) -> Path | None:
     """The checkpoint with the highest global step (:func:`list_checkpoints`), or None."""
     found = list_checkpoints(checkpoints_dir)
     return found[-1] if found else None
+
+
+def is_adapter_checkpoint(path: Path | str) -> bool:
+    """True when the folder holds a PEFT adapter (:data:`ADAPTER_CONFIG_FILE`) rather than a whole model."""
+    return (Path(path) / ADAPTER_CONFIG_FILE).is_file()
 
 
 def read_checkpoint_info(path: Path | str) -> dict[str, Any]:

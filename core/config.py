@@ -39,6 +39,20 @@ class HeroConfig(_Section):
     trust_remote_code: bool = Field(False, description="Allow model code from the model folder to run.")
 
 
+class LoraSettings(_Section):
+    """LoRA (Hu et al. 2021, arXiv:2106.09685) through PEFT: ``W x + (alpha / r) B A x`` with ``A`` (r x in)
+    and ``B`` (out x r) trained, ``W`` frozen."""
+
+    r: int = Field(16, ge=1, le=4096, description="Rank of the update B A.")
+    alpha: float = Field(32.0, gt=0, description="Scaling numerator: the update is multiplied by alpha / r.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input (0: none; PEFT's "
+                           "default).")
+    target_modules: list[str] | None = Field(
+        None, description="Names (last component) of the linear layers that get an adapter, e.g. "
+        '["q_proj", "v_proj"]. null: every nn.Linear inside the decoder layers (attention and MLP '
+        "projections), found from the model; never the LM head or the embeddings.")
+
+
 class TrainingConfig(_Section):
     """Optimiser, batching, precision and checkpoint cadence of the continuous SFT engine."""
 
@@ -59,6 +73,15 @@ class TrainingConfig(_Section):
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 on a GPU that supports it, fp32 otherwise (CPUs lack fast bf16).")
     seed: int = Field(42, description="Seed of model init and dropout RNG.")
+    adapter: Literal["lora", "qlora"] | None = Field(
+        None, description="null: full fine-tuning (every weight trained). lora: a LoRA adapter on a frozen "
+        "base; checkpoints hold the adapter only. qlora: the same on a base loaded in 4-bit NF4 with "
+        "bitsandbytes (Dettmers et al. 2023); needs a CUDA GPU and bitsandbytes, refused otherwise.")
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="Adapter settings (with "
+                               "adapter lora or qlora).")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute each decoder layer's activations in the backward pass instead of "
+        "keeping them: far less activation memory for about a third more compute.")
     save_steps: int = Field(200, ge=1, description="Save a checkpoint every N global steps.")
     save_interval_minutes: float = Field(15.0, gt=0, description="... and at least every N minutes of training.")
     eval_steps: int = Field(100, ge=0, description="Evaluate held-out examples every N global steps (0: only at "
@@ -243,10 +266,20 @@ def config_reference_markdown() -> str:
         model = field.default_factory().__class__  # type: ignore[misc]
         lines += [f"#### `{section_name}`", "", (model.__doc__ or "").strip(), "",
                   "| key | type | default | description |", "|---|---|---|---|"]
-        for key, f in model.model_fields.items():
-            default = f.default_factory() if f.default_factory else f.default
-            ann = str(f.annotation).replace("typing.", "").replace("|", "\\|")
-            desc = (f.description or "").replace("|", "\\|")
-            lines.append(f"| `{key}` | `{ann}` | `{json.dumps(default)}` | {desc} |")
+        lines += _reference_rows(model)
         lines.append("")
     return "\n".join(lines)
+
+
+def _reference_rows(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """One table row per key; a nested section (e.g. ``training.lora``) gets a row per dotted sub-key."""
+    rows = []
+    for key, f in model.model_fields.items():
+        default = f.default_factory() if f.default_factory else f.default
+        if isinstance(default, BaseModel):
+            rows += _reference_rows(type(default), f"{prefix}{key}.")
+            continue
+        ann = str(f.annotation).replace("typing.", "").replace("|", "\\|")
+        desc = (f.description or "").replace("|", "\\|")
+        rows.append(f"| `{prefix}{key}` | `{ann}` | `{json.dumps(default)}` | {desc} |")
+    return rows

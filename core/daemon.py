@@ -135,7 +135,7 @@ class Daemon:
         heartbeat kept), and returns False if a stop is requested meanwhile."""
         assert self.engine is not None
         return self.checkpoint_hooks.before_save(
-            parameters=self.engine.hero_info.get("parameters"), should_stop=self._stop.is_set,
+            parameters=self.engine.hero_info.get("trainable_parameters"), should_stop=self._stop.is_set,
             on_wait=lambda result: self._set_state(DaemonState.PAUSED, disk_full=getattr(result, "message", "")))
 
     def cleanup(self) -> None:

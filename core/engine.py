@@ -50,17 +50,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from core import adapters, memory
 from core import checkpoint as ckpt
 from core.chat import TokenizedExample, count_tokens, tokenize_example
 from core.config import RealmConfig
 from core.faults import NonFiniteLossError, TrainingRolledBack, free_memory, load_lr_scale, store_lr_scale
-from core.hero import (
-    NEWBORN_HINT,
-    describe_model,
-    load_model,
-    load_tokenizer,
-    resolve_model_source,
-)
+from core.hero import NEWBORN_HINT, describe_model, load_tokenizer
 from core.ledger import Ledger
 from core.packing import (
     PACKED_SDPA,
@@ -196,6 +191,7 @@ class Engine:
         self.model = self._raw_model = self.tokenizer = self.optimizer = self.scheduler = self.accelerator = None
         self.mixed_precision = "no"
         self.hero_info: dict[str, Any] = {}
+        self.adapter: dict[str, Any] | None = None  # the checkpoints' adapter record (core.adapters), None: full
         self.cursor: dict[str, Any] | None = None  # where the current weights are in the data
         self.resume_cursor: dict[str, Any] | None = None  # the cursor of the checkpoint loaded at setup
         self.last_loss: float | None = None
@@ -226,22 +222,25 @@ class Engine:
         self.mixed_precision = resolve_mixed_precision(t.mixed_precision)
         if self.mixed_precision == "no" and t.mixed_precision in ("bf16", "fp16"):
             self._warn("precision_fallback", f"mixed_precision={t.mixed_precision} needs a CUDA GPU; using fp32")
+        adapters.check_environment(self.config)  # e.g. QLoRA without CUDA: ConfigError before any loading
         self.accelerator = Accelerator(mixed_precision=self.mixed_precision)
 
-        state, path = self._load_latest_checkpoint()
+        state, path, loaded = self._load_latest_checkpoint()
         if path is None:
-            source, newborn = resolve_model_source(self.realm, hero, seed=t.seed)
-            self.model, self.tokenizer = load_model(source, hero), load_tokenizer(source, hero)
+            loaded = self._load_hero(None, None)
+            self.tokenizer = load_tokenizer(loaded.tokenizer_source, hero)
             set_seed(t.seed)
         else:
-            newborn = bool(state.get(ckpt.KEY_HERO, {}).get("newborn", hero.base_model is None))
             ckpt_base = state.get(ckpt.KEY_HERO, {}).get("base_model")
             if ckpt_base != hero.base_model:
                 self._warn("base_model_changed", f"checkpoints of hero {hero.name!r} started from {ckpt_base!r} "
                            f"but hero.base_model is {hero.base_model!r}: resuming from the checkpoint; use a new "
                            "hero.name to start over from the new base model")
+        for kind, message in loaded.notes:
+            self._warn(kind, message)
+        # on its device before the optimizer holds its params (core.adapters.load_for_training put it there)
+        self.model, newborn, self.adapter = loaded.model, loaded.newborn, loaded.adapter
         self.model.config.use_cache = False
-        self.model.to(self.accelerator.device).train()  # on its device before the optimizer holds its params
 
         self.lr_scale = load_lr_scale(self.ledger, hero.name, t.learning_rate)
         decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
@@ -274,7 +273,7 @@ class Engine:
             self._warn("rollback", f"forgot {removed} step(s) after global step {self.global_step}: their "
                        "weights were never checkpointed; those examples will be trained again", removed=removed)
         self.hero_info = {"name": hero.name, "base_model": hero.base_model, **describe_model(self._raw_model),
-                          "newborn": newborn, "checkpoint": str(path) if path else None}
+                          "adapter": t.adapter, "newborn": newborn, "checkpoint": str(path) if path else None}
         where = f"checkpoint {path.name}" if path else (hero.base_model or "the embedded default hero")
         self.ledger.event("hero_loaded", f"hero {hero.name} at global step {self.global_step} from {where} "
                           f"({self.hero_info['parameters']:,} parameters, {self.accelerator.device}, "
@@ -286,7 +285,7 @@ class Engine:
             self.log.warning(NEWBORN_HINT)
         self._last_save = time.monotonic()
 
-    def _load_latest_checkpoint(self) -> tuple[dict | None, Path | None]:
+    def _load_latest_checkpoint(self) -> tuple[dict | None, Path | None, adapters.LoadedHero | None]:
         """Newest checkpoint that verifies (:func:`core.checkpoint.load_trainer_state`: files whole and
         parseable), with its model and tokenizer. A broken one is quarantined with a warning event and the
         previous one tried. A verified checkpoint whose model then fails to load (out of memory, missing
@@ -299,10 +298,15 @@ class Engine:
                 self._warn("checkpoint_corrupt", f"checkpoint {path.name} does not load ({exc}); moved to "
                            f"{moved.name}, falling back to the previous one", path=str(moved))
                 continue
-            self.model = load_model(path, self.config.hero)
+            loaded = self._load_hero(path, state)
             self.tokenizer = load_tokenizer(path, self.config.hero)
-            return state, path
-        return None, None
+            return state, path, loaded
+        return None, None, None
+
+    def _load_hero(self, path: Path | None, state: dict | None) -> adapters.LoadedHero:
+        """The model (full, or base + adapter) from checkpoint ``path``, or from the base when None."""
+        return adapters.load_for_training(self.realm, self.config, path, state, self.accelerator.device,
+                                          self.mixed_precision)
 
     def _make_scheduler(self):
         from transformers import get_constant_schedule, get_constant_schedule_with_warmup
@@ -397,6 +401,7 @@ class Engine:
                                self.last_loss, self.last_eval_loss, len(eval_set),
                                str(self.last_checkpoint) if self.last_checkpoint else None, split.train_total)
 
+        self._check_memory(quest_id)
         if self.probe_memory if self.probe_memory is not None else self.accelerator.device.type == "cuda":
             self._probe_memory()
         pending = iter_steps(train, t.micro_batch_size * t.gradient_accumulation_steps, t.max_length, t.packing)
@@ -522,6 +527,21 @@ class Engine:
                    f"{math.ceil(rows / self.micro_batch_size)} (same {rows} rows per optimizer step)",
                    micro_batch_size=self.micro_batch_size, previous_micro_batch_size=old, error=error[:500])
 
+    def _check_memory(self, quest_id: int) -> None:
+        """At a quest's start: a ``memory_warning`` event (never an error) when the training memory estimate
+        (:mod:`core.memory`) exceeds what this process can use on its device."""
+        device = self.accelerator.device.type
+        try:
+            est = memory.estimate_for_realm(self.realm, self.config, device=device,
+                                            bf16_supported=self.mixed_precision == "bf16" or device != "cuda")
+            problem = memory.fit_problem(est, memory.available_bytes(device))
+        except Exception as exc:  # noqa: BLE001 - an estimate that cannot be made must not stop training
+            self.log.info("no memory estimate: %s: %s", type(exc).__name__, exc)
+            return
+        if problem:
+            self._warn("memory_warning", f"quest {quest_id}: {problem}", quest_id=quest_id,
+                       estimate_bytes=est.total_bytes)
+
     def _probe_memory(self) -> None:
         """Forward/backward on ``micro_batch_size`` rows of ``max_length`` tokens (every step's batches are
         at most that), halving the micro-batch while it runs out of memory; gradients dropped, RNG restored
@@ -597,9 +617,12 @@ class Engine:
         ``OSError`` when writing fails (after one retry through ``before_save`` on a full disk)."""
         if self.before_save is not None and not self.before_save():
             raise CheckpointSkipped(f"no disk space for checkpoint {ckpt.checkpoint_name(self.global_step)}; not saved")
-        hero = {k: self.hero_info.get(k) for k in ("name", "base_model", "architecture", "parameters", "newborn")}
+        hero = {k: self.hero_info.get(k) for k in ("name", "base_model", "architecture", "parameters", "newborn",
+                                                   "adapter", "trainable_parameters")}
         info = {ckpt.KEY_CURSOR: self.cursor, ckpt.KEY_LOSS: self.last_loss, ckpt.KEY_EVAL_LOSS: self.last_eval_loss,
                 ckpt.KEY_REASON: reason, ckpt.KEY_HERO: hero, ckpt.KEY_CONFIG: self.config.model_dump()}
+        if self.adapter is not None:
+            info[ckpt.KEY_ADAPTER] = self.adapter
         started = time.perf_counter()
         save = functools.partial(ckpt.save_checkpoint, self.checkpoints_dir, global_step=self.global_step,
                                  model=self._raw_model, tokenizer=self.tokenizer, optimizer=self.optimizer,

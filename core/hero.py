@@ -23,8 +23,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from core.config import HeroConfig
 from core.realm import Realm
 
@@ -115,6 +113,7 @@ def create_default_hero(dest: Path | str, size: str = "micro", seed: int = 42) -
     RNG is left untouched (weights come from a forked RNG seeded with ``seed``). Returns ``dest``.
     Raises :class:`HeroError` for an unknown size or when ``dest`` already exists.
     """
+    import torch
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
     if size not in HERO_SIZES:
@@ -247,22 +246,48 @@ def load_tokenizer(source: str | Path, hero_config: HeroConfig):
     return tokenizer
 
 
-def load_model(source: str | Path, hero_config: HeroConfig, dtype: torch.dtype = torch.float32):
-    """Load a causal LM from a local folder with weights in ``dtype`` (fp32 master weights for training).
+def load_model(source: str | Path, hero_config: HeroConfig, dtype=None, **kwargs):
+    """Load a causal LM from a local folder with weights in ``dtype`` (a ``torch.dtype``; None: fp32, the
+    master weights for training). ``kwargs`` go to ``from_pretrained`` (e.g. ``quantization_config``).
 
-    ``trust_remote_code`` comes from the hero config. Raises :class:`HeroError` when loading fails.
+    An adapter checkpoint (PEFT's ``adapter_config.json`` instead of a whole model) is loaded as its base
+    model with the adapter merged in, ready for inference (:func:`core.adapters.load_merged`: the oracle
+    and ``eval`` read adapter checkpoints through this). ``trust_remote_code`` comes from the hero config.
+    Raises :class:`HeroError` when loading fails (:class:`core.adapters.AdapterError` for a wrong base).
     """
+    import torch
     from transformers import AutoModelForCausalLM
 
+    from core.checkpoint_layout import is_adapter_checkpoint
+
+    dtype = torch.float32 if dtype is None else dtype
+    if is_adapter_checkpoint(source):
+        from core.adapters import load_merged
+
+        return load_merged(source, hero_config, dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype, local_files_only=True,
-                                                     trust_remote_code=hero_config.trust_remote_code)
+                                                     trust_remote_code=hero_config.trust_remote_code, **kwargs)
     except Exception as exc:
         raise HeroError(f"cannot load the model from {source}: {type(exc).__name__}: {exc}") from exc
     return model
 
 
+def count_parameters(model, trainable_only: bool = False) -> int:
+    """Parameters of ``model`` (tied weights counted once); a 4-bit bitsandbytes weight counts its unpacked
+    size (its storage holds two values per byte)."""
+    total = 0
+    for p in model.parameters():
+        if trainable_only and not p.requires_grad:
+            continue
+        state = getattr(p, "quant_state", None)
+        total += int(state.shape.numel()) if state is not None and hasattr(state, "shape") else p.numel()
+    return total
+
+
 def describe_model(model) -> dict[str, Any]:
-    """``{"architecture": str, "parameters": int}`` (tied weights counted once)."""
+    """``{"architecture": str, "parameters": int, "trainable_parameters": int}`` (tied weights counted
+    once; with an adapter, parameters include the adapter's and trainable_parameters are the adapter's)."""
     archs = getattr(model.config, "architectures", None) or [type(model).__name__]
-    return {"architecture": archs[0], "parameters": int(sum(p.numel() for p in model.parameters()))}
+    return {"architecture": archs[0], "parameters": count_parameters(model),
+            "trainable_parameters": count_parameters(model, trainable_only=True)}

@@ -27,8 +27,12 @@ from typing import Any
 from core.checkpoint_layout import (
     CHECKPOINT_PREFIX,
     EXAMPLE_NAME,
+    KEY_ADAPTER,
+    KEY_ADAPTER_BASE,
+    KEY_ADAPTER_TYPE,
     KEY_EVAL_LOSS,
     KEY_LOSS,
+    KEY_OPTIMIZER_REMOVED,
     KEY_REASON,
     KEY_TIME,
     STEP_DIGITS,
@@ -177,7 +181,10 @@ def list_checkpoints_info(realm: Realm, hero_name: str, ledger: Ledger) -> list[
     ``name`` (str), ``step`` (int, global step), ``time`` (unix seconds: ``trainer_state.json``'s
     ``time``, else the folder's mtime), ``loss`` and ``eval_loss`` (float or None), ``reason`` (why it
     was saved, or None), ``size_bytes`` (int, regular files in the folder), ``tags`` (subset of
-    ``["latest", "best", "pinned"]``) and ``problem`` (None, or why ``trainer_state.json`` could not be read).
+    ``["latest", "best", "pinned"]``) and ``problem`` (None, or why ``trainer_state.json`` could not be read);
+    ``adapter`` (None for a full checkpoint, else ``lora``/``qlora``) and ``full_size_bytes`` (for an adapter
+    checkpoint, about what a full checkpoint of the same model would take: base parameters x 4 bytes (fp32)
+    x 3 with the optimizer's two AdamW moments, x 1 without; None for a full checkpoint).
 
     ``latest`` is the highest global step (the resume point). ``best`` is the lowest ``eval_loss`` among
     checkpoints that have one, else the lowest ``loss``; ties go to the newer checkpoint.
@@ -191,11 +198,13 @@ def list_checkpoints_info(realm: Realm, hero_name: str, ledger: Ledger) -> list[
         except OSError:
             continue  # deleted while we listed
         t = _number(state.get(KEY_TIME))
+        adapter, full = _adapter_sizes(state)
         infos.append({
             "name": name, "step": step, "time": t if t is not None else mtime,
             "loss": _number(state.get(KEY_LOSS)), "eval_loss": _number(state.get(KEY_EVAL_LOSS)),
             "reason": state.get(KEY_REASON) if isinstance(state.get(KEY_REASON), str) else None,
             "size_bytes": _tree_bytes(path), "tags": [], "problem": problem,
+            "adapter": adapter, "full_size_bytes": full,
         })
     if infos:
         infos[-1]["tags"].append(TAG_LATEST)
@@ -207,6 +216,19 @@ def list_checkpoints_info(realm: Realm, hero_name: str, ledger: Ledger) -> list[
                 info["tags"].append(TAG_PINNED)
     infos.reverse()
     return infos
+
+
+def _adapter_sizes(state: dict[str, Any]) -> tuple[str | None, int | None]:
+    """(adapter type, bytes of a full checkpoint of the same model) from ``trainer_state.json``."""
+    record = state.get(KEY_ADAPTER)
+    if not isinstance(record, dict):
+        return None, None
+    kind = record.get(KEY_ADAPTER_TYPE) if isinstance(record.get(KEY_ADAPTER_TYPE), str) else "adapter"
+    base = record.get(KEY_ADAPTER_BASE)
+    params = _number(base.get("parameters")) if isinstance(base, dict) else None
+    if params is None:
+        return kind, None
+    return kind, int(params * 4 * (1 if KEY_OPTIMIZER_REMOVED in state else 3))
 
 
 def _best(infos: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -47,8 +47,10 @@ def estimate_checkpoint_bytes(checkpoints_dir: Path | None = None, parameters: i
                               bytes_per_parameter: int = 4) -> int:
     """Bytes the next checkpoint will take.
 
-    From the newest checkpoint that still has its optimizer state (its size x 1.1), else from the model:
-    ``parameters`` x ``bytes_per_parameter`` x (1 weights + 2 Adam moments) x 1.1 + 4 MiB. Raises
+    From the newest checkpoint that still has its optimizer state (its size x 1.1: an adapter checkpoint
+    is measured like any other, so its small size carries over), else from the model: ``parameters`` (the
+    trainable ones: the adapter's with LoRA, whose checkpoints hold nothing else) x ``bytes_per_parameter``
+    x (1 weights + 2 Adam moments) x 1.1 + 4 MiB. Raises
     ``ValueError`` when neither a checkpoint nor ``parameters`` is available.
     """
     if checkpoints_dir is not None:

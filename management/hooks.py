@@ -42,8 +42,9 @@ class CheckpointHooks:
         """True when the next checkpoint fits above ``retention.min_free_gb`` (pruning by policy if
         needed). Otherwise blocks, calling ``on_wait(result)`` about twice a second (report a paused state
         and heartbeat there) and re-checking every ``retry_seconds``, until there is room (True) or
-        ``should_stop()`` (False: do not save). ``parameters``: the model's parameter count, used for the
-        estimate before the first checkpoint."""
+        ``should_stop()`` (False: do not save). ``parameters``: the trainable parameter count (the whole
+        model for full fine-tuning, the adapter's with LoRA), used for the estimate before the first
+        checkpoint: a checkpoint holds the trainable weights and their optimizer state."""
         needed = estimate_checkpoint_bytes(self.realm.checkpoints_dir(self.config.hero.name), parameters)
         self.last_guard = wait_for_space(self.realm, self.config, needed, ledger=self.ledger,
                                          should_stop=should_stop, on_wait=on_wait,

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from core.checkpoint_layout import (
+    KEY_ADAPTER,
+    KEY_ADAPTER_TYPE,
     KEY_CURSOR,
     KEY_EVAL_LOSS,
     KEY_GLOBAL_STEP,
@@ -74,6 +76,7 @@ def _metadata(name: str, source: Path, state: dict[str, Any], ledger: Ledger, ha
                          "ORDER BY global_step DESC LIMIT 20", (step,))
     return {"name": name, "kind": kind, "created_at": time.time(), "source_checkpoint": source.name,
             "global_step": step, "base_model": hero.get("base_model"), "hero": hero,
+            "adapter": (state.get(KEY_ADAPTER) or {}).get(KEY_ADAPTER_TYPE),
             "metrics": {"loss": state.get(KEY_LOSS), "eval_loss": state.get(KEY_EVAL_LOSS), "recent_evals": evals},
             "quests_seen": _quests_seen(ledger, step), "files": hashes}
 
@@ -173,6 +176,9 @@ def restore(realm: Realm, config: RealmConfig, ledger: Ledger, name: str) -> dic
                      KEY_HERO: vstate.get(KEY_HERO, base.get(KEY_HERO)),
                      KEY_RESTORED_FROM: {"version": name, "global_step": vstate.get(KEY_GLOBAL_STEP)}})
         base.pop(KEY_OPTIMIZER_REMOVED, None)
+        base.pop(KEY_ADAPTER, None)  # the weights are the version's: so is the adapter record (base + hash)
+        if isinstance(vstate.get(KEY_ADAPTER), dict):
+            base[KEY_ADAPTER] = vstate[KEY_ADAPTER]
         tmp = root / f"{TMP_PREFIX}restore-{checkpoint_name(step)}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:

@@ -34,6 +34,10 @@ class ExitCode(IntEnum):
 
 
 CONTROL_COMMANDS = ("pause", "resume", "skip")
+PRESET_NAMES = ("cpu", "8gb", "16gb", "24gb", "80gb")  # core.presets.PRESETS (a test keeps them equal)
+# commands that train or print the training setup: a config this machine cannot train (e.g. QLoRA without
+# CUDA) is refused there with exit 3 (core.adapters.check_environment)
+TRAINING_COMMANDS = ("config", "daemon", "start-all", "supervise", "eval")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("init", help="create a realm folder")
     s.add_argument("dir")
     s.add_argument("--base-model", help="local Hugging Face model folder or cached hub id")
+    s.add_argument("--preset", choices=PRESET_NAMES, help="training settings for the machine's memory: adapter, "
+                   "micro-batch, accumulation, gradient checkpointing, precision (README: Presets)")
     s = sub.add_parser("new-hero", help="create the embedded default hero (random-init Qwen3)")
     s.add_argument("--size", choices=["nano", "micro", "tiny", "small"], default="micro")
     s.add_argument("--force", action="store_true", help="replace an existing default hero")
@@ -119,15 +125,17 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return int(exc.code or 0) and ExitCode.USAGE
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "init":
-        realm = init_realm(args.dir, base_model=args.base_model)
-        print(f"realm created at {realm.root}")
-        return ExitCode.OK
+        return cmd_init(args)
     realm = Realm.at(args.realm) if args.realm else Realm.at(default_realm_root(environ))
     if args.command == "config" and args.schema:
         print(json.dumps(config_json_schema(), indent=2))
         return ExitCode.OK
     try:
         config = realm.load_config()
+        if args.command in TRAINING_COMMANDS:
+            from core.adapters import check_environment
+
+            check_environment(config, str(realm.config_path))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return ExitCode.CONFIG
@@ -142,6 +150,54 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 # commands --------------------------------------------------------------------------------
 def cmd_config(args, realm: Realm, config: RealmConfig, environ) -> int:
     print(json.dumps(config.model_dump(), indent=2))
+    for line in _memory_lines(realm, config):  # stderr: stdout stays the config's JSON
+        print(line, file=sys.stderr)
+    return ExitCode.OK
+
+
+def _memory_lines(realm: Realm, config: RealmConfig, device: str | None = None) -> list[str]:
+    """The training memory estimate (core.memory) for this machine's device, as text lines."""
+    from core.hero import HeroError
+    from core.memory import MemoryEstimateError, estimate_for_realm
+
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        return estimate_for_realm(realm, config, device=device).lines()
+    except (MemoryEstimateError, HeroError, OSError, ValueError) as exc:
+        return [f"training memory estimate: not available ({exc})"]
+
+
+def cmd_init(args) -> int:
+    from core.hero import HeroError
+    from core.memory import GIB, MemoryEstimateError, estimate_for_realm
+    from core.presets import PRESETS, preset_overrides
+
+    overrides = preset_overrides(args.preset) if args.preset else None
+    realm = init_realm(args.dir, base_model=args.base_model, overrides=overrides)
+    print(f"realm created at {realm.root}")
+    if not args.preset:
+        return ExitCode.OK
+    preset = PRESETS[args.preset]
+    print(f"preset {preset.name}: {preset.description}; training: " +
+          ", ".join(f"{k}={json.dumps(v)}" for k, v in preset.training.items()))
+    config = realm.load_config()
+    device = "cpu" if preset.memory_gib is None else "cuda"
+    try:
+        est = estimate_for_realm(realm, config, device=device)
+    except (MemoryEstimateError, HeroError, OSError, ValueError) as exc:
+        print(f"training memory estimate: not available ({exc})")
+        return ExitCode.OK
+    print("\n".join(est.lines()))
+    if preset.memory_gib is not None and est.total_bytes > preset.memory_gib * GIB:
+        print(f"warning: the estimate exceeds the preset's {preset.memory_gib:g} GiB: lower training.max_length "
+              "or micro_batch_size, or choose a smaller base model")
+    from core.adapters import environment_problems
+
+    for problem in environment_problems(config.training):
+        print(f"note: this machine cannot train this config ({problem}); the daemon refuses it here")
     return ExitCode.OK
 
 

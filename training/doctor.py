@@ -49,6 +49,33 @@ def run_checks(realm: Realm, config: RealmConfig) -> list[Check]:
         checks.append(Check(f"folder {folder.name}/", ok, "writable" if ok else "missing or not writable",
                             f"run `python -m training init {realm.root}` or fix permissions"))
     checks.append(_model_check(realm, config))
+    checks += _training_checks(realm, config)
+    return checks
+
+
+def _training_checks(realm: Realm, config: RealmConfig) -> list[Check]:
+    """Whether this machine can train the config (QLoRA needs CUDA and bitsandbytes) and whether the
+    training memory estimate (core.memory) fits the memory available here."""
+    from core.adapters import environment_problems
+    from core.memory import available_bytes, estimate_for_realm, fit_problem
+
+    mode = config.training.adapter or "full fine-tuning"
+    problems = environment_problems(config.training)
+    checks = [Check("adapter", not problems, "; ".join(problems) if problems else f"{mode}: runs here",
+                    'set training.adapter to "lora" (or null) here, or train on a machine with a CUDA GPU '
+                    "and bitsandbytes")]
+    try:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        est = estimate_for_realm(realm, config, device=device)
+        available = available_bytes(device)
+    except Exception as exc:  # report, never crash the doctor
+        return checks + [Check("memory estimate", True, f"not available ({type(exc).__name__}: {exc})")]
+    problem = fit_problem(est, available)
+    lines = est.lines()
+    detail = "\n    ".join([*lines, f"available: {available / 1024 ** 3:.2f} GiB ({'GPU' if device == 'cuda' else 'RAM'})"])
+    checks.append(Check("memory estimate", problem is None, detail, problem or ""))
     return checks
 
 

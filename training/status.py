@@ -28,7 +28,8 @@ def collect_status(realm: Realm, config: RealmConfig) -> dict[str, Any]:
     """Status as a JSON-able dict (the ``status --json`` contract)."""
     out: dict[str, Any] = {"realm": str(realm.root), "global_step": 0,
                            "hero": {"name": config.hero.name, "base_model": config.hero.base_model,
-                                    "parameters": None, "architecture": None, "newborn": None},
+                                    "parameters": None, "architecture": None, "newborn": None,
+                                    "adapter": config.training.adapter, "trainable_parameters": None},
                            "daemon": {"state": "stopped", "pid": None, "heartbeat_age_seconds": None},
                            "processes": {}, "queue": {s.value: 0 for s in QuestState}, "quests": [],
                            "current_quest": None, "last_checkpoint": _last_checkpoint(realm, config.hero.name),
@@ -93,6 +94,9 @@ def format_status(s: dict[str, Any]) -> str:
     """Human-readable status for the terminal."""
     hero = s["hero"]
     params = f"{hero['parameters']:,} parameters" if hero.get("parameters") else "parameters unknown"
+    if hero.get("adapter"):
+        trainable = hero.get("trainable_parameters")
+        params += f", {hero['adapter']} adapter" + (f" with {trainable:,} trainable" if trainable else "")
     lines = [f"realm:        {s['realm']}",
              f"hero:         {hero['name']} ({hero.get('architecture') or '?'}, {params})",
              f"base model:   {hero.get('base_model') or 'embedded default (newborn, random init)'}"]

@@ -73,6 +73,9 @@ def _print_list(realm: Realm, config: RealmConfig, ledger: Ledger, as_json: bool
     print(f"checkpoints of {config.hero.name} ({realm.checkpoints_dir(config.hero.name)}):")
     for i in infos or []:
         opt = "" if i["optimizer_state"] else "  weights only"
+        if i.get("adapter"):
+            full = f", a full checkpoint would be about {_size(i['full_size_bytes'])}" if i.get("full_size_bytes") else ""
+            opt += f"  ({i['adapter']} adapter only{full})"
         tags = f"  [{', '.join(i['tags'])}]" if i["tags"] else ""
         print(f"  {i['name']}  {_when(i['time'])}  loss {_metric(i['loss'])}  eval_loss {_metric(i['eval_loss'])}"
               f"  {_size(i['size_bytes'])}{tags}{opt}")

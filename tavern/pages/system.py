@@ -5,8 +5,11 @@
   "utilization_percent", "memory_used_bytes", "memory_total_bytes", "temperature_c", "power_w",
   "power_limit_w"}]}, "cpu": {"count", "percent", "per_cpu_percent", "load_average"}, "memory": {...bytes},
   "swap": {...}, "disk": {"path", "total_bytes", "used_bytes", "free_bytes", "percent"},
-  "processes": [{"role", "pid", "cpu_percent", "rss_bytes", "threads"}]}``. Percentages 0..100 (cpu_percent
-  of a process can exceed 100 on several cores), watts, degrees Celsius.
+  "processes": [{"role", "pid", "cpu_percent", "rss_bytes", "threads"}], "training_memory": {"device",
+  "estimate": {...} (:class:`core.memory.MemoryEstimate`, bytes), "lines", "free_bytes", "fits"} or
+  {"error"}}``. Percentages 0..100 (cpu_percent of a process can exceed 100 on several cores), watts,
+  degrees Celsius. ``training_memory``: the estimate of the realm's config for the GPU when NVML sees one
+  (else the CPU) beside that device's free memory (GPU 0's free memory, or available RAM).
 
 Without an NVIDIA GPU (or driver) ``gpu.available`` is false and ``gpu.reason`` says why, in words.
 """
@@ -20,7 +23,8 @@ import time
 import psutil
 from flask import Blueprint, jsonify, render_template
 
-from tavern.context import current_ledger, current_realm
+from core.memory import estimate_for_realm
+from tavern.context import current_config, current_ledger, current_realm
 
 bp = Blueprint("system", __name__)
 
@@ -102,6 +106,22 @@ def _process(role: str, pid: int | None) -> dict | None:
         return None
 
 
+def training_memory(gpu: dict, available_ram: int) -> dict:
+    """The training memory estimate beside the free memory of the device training would use."""
+    device = "cuda" if gpu.get("available") else "cpu"
+    try:
+        est = estimate_for_realm(current_realm(), current_config(), device=device)
+    except Exception as exc:  # a missing base model or unreadable config.json: say so, never fail the page
+        return {"device": device, "error": f"{type(exc).__name__}: {exc}"}
+    if device == "cuda":
+        first = gpu["gpus"][0]
+        free = first["memory_total_bytes"] - first["memory_used_bytes"]
+    else:
+        free = available_ram
+    return {"device": device, "estimate": est.to_dict(), "lines": est.lines(), "free_bytes": int(free),
+            "fits": est.total_bytes <= free}
+
+
 def system_info() -> dict:
     realm = current_realm()
     vm, sw = psutil.virtual_memory(), psutil.swap_memory()
@@ -109,9 +129,11 @@ def system_info() -> dict:
     daemon = current_ledger().get_value("daemon") or {}
     procs = [_process("tavern", os.getpid()),
              _process("daemon", daemon.get("pid") if isinstance(daemon, dict) else None)]
+    gpu = gpu_info()
     return {
         "time": time.time(),
-        "gpu": gpu_info(),
+        "gpu": gpu,
+        "training_memory": training_memory(gpu, vm.available),
         "cpu": {"count": psutil.cpu_count(), "percent": psutil.cpu_percent(interval=None),
                 "per_cpu_percent": psutil.cpu_percent(interval=None, percpu=True),
                 "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},

@@ -97,6 +97,8 @@ def test_system_page_says_plainly_when_there_is_no_gpu(live_tavern, page):
     else:
         assert "No NVIDIA GPU found" in page.text_content("#no-gpu")
     assert page.locator("#proc-table tbody tr").count() >= 1
+    assert page.text_content("#tm-total").endswith("B") and "full fine-tuning" in page.text_content("#tm-mode")
+    assert "training memory estimate" in page.text_content("#tm-lines")
     save_screenshot(page, "system")
     assert not page.console_errors, page.console_errors
 

@@ -19,6 +19,7 @@
       el("td", {class: "num"}, (d.power_w === null ? "—" : d.power_w.toFixed(0) + " W") + " / "
         + (d.power_limit_w === null ? "—" : d.power_limit_w.toFixed(0) + " W")))));
     $("gpu-driver").textContent = g.driver_version ? "NVIDIA driver " + g.driver_version : "";
+    renderTrainingMemory(s.training_memory);
     $("cpu-percent").textContent = pct(s.cpu.percent);
     $("cpu-count").textContent = s.cpu.count + " logical cores";
     $("load-average").textContent = s.cpu.load_average ? s.cpu.load_average.map((x) => x.toFixed(2)).join(" / ") : "—";
@@ -41,6 +42,23 @@
       el("td", {}, p.role), el("td", {class: "num"}, p.pid), el("td", {class: "num"}, pct(p.cpu_percent)),
       el("td", {class: "num"}, fmt.bytes(p.rss_bytes)), el("td", {class: "num"}, p.threads))));
     $("updated").textContent = "Last update " + fmt.time(s.time) + ".";
+  }
+
+  function renderTrainingMemory(m) {
+    if (!m) return;
+    if (m.error) {
+      $("tm-total").textContent = "—";
+      $("tm-lines").textContent = "No estimate: " + m.error;
+      return;
+    }
+    const e = m.estimate;
+    $("tm-total").textContent = fmt.bytes(e.total_bytes);
+    $("tm-mode").textContent = (e.adapter || "full fine-tuning") + ", " + (m.device === "cuda" ? "GPU" : "CPU")
+      + ", gradient checkpointing " + (e.gradient_checkpointing ? "on" : "off");
+    $("tm-free").textContent = fmt.bytes(m.free_bytes);
+    $("tm-fits").textContent = m.fits ? "fits" : "does not fit: see the advice in the doctor";
+    $("tm-fits").classList.toggle("error-text", !m.fits);
+    $("tm-lines").textContent = m.lines.join("\n");
   }
 
   async function refresh() {

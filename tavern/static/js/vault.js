@@ -36,7 +36,10 @@
       el("td", {class: "when"}, fmt.datetime(c.time)),
       el("td", {class: "num"}, loss(c.loss)),
       el("td", {class: "num"}, loss(c.eval_loss)),
-      el("td", {class: "num"}, fmt.bytes(c.size_bytes)),
+      el("td", {class: "num"}, fmt.bytes(c.size_bytes),
+        c.adapter ? el("div", {class: "muted small", "data-adapter": c.adapter,
+          title: "an adapter checkpoint holds the adapter weights only; the base model stays where it is"},
+          `${c.adapter} adapter` + (c.full_size_bytes ? `; full ≈ ${fmt.bytes(c.full_size_bytes)}` : "")) : null),
       el("td", {class: "tags"}, c.tags.map((t) => el("span", {class: "badge tag-" + t}, t)),
         c.problem ? el("div", {class: "error-text small"}, c.problem) : null),
       actions(c));

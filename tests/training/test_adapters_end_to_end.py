@@ -1,0 +1,87 @@
+"""LoRA with real daemon processes: SIGKILL mid-quest and resume gives the same global steps, examples and
+losses as an uninterrupted run (on ../shared/models/stories260K and on the embedded ``small`` hero), the
+adapter checkpoints are a small fraction of a full one, and ``status --json`` says so."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+
+import pytest
+
+from core.checkpoint_layout import ADAPTER_WEIGHTS_FILE, latest_checkpoint, read_checkpoint_info
+from core.daemon import Daemon
+from core.ledger import Ledger
+from tests.conftest import PYTHON, STORIES260K, cli, python_env, wait_for, write_text_quest
+
+pytestmark = pytest.mark.slow
+
+LORA = {"adapter": "lora", "lora": {"r": 8, "alpha": 16}, "micro_batch_size": 2, "save_steps": 4,
+        "eval_holdout_every": 10, "learning_rate": 3e-3}
+HEROES = {
+    "stories260K": {"hero": {"base_model": str(STORIES260K)}},
+    "small": {"hero": {"default_size": "small"}},
+}
+# the adapter checkpoint (weights + optimizer + tokenizer) as a share of a full one, at most: rank 8 is 12% of
+# stories260K's hidden size 64, 1.6% of small's 512
+MAX_FRACTION = {"stories260K": 0.3, "small": 0.05}
+
+
+def _trained(ledger):
+    return [(row["global_step"], row["quest_id"], tuple(json.loads(row["examples_json"])), row["loss"])
+            for row in ledger.steps()]
+
+
+@pytest.mark.parametrize("hero", list(HEROES))
+def test_lora_sigkill_mid_quest_resumes_exactly(make_realm, hero):
+    if hero == "stories260K" and not STORIES260K.exists():
+        pytest.skip(f"{STORIES260K} is absent")
+    settings = dict(training=LORA, **HEROES[hero])
+    ref = make_realm("reference", **settings)
+    write_text_quest(ref.inbox / "a.jsonl", 32)
+    write_text_quest(ref.inbox / "b.jsonl", 16, prefix="bee")
+    assert Daemon(ref, ref.load_config(), until_idle=True).run() == 0
+    expected = _trained(Ledger(ref.ledger_path))
+
+    realm = make_realm("killed", **settings)
+    write_text_quest(realm.inbox / "a.jsonl", 32)
+    write_text_quest(realm.inbox / "b.jsonl", 16, prefix="bee")
+    env = python_env()
+    assert expected[-1][0] > 11                                     # the kills below land mid-quest
+    for kill_after_step in (5, 11):
+        proc = subprocess.Popen([PYTHON, "-m", "training", "--realm", str(realm.root), "daemon"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        ledger = None
+
+        def reached(step=kill_after_step):
+            nonlocal ledger
+            if ledger is None and realm.ledger_path.exists():
+                ledger = Ledger(realm.ledger_path)
+            last = ledger.last_step() if ledger else None
+            return last and last["global_step"] >= step
+
+        wait_for(reached, timeout=240, what=f"step {kill_after_step}")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        ledger.close()
+    done = subprocess.run([PYTHON, "-m", "training", "--realm", str(realm.root), "daemon", "--until-idle"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = _trained(Ledger(realm.ledger_path))
+    assert [g[:3] for g in got] == [e[:3] for e in expected]       # same steps, same examples, same order
+    assert got[-1][0] == expected[-1][0]                            # the same global step at the end
+    assert [g[3] for g in got] == pytest.approx([e[3] for e in expected], rel=1e-5, abs=1e-6)
+
+    status = json.loads(cli(realm, "status", "--json").stdout)
+    assert status["hero"]["adapter"] == "lora"
+    assert 0 < status["hero"]["trainable_parameters"] < status["hero"]["parameters"] * MAX_FRACTION[hero]
+    ckpt = latest_checkpoint(realm.checkpoints_dir("hero"))
+    info = read_checkpoint_info(ckpt)["adapter"]
+    adapter_bytes = sum(f.stat().st_size for f in ckpt.iterdir() if f.is_file())
+    full_bytes = info["base"]["parameters"] * 4 * 3     # fp32 weights + AdamW's two moments
+    assert adapter_bytes < full_bytes * MAX_FRACTION[hero]
+    print(f"\n{hero}: adapter checkpoint {adapter_bytes:,} bytes (adapter weights "
+          f"{(ckpt / ADAPTER_WEIGHTS_FILE).stat().st_size:,}), a full one about {full_bytes:,} bytes "
+          f"({adapter_bytes / full_bytes:.1%}); trainable {info['trainable_parameters']:,} of "
+          f"{info['base']['parameters']:,} parameters")

@@ -384,6 +384,24 @@ def _setting_notes(checkpoint: Path, ckpt_adapter: dict, t: TrainingConfig, kept
 
 
 # --- loading for inference -----------------------------------------------------------------------------
+def check_adapter_base(adapter_dir: Path | str, base_path: Path | str) -> None:
+    """Raise :class:`AdapterError` when the adapter folder records a base weights SHA-256 (checkpoints of
+    this engine do) and the weights in ``base_path`` hash differently. No record: nothing to check."""
+    folder = Path(adapter_dir)
+    try:
+        base = (read_checkpoint_info(folder).get(KEY_ADAPTER) or {}).get(KEY_ADAPTER_BASE) or {}
+    except CheckpointError:
+        return
+    if not base.get("weights_sha256"):
+        return
+    cache = folder.parent.parent / BASE_HASH_CACHE
+    got = weights_sha256(base_path, cache if cache.is_file() else None)
+    if got != base["weights_sha256"]:
+        raise AdapterError(f"{folder} is an adapter for weights with SHA-256 {base['weights_sha256'][:12]}..., "
+                           f"but {base_path} holds weights with SHA-256 {got[:12]}...: restore the base it was "
+                           "trained on")
+
+
 def load_merged(path: Path | str, hero_config: HeroConfig, dtype):
     """An adapter folder (checkpoint, version or backup) as a plain model: its base, from the recorded path
     (else ``adapter_config.json``'s ``base_model_name_or_path``) with the weights hash verified when
@@ -400,23 +418,19 @@ def load_merged(path: Path | str, hero_config: HeroConfig, dtype):
     except CheckpointError:
         info = {}
     base = info.get(KEY_ADAPTER_BASE) or {}
-    base_path = base.get("path")
-    if not base_path:
-        try:
-            base_path = json.loads((folder / ADAPTER_CONFIG_FILE).read_text(encoding="utf-8"))[
-                "base_model_name_or_path"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise AdapterError(f"{folder}: cannot tell which base model the adapter belongs to ({exc})") from None
-    if not base_path or not Path(base_path).is_dir():
-        raise AdapterError(f"{folder} is an adapter for the base model at {base_path}, which is not there any "
-                           "more: restore that folder to use this checkpoint")
-    if base.get("weights_sha256"):
-        cache = folder.parent.parent / BASE_HASH_CACHE
-        got = weights_sha256(base_path, cache if cache.is_file() else None)
-        if got != base["weights_sha256"]:
-            raise AdapterError(f"{folder} is an adapter for weights with SHA-256 {base['weights_sha256'][:12]}..., "
-                               f"but {base_path} now holds weights with SHA-256 {got[:12]}...: restore the base "
-                               "it was trained on")
+    try:
+        named = json.loads((folder / ADAPTER_CONFIG_FILE).read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        named = None
+    # where it was trained; what PEFT recorded; the embedded default beside a checkpoint or version of a
+    # realm that was moved (models/<hero>/checkpoints/step-... -> models/<hero>/base)
+    candidates = [base.get("path"), named, str(folder.parent.parent / "base") if base.get("newborn") else None]
+    base_path = next((c for c in candidates if isinstance(c, str) and c and (Path(c) / "config.json").is_file()),
+                     None)
+    if base_path is None:
+        raise AdapterError(f"{folder} is an adapter for the base model at {base.get('path') or named}, which is "
+                           "not there any more: restore that folder to use this checkpoint")
+    check_adapter_base(folder, base_path)
     model = load_model(base_path, hero_config, dtype=dtype)
     try:
         with warnings.catch_warnings():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -173,6 +174,17 @@ def test_eval_and_the_oracle_path_load_an_adapter_checkpoint_merged(make_realm):
     assert mean_token_loss(merged, tokenizer, held) == pytest.approx(result.eval_loss, rel=1e-4)
     base = load_model(realm.hero_dir("hero") / "base", hero)
     assert mean_token_loss(base, tokenizer, held) != pytest.approx(result.eval_loss, rel=1e-3)
+    # the realm moved: the embedded base is found beside the checkpoint, and still verified by its hash
+    moved = realm.root.parent / "moved"
+    shutil.move(realm.root, moved)
+    checkpoint = moved / "models" / "hero" / "checkpoints" / Path(result.checkpoint).name
+    assert mean_token_loss(load_model(checkpoint, hero), tokenizer, held) == pytest.approx(result.eval_loss, rel=1e-4)
+    other = load_model(moved / "models" / "hero" / "base", hero)
+    with torch.no_grad():
+        next(other.parameters()).mul_(1.5)
+    other.save_pretrained(moved / "models" / "hero" / "base")
+    with pytest.raises(adapters.AdapterError, match="restore the base it was trained on"):
+        load_model(checkpoint, hero)
 
 
 def test_adapter_disabled_is_the_base_and_adapter_state_a_copy(make_realm):

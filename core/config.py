@@ -236,6 +236,29 @@ def config_json_schema() -> dict:
     return RealmConfig.model_json_schema()
 
 
+def type_name(annotation) -> str:
+    """A field's type as a reader writes it: ``str``, ``int | None``, ``Literal['a', 'b']``,
+    ``dict[str, list[str]]``, a section's class name (never ``<class 'str'>``)."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is type(None):
+        return "None"
+    if origin is typing.Literal:
+        return f"Literal[{', '.join(repr(a) for a in args)}]"
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_name(a) for a in args)
+    if origin is typing.Annotated:
+        return type_name(args[0])
+    if origin is not None:
+        name = getattr(origin, "__name__", str(origin).replace("typing.", ""))
+        return f"{name}[{', '.join(type_name(a) for a in args)}]" if args else name
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
 def config_reference_markdown() -> str:
     """A Markdown table per section: key, type, default, description (for the README)."""
     lines: list[str] = []
@@ -245,7 +268,7 @@ def config_reference_markdown() -> str:
                   "| key | type | default | description |", "|---|---|---|---|"]
         for key, f in model.model_fields.items():
             default = f.default_factory() if f.default_factory else f.default
-            ann = str(f.annotation).replace("typing.", "").replace("|", "\\|")
+            ann = type_name(f.annotation).replace("|", "\\|")
             desc = (f.description or "").replace("|", "\\|")
             lines.append(f"| `{key}` | `{ann}` | `{json.dumps(default)}` | {desc} |")
         lines.append("")

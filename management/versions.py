@@ -57,7 +57,7 @@ def versions_dir(realm: Realm, hero: str) -> Path:
     return realm.hero_dir(hero) / "versions"
 
 
-def _quests_seen(ledger: Ledger, global_step: int) -> list[dict[str, Any]]:
+def quests_seen(ledger: Ledger, global_step: int) -> list[dict[str, Any]]:
     """Quests trained into the weights at ``global_step``: ``{id, name, steps, examples_trained}``."""
     rows = ledger.query(
         "SELECT s.quest_id AS id, q.name AS name, COUNT(*) AS steps, MAX(s.example_end) AS examples_trained "
@@ -75,7 +75,7 @@ def _metadata(name: str, source: Path, state: dict[str, Any], ledger: Ledger, ha
     return {"name": name, "kind": kind, "created_at": time.time(), "source_checkpoint": source.name,
             "global_step": step, "base_model": hero.get("base_model"), "hero": hero,
             "metrics": {"loss": state.get(KEY_LOSS), "eval_loss": state.get(KEY_EVAL_LOSS), "recent_evals": evals},
-            "quests_seen": _quests_seen(ledger, step), "files": hashes}
+            "quests_seen": quests_seen(ledger, step), "files": hashes}
 
 
 def promote(realm: Realm, config: RealmConfig, ledger: Ledger, step: int, name: str) -> dict[str, Any]:

@@ -80,6 +80,9 @@ def close_app(app: Flask) -> None:
     """Stop the app's push poller, disconnect its Socket.IO clients (browsers then reconnect and resync)
     and close its ledger (shutdown, tests)."""
     push.stop_push(app)
+    exports = app.extensions.get("exports")  # tavern.pages.vault's background export jobs
+    if exports is not None:
+        exports.close()
     server = getattr(app.extensions.get("socketio"), "server", None)
     eio = getattr(server, "eio", None)
     for client in list(getattr(eio, "sockets", {}).values()):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,7 +149,9 @@ def merge_adapter(adapter_dir: Path | str, base_dir: Path | str, hero_config):
 
     base = load_model(base_dir, hero_config, dtype=torch.float32)
     try:
-        merged = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False).merge_and_unload()
+        with warnings.catch_warnings():  # peft 0.21 asks transformers 5 for a renamed attribute: not ours to fix
+            warnings.filterwarnings("ignore", r".*is_gradient_checkpointing.*", FutureWarning)
+            merged = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False).merge_and_unload()
     except Exception as exc:
         raise ExportError(f"cannot merge the adapter {Path(adapter_dir).name} into {base_dir}: "
                           f"{type(exc).__name__}: {exc}") from exc

@@ -226,7 +226,7 @@ def write_gguf(model, tokenizer, tokenizer_dir: Path | str, path: Path | str, qu
     report = progress or (lambda fraction, message: None)
     wanted, file_type = QUANTIZATIONS[quantization]
     cfg = model.config
-    arch = check_exportable(cfg.to_dict())
+    arch = check_exportable({**cfg.to_dict(), "architectures": cfg.architectures or [type(model).__name__]})
     writer = _Writer(Path(path), gguf.MODEL_ARCH_NAMES[arch.gguf_arch])
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)

@@ -111,11 +111,13 @@ def _derive(tokenizer) -> OllamaTemplate:
     generation = _strip_prefix(one_gen, one, "the generation prompt")
     parts = {"user": (p_user, s_user), "assistant": (p_assistant, s_assistant)}
     try:
-        y0, y1, _ = _split(_jinja(tokenizer, [("system", s1), ("user", u1)], False), [s1, u1])
+        with_system = _jinja(tokenizer, [("system", s1), ("user", u1)], False)
+    except Exception:  # the template refuses system messages: Ollama's are then left out
+        with_system = None
+    if with_system is not None:
+        y0, y1, _ = _split(with_system, [s1, u1])
         parts["system"] = (_strip_prefix(y0, head, "before the system message"),
                            _strip_suffix(y1, p_user, "after the system message"))
-    except Exception:  # no system role: such messages are left out (and verified as such below)
-        pass
     branches = "".join(
         f'{{{{ {"if" if i == 0 else "else if"} eq .Role "{role}" }}}}{_go_literal(pre)}{{{{ .Content }}}}'
         f"{_go_literal(post)}" for i, (role, (pre, post)) in enumerate((r, parts[r]) for r in ROLES if r in parts))
@@ -154,7 +156,8 @@ def modelfile_text(gguf_name: str, template: OllamaTemplate, context_length: int
     Raises :class:`TemplateNotExpressible` when the template or a stop string cannot be quoted.
     """
     if '"""' in template.template:
-        raise TemplateNotExpressible('the template contains """, which a Modelfile cannot quote')
+        raise TemplateNotExpressible('the chat template cannot be written as an Ollama template: it contains """, '
+                                     "which a Modelfile cannot quote")
     lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{template.template}"""']
     for s in template.stop:
         if "\n" in s or '"' in s:
@@ -189,6 +192,7 @@ def parse_modelfile(text: str) -> dict[str, Any]:
 # --- a renderer for the subset of Go text/template syntax used in chat templates ----------------------
 _ACTION = re.compile(r"\{\{(-?)\s*(.*?)\s*(-?)\}\}", re.S)
 _STRING = r'"(?:[^"\\]|\\.)*"'
+_FIELD = re.compile(r"(\$)?\.([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)")
 
 
 def _tokenize(template: str) -> list[tuple[str, str]]:
@@ -254,12 +258,10 @@ def _value(expr: str, dot: Any, root: dict[str, Any]) -> Any:
     expr = expr.strip()
     if re.fullmatch(_STRING, expr):
         return json.loads(expr)
-    if expr.startswith("$."):
-        return _field(root, expr[2:])
     if expr == ".":
         return dot
-    if expr.startswith("."):
-        return _field(dot, expr[1:])
+    if m := _FIELD.fullmatch(expr):
+        return _field(root if m.group(1) else dot, m.group(2))
     m = re.fullmatch(rf"eq\s+(\S+)\s+({_STRING}|\S+)", expr)
     if m:
         return _value(m.group(1), dot, root) == _value(m.group(2), dot, root)

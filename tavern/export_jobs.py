@@ -142,6 +142,9 @@ class ExportJobs:
                 errors.append(m.group(1))
         reader.join()
         code = proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
         with self._lock:
             self._procs.pop(job_id, None)
         outputs = [s.strip() for s in stdout_lines if s.strip()]

@@ -64,14 +64,11 @@ def _check_options(args) -> str | None:
 
 def run_chat(args, realm: Realm, config: RealmConfig) -> int:
     """The chat loop (see the module docstring); returns the exit code."""
-    from transformers.utils import logging as hf_logging
-
     from core.ledger import Ledger
     from management.export_model import SourceNotFound, resolve_source
-    from tavern.oracle.engine import Engine, GenerationJob, OracleError
+    from tavern.oracle.engine import Engine, GenerationJob, OracleError  # torch is imported by Engine()
     from training.cli import ExitCode
 
-    hf_logging.disable_progress_bar()  # no "Loading weights" bars between the lines of the command
     if problem := _check_options(args):
         print(f"error: {problem}", file=sys.stderr)
         return ExitCode.USAGE
@@ -93,6 +90,9 @@ def run_chat(args, realm: Realm, config: RealmConfig) -> int:
                              temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                              hero=config.hero.model_dump(), realm_root=str(realm.root))
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Loading weights" bars between the lines of the command
     engine = Engine(cache_size=1)
     step = f" (global step {source.global_step})" if source.global_step is not None else ""
     print(f"loading {source.name}{step}...", file=sys.stderr, flush=True)

@@ -159,7 +159,7 @@
       li.append(el("div", {class: "small"}, "written: ", el("span", {class: "mono path"}, j.path)));
       if (j.format === "ollama") {
         li.append(el("div", {class: "small"}, "import: ",
-          el("span", {class: "mono path"}, `ollama create ${hero()} -f ${j.path}`)));
+          el("span", {class: "mono path"}, `ollama create ${hero()} -f ${j.path}`), " (in the realm folder)"));
       }
     } else {
       li.append(el("div", {class: "error-text small"}, j.error || "the export failed"));

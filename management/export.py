@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.checkpoint_layout import MODEL_CONFIG_FILE
 from core.config import RealmConfig
 from core.exports import (
     DEFAULT_QUANTIZATION,
@@ -161,7 +162,7 @@ def export_checkpoint(realm: Realm, config: RealmConfig, ledger: Ledger, checkpo
 
             arch_dir = adapter_base(source.path, realm, config)
         try:
-            check_exportable(json.loads((arch_dir / "config.json").read_text(encoding="utf-8")))
+            check_exportable(json.loads((arch_dir / MODEL_CONFIG_FILE).read_text(encoding="utf-8")))
         except (OSError, ValueError) as exc:
             raise ExportError(f"{source.name}: {exc}") from None
     stem = f"{hero}-{source.name}"

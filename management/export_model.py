@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.checkpoint_layout import MODEL_CONFIG_FILE, TRAINER_STATE_JSON, parse_step_argument
 from core.config import RealmConfig
 from core.ledger import Ledger
 from core.realm import Realm
@@ -24,7 +25,6 @@ from core.vault import TAG_BEST, TAG_LATEST, list_checkpoints_info
 from management.versions import VERSION_NAME_RE, list_versions, quests_seen, versions_dir
 
 ADAPTER_CONFIG = "adapter_config.json"  # PEFT's file: a checkpoint holding adapter weights only
-_STEP_RE = re.compile(r"(?:step-(\d{8})|(\d{1,8}))")
 
 
 class ExportError(ValueError):
@@ -74,22 +74,28 @@ def resolve_source(realm: Realm, config: RealmConfig, ledger: Ledger, spec: str)
         if chosen is None:
             raise SourceNotFound(f"the hero {hero!r} has no checkpoint yet, so no {spec} one "
                                  "(train first, or use base: its starting weights)")
-    elif m := _STEP_RE.fullmatch(spec):
-        step = int(m.group(1) or m.group(2))
+    elif (step := _step(spec)) is not None:
         chosen = next((i for i in infos if i["step"] == step), None)
         if chosen is None:
             raise SourceNotFound(f"no checkpoint at global step {step}; {_available(infos, realm, hero)}")
     if chosen is not None:
         path = root / chosen["name"]
-        return ExportSource("checkpoint", chosen["name"], path, chosen["step"], _read_json(path / "trainer_state.json"))
+        return ExportSource("checkpoint", chosen["name"], path, chosen["step"], _read_json(path / TRAINER_STATE_JSON))
     if spec == "base":
         return _base_source(realm, config)
     if VERSION_NAME_RE.fullmatch(spec) and (versions_dir(realm, hero) / spec).is_dir():
         path = versions_dir(realm, hero) / spec
-        state = _read_json(path / "trainer_state.json")
+        state = _read_json(path / TRAINER_STATE_JSON)
         return ExportSource("version", spec, path, state.get("global_step"), state, _read_json(path / "metadata.json"))
     raise SourceNotFound(f"no checkpoint or version {spec[:80]!r}: use latest, best, base, a global step "
                          f"(1234 or step-00001234) or a version name; {_available(infos, realm, hero)}")
+
+
+def _step(spec: str) -> int | None:
+    try:
+        return parse_step_argument(spec)
+    except ValueError:
+        return None
 
 
 def _available(infos: list[dict[str, Any]], realm: Realm, hero: str) -> str:
@@ -105,7 +111,7 @@ def _base_source(realm: Realm, config: RealmConfig) -> ExportSource:
         folder, newborn = resolve_model_source(realm, config.hero, create=False)
     except HeroError as exc:
         raise SourceNotFound(str(exc)) from None
-    if not (Path(folder) / "config.json").is_file():
+    if not (Path(folder) / MODEL_CONFIG_FILE).is_file():
         raise SourceNotFound("the embedded default hero has not been created yet (the daemon creates it on its "
                              "first start; or run `python -m training new-hero`)")
     return ExportSource("base", "base", Path(folder), None, {})
@@ -115,7 +121,8 @@ def _base_source(realm: Realm, config: RealmConfig) -> ExportSource:
 def _stored_dtype(folder: Path):
     import torch
 
-    name = str(_read_json(folder / "config.json").get("dtype") or _read_json(folder / "config.json").get("torch_dtype"))
+    config = _read_json(folder / MODEL_CONFIG_FILE)
+    name = str(config.get("dtype") or config.get("torch_dtype"))
     return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
 
 
@@ -125,13 +132,13 @@ def adapter_base(adapter_dir: Path, realm: Realm, config: RealmConfig) -> Path:
     from core.hero import HeroError, resolve_model_source
 
     named = _read_json(adapter_dir / ADAPTER_CONFIG).get("base_model_name_or_path")
-    if isinstance(named, str) and named and (Path(named) / "config.json").is_file():
+    if isinstance(named, str) and named and (Path(named) / MODEL_CONFIG_FILE).is_file():
         return Path(named)
     try:
         folder, _ = resolve_model_source(realm, config.hero, create=False)
     except HeroError as exc:
         raise ExportError(f"{adapter_dir.name} holds adapter weights only and its base model is missing: {exc}") from None
-    if not (Path(folder) / "config.json").is_file():
+    if not (Path(folder) / MODEL_CONFIG_FILE).is_file():
         raise ExportError(f"{adapter_dir.name} holds adapter weights only and its base model {folder} is missing")
     return Path(folder)
 
@@ -165,7 +172,8 @@ def load_for_export(source: ExportSource, realm: Realm, config: RealmConfig):
 
     Raises :class:`ExportError` (damaged checkpoint, missing base), ``core.hero.HeroError``.
     """
-    from core.checkpoint import CheckpointError, verify_checkpoint, verify_weights
+    from core.checkpoint import verify_checkpoint, verify_weights
+    from core.checkpoint_layout import CheckpointError
     from core.hero import load_model, load_tokenizer
 
     folder = source.path

@@ -143,20 +143,20 @@ def api_export(name: str):
         return bad
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
-        return _error(400, "send a JSON object: {\"format\": \"hf\" | \"gguf\" | \"ollama\", \"quantization\": ...}")
+        return refuse(400, "send a JSON object: {\"format\": \"hf\" | \"gguf\" | \"ollama\", \"quantization\": ...}")
     fmt, quantization = body.get("format"), body.get("quantization")
     if not isinstance(fmt, str) or fmt not in FORMATS:
-        return _error(400, f"format must be one of {', '.join(FORMATS)}")
+        return refuse(400, f"format must be one of {', '.join(FORMATS)}")
     if quantization is not None and (not isinstance(quantization, str) or quantization not in QUANTIZATIONS):
-        return _error(400, f"quantization must be null or one of {', '.join(QUANTIZATIONS)}")
+        return refuse(400, f"quantization must be null or one of {', '.join(QUANTIZATIONS)}")
     if fmt == "hf" and quantization is not None:
-        return _error(400, "quantization applies to gguf and ollama exports only")
+        return refuse(400, "quantization applies to gguf and ollama exports only")
     if not _known(name):
-        return _error(404, f"no checkpoint {name} in the vault of {_hero()}")
+        return refuse(404, f"no checkpoint {name} in the vault of {_hero()}")
     try:
         job = export_jobs().start(name, fmt, quantization)
     except ExportBusy as exc:
-        return _error(409, str(exc))
+        return refuse(409, str(exc))
     socketio.emit("export", job)
     resp = jsonify(job)
     resp.status_code = 202

@@ -206,13 +206,9 @@
     if (!exporting) return;
     const body = {format: formatSelect.value, quantization: formatSelect.value === "hf" ? null : quantSelect.value};
     exportButton.disabled = true;
-    try {
-      const job = await apiPost(`/api/vault/checkpoints/${exporting}/export`, body);
-      jobs.set(job.id, job);
-      toast(`exporting ${jobTitle(job)}`, "success");
-    } catch (e) {
-      toast(e.message, "error");
-    }
+    const job = await Tavern.act(`/api/vault/checkpoints/${exporting}/export`, body,
+      `exporting ${exporting} as ${body.format}${body.quantization ? " (" + body.quantization + ")" : ""}`);
+    if (job) jobs.set(job.id, job);
     renderJobs();
   });
   socket.on("export", (job) => {

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.checkpoint_layout import MODEL_CONFIG_FILE, TRAINER_STATE_JSON, parse_step_argument
+from core.checkpoint_layout import EXAMPLE_NAME, MODEL_CONFIG_FILE, TRAINER_STATE_JSON, parse_step_argument
 from core.config import RealmConfig
 from core.ledger import Ledger
 from core.realm import Realm
@@ -88,7 +88,7 @@ def resolve_source(realm: Realm, config: RealmConfig, ledger: Ledger, spec: str)
         state = _read_json(path / TRAINER_STATE_JSON)
         return ExportSource("version", spec, path, state.get("global_step"), state, _read_json(path / "metadata.json"))
     raise SourceNotFound(f"no checkpoint or version {spec[:80]!r}: use latest, best, base, a global step "
-                         f"(1234 or step-00001234) or a version name; {_available(infos, realm, hero)}")
+                         f"(1234 or {EXAMPLE_NAME}) or a version name; {_available(infos, realm, hero)}")
 
 
 def _step(spec: str) -> int | None:

@@ -165,10 +165,16 @@ def _merge_scores(tokens: list[bytes], merges: list) -> list[float]:
 
 def _write_vocab(writer: _Writer, tokenizer, tokenizer_dir: Path, vocab_size: int) -> str:
     """Tokenizer keys from the saved tokenizer folder; returns the GGUF tokenizer model (llama or gpt2)."""
-    tj = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    try:
+        tj = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UnsupportedModel(f"the GGUF export needs a fast tokenizer (tokenizer.json): {exc}") from None
     model = tj.get("model") or {}
     if model.get("type") == "BPE" and model.get("byte_fallback"):
-        vocab = gguf.LlamaHfVocab(tokenizer_dir)  # SentencePiece-style BPE (Llama 1/2, stories260K)
+        try:  # SentencePiece-style BPE (Llama 1/2, stories260K)
+            vocab = gguf.LlamaHfVocab(tokenizer_dir)
+        except (FileNotFoundError, TypeError) as exc:
+            raise UnsupportedModel(f"this byte-fallback BPE tokenizer is not one the GGUF export knows: {exc}") from None
         tokens, _, types = (list(x) for x in zip(*vocab.all_tokens(), strict=True))
         scores = _merge_scores(tokens, model.get("merges") or [])
         for i in range(len(tokens), vocab_size):

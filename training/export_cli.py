@@ -14,6 +14,7 @@ import logging
 import signal
 import sys
 
+from core.checkpoint_layout import EXAMPLE_NAME
 from core.exports import DEFAULT_QUANTIZATION, FORMATS, QUANTIZATIONS
 
 PROGRESS_PREFIX = "export: "
@@ -22,7 +23,7 @@ PROGRESS_PREFIX = "export: "
 def add_parsers(sub) -> None:
     """Register ``export`` and ``chat`` on the CLI's subparsers."""
     s = sub.add_parser("export", help="export a checkpoint as a Hugging Face folder, a GGUF file or an Ollama model")
-    s.add_argument("checkpoint", help="latest, best, base, a global step (1234 or step-00001234) or a version name")
+    s.add_argument("checkpoint", help=f"latest, best, base, a global step (1234 or {EXAMPLE_NAME}) or a version name")
     s.add_argument("--format", required=True, choices=FORMATS, dest="export_format")
     s.add_argument("--quantization", choices=QUANTIZATIONS, default=None,
                    help=f"GGUF tensor type for gguf/ollama (default {DEFAULT_QUANTIZATION}; norms stay f32)")

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from core import checkpoint as ckpt
 from core.chat import TokenizedExample, count_tokens, tokenize_example
 from core.config import RealmConfig
+from core.config_diff import config_changes, format_changes
 from core.faults import NonFiniteLossError, TrainingRolledBack, free_memory, load_lr_scale, store_lr_scale
 from core.hero import (
     NEWBORN_HINT,
@@ -240,6 +241,7 @@ class Engine:
                 self._warn("base_model_changed", f"checkpoints of hero {hero.name!r} started from {ckpt_base!r} "
                            f"but hero.base_model is {hero.base_model!r}: resuming from the checkpoint; use a new "
                            "hero.name to start over from the new base model")
+            self._warn_config_changes(state.get(ckpt.KEY_CONFIG), path)
         self.model.config.use_cache = False
         self.model.to(self.accelerator.device).train()  # on its device before the optimizer holds its params
 
@@ -285,6 +287,14 @@ class Engine:
         if newborn:  # the daemon records the ledger event; the log says it for any caller
             self.log.warning(NEWBORN_HINT)
         self._last_save = time.monotonic()
+
+    def _warn_config_changes(self, saved: dict | None, path: Path) -> None:
+        """Each key of the config that differs from the snapshot saved in the checkpoint resumed from
+        (:func:`core.config_diff.config_changes`): a warning in the log and a ``config_changed`` event."""
+        changes = config_changes(saved, self.config.model_dump()) if isinstance(saved, dict) else []
+        if changes:
+            self._warn("config_changed", f"config changed since checkpoint {path.name}: {format_changes(changes)}",
+                       changes=[{"key": k, "old": a, "new": b} for k, a, b in changes])
 
     def _load_latest_checkpoint(self) -> tuple[dict | None, Path | None]:
         """Newest checkpoint that verifies (:func:`core.checkpoint.load_trainer_state`: files whole and

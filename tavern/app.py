@@ -21,6 +21,7 @@ from tavern.context import init_state, tavern_state
 from tavern.extensions import socketio
 
 log = logging.getLogger(__name__)
+SOCKETIO_SERVER_KEY = "tavern.socketio_server"  # app.extensions: this app's own python-socketio Server
 
 NAV_ITEMS = (  # label, endpoint, path used when that blueprint is not installed
     ("Home", "home.index", "/"),
@@ -68,6 +69,8 @@ def create_app(realm: Realm, config: RealmConfig | None = None, *, testing: bool
 
     socketio.init_app(app, async_mode="threading", cors_allowed_origins=None, logger=False,
                       engineio_logger=False)
+    # the SocketIO object is shared by every app of the process; its .server is the latest app's
+    app.extensions[SOCKETIO_SERVER_KEY] = socketio.server
     push.init_push(app, socketio)
     oracle = _optional_import("tavern.oracle")
     if oracle is not None and hasattr(oracle, "init_oracle"):
@@ -77,13 +80,16 @@ def create_app(realm: Realm, config: RealmConfig | None = None, *, testing: bool
 
 
 def close_app(app: Flask) -> None:
-    """Stop the app's push poller, disconnect its Socket.IO clients (browsers then reconnect and resync)
-    and close its ledger (shutdown, tests)."""
+    """Stop the app's push poller and oracle worker, disconnect its Socket.IO clients (browsers then reconnect
+    and resync), stop Socket.IO's service thread and close its ledger (shutdown, tests)."""
     push.stop_push(app)
     exports = app.extensions.get("exports")  # tavern.pages.vault's background export jobs
     if exports is not None:
         exports.close()
-    server = getattr(app.extensions.get("socketio"), "server", None)
+    oracle = _optional_import("tavern.oracle")
+    if oracle is not None and hasattr(oracle, "close_oracle"):
+        oracle.close_oracle(app)  # its worker process and the threads that talk to it
+    server = app.extensions.get(SOCKETIO_SERVER_KEY)
     eio = getattr(server, "eio", None)
     for client in list(getattr(eio, "sockets", {}).values()):
         try:  # wait=False: a polling client that never polls again must not block the shutdown
@@ -92,6 +98,7 @@ def close_app(app: Flask) -> None:
             log.exception("closing a Socket.IO client failed")
     if eio is not None:
         eio.sockets = {}
+        server.shutdown()  # ends engineio's client-timeout service thread (it would run forever)
     tavern_state(app).ledger.close()
 
 

@@ -31,10 +31,23 @@ class ExitCode(IntEnum):
     CONFIG = 3            # config.json invalid
     ALREADY_RUNNING = 4   # a daemon already runs on this realm
     NOT_FOUND = 5         # a file, model or process that was named does not exist
-    ERROR = 10            # anything else (see the log)
+    ERROR = 10            # anything else: an unexpected error (one line on stderr, the traceback in the log)
+    INTERRUPTED = 130     # Ctrl-C (128 + SIGINT, as shells report it)
 
 
-CONTROL_COMMANDS = ("pause", "resume", "skip")
+CONTROL_COMMANDS = {
+    "pause": "pause training after the current optimizer step (the quest stays where it is)",
+    "resume": "resume paused training",
+    "skip": "put the current quest back in the queue (nothing lost) and train the next one",
+    "stop": "stop the daemon warmly: checkpoint, then exit (a supervisor does not restart it)",
+}
+LOGGING_COMMANDS = ("daemon", "tavern", "supervise")
+"""Long-running commands: their stderr is their log (``logs/<role>.log`` under ``start-all``), where the
+supervisor's crash classifier (:mod:`safety.crash`) reads the traceback of an unexpected error."""
+CLI_LOG = "cli.log"
+"""``logs/cli.log``: tracebacks of unexpected errors in the other commands (stderr shows one line)."""
+
+log = logging.getLogger("training.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="replace an existing default hero")
     s = sub.add_parser("config", help="show the config or its JSON Schema")
     s.add_argument("--schema", action="store_true", help="print the JSON Schema of config.json")
-    for name in CONTROL_COMMANDS:
-        sub.add_parser(name, help=f"{name} training (sent to the daemon through the control channel)")
+    for name, what in CONTROL_COMMANDS.items():
+        sub.add_parser(name, help=f"{what} (sent to the daemon through the control channel)")
     export_cli.add_parsers(sub)  # export, chat
     return p
 
@@ -120,6 +133,48 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     except SystemExit as exc:
         return int(exc.code or 0) and ExitCode.USAGE
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return _run(args, environ)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return ExitCode.INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - the last resort: one line, the traceback in the log
+        _report_unexpected(exc, args, environ)
+        return ExitCode.ERROR
+
+
+def _report_unexpected(exc: Exception, args: argparse.Namespace, environ: Mapping[str, str]) -> None:
+    """An error no command expected: the long-running commands log it with its traceback (their stderr is
+    their log); the others print one line and append the traceback to ``logs/cli.log`` of the realm (with
+    ``--log-level DEBUG`` they log it on stderr instead)."""
+    summary = (f"{type(exc).__name__}: {exc}".strip().splitlines() or [type(exc).__name__])[0][:500]
+    if args.command in LOGGING_COMMANDS or args.log_level == "DEBUG":
+        log.error("unexpected error in `%s`: %s", args.command, summary, exc_info=exc)
+        return
+    where = _append_traceback(exc, args, environ)
+    print(f"error: unexpected {summary} (the traceback is in {where or 'no log: the realm has no logs/ folder'}; "
+          "--log-level DEBUG prints it here)", file=sys.stderr)
+
+
+def _append_traceback(exc: Exception, args: argparse.Namespace, environ: Mapping[str, str]) -> Path | None:
+    """Append ``exc``'s traceback to the realm's ``logs/cli.log``; its path, or None when there is no such
+    folder (no realm there) or it cannot be written."""
+    import traceback
+
+    try:
+        realm = Realm.at(args.realm) if args.realm else Realm.at(default_realm_root(environ))
+        path = realm.logs / CLI_LOG
+        if not realm.logs.is_dir():
+            return None
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} `python -m training {args.command}` (pid "
+                    f"{os.getpid()}) failed:\n{''.join(traceback.format_exception(exc))}\n")
+        return path
+    except Exception:  # noqa: BLE001 - never hide the original error behind this one
+        return None
+
+
+def _run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     if args.command == "init":
         realm = init_realm(args.dir, base_model=args.base_model)
         print(f"realm created at {realm.root}")
@@ -339,18 +394,46 @@ def cmd_control(args, realm: Realm, config: RealmConfig, environ) -> int:
     realm.ensure_layout()
     ledger = Ledger(realm.ledger_path)
     try:
+        if (down := _daemon_down(ledger)) is not None:  # a command left pending would fire at the next start
+            print(f"error: the training daemon is {down}: nothing to {args.command}; "
+                  "`python -m training start-all` starts it", file=sys.stderr)
+            return ExitCode.NOT_FOUND
         command_id = ledger.send_command(args.command)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             row = ledger.query("SELECT * FROM commands WHERE id=?", (command_id,))[0]
             if row["state"] != "pending":
                 print(f"{args.command}: {row['result']}")
+                if args.command == "stop":
+                    return _wait_for_daemon_stop(ledger, config.supervisor.stop_timeout_seconds)
                 return ExitCode.OK
             time.sleep(0.1)
         print(f"{args.command}: sent; the daemon has not answered yet (is it running?)")
         return ExitCode.OK
     finally:
         ledger.close()
+
+
+def _daemon_down(ledger) -> str | None:
+    """How the daemon is down ("not running", "stopped"), None when it runs (the Tavern's rule)."""
+    from tavern.status import daemon_view
+
+    display = daemon_view(ledger, time.time())["display_state"]
+    return display if display in ("not running", "stopped") else None
+
+
+def _wait_for_daemon_stop(ledger, timeout_seconds: float) -> int:
+    """After ``stop`` was accepted: wait until the daemon has saved its checkpoint and exited."""
+    deadline = time.monotonic() + timeout_seconds
+    while time.monotonic() < deadline:
+        if _daemon_down(ledger) is not None:
+            value = ledger.get_value("daemon") or {}
+            print(f"daemon stopped at global step {value.get('global_step')}")
+            return ExitCode.OK
+        time.sleep(0.2)
+    print(f"the daemon is still stopping after {timeout_seconds:.0f} s (saving a checkpoint?); "
+          "`python -m training status` shows when it has stopped")
+    return ExitCode.OK
 
 
 def cmd_doctor(args, realm: Realm, config: RealmConfig, environ) -> int:

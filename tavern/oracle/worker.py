@@ -149,6 +149,14 @@ class _Session:
                                    args=(self.jobs, self.events, self.cancels, cache_size, num_threads, device))
         self.process.start()
         self.closing = False
+        self.dispatcher: threading.Thread | None = None  # OracleWorker._dispatch, for this session
+
+    def release(self) -> None:
+        """Close this side of the queues once the process has exited: each queue this side put to has a
+        feeder thread, which ends only when its queue is closed (never blocking on a pipe nobody reads)."""
+        for q in (self.jobs, self.cancels, self.events):
+            q.cancel_join_thread()
+            q.close()
 
 
 class OracleWorker:
@@ -216,6 +224,8 @@ class OracleWorker:
             session, self._session = self._session, None
         if session is not None:
             self._stop_session(session, timeout_seconds)
+            if session.dispatcher is not None:  # it notices the exit within 0.5 s and releases the queues
+                session.dispatcher.join(timeout_seconds)
         self._fail_pending("the oracle was shut down")
 
     # internals -----------------------------------------------------------------------------------------
@@ -228,8 +238,9 @@ class OracleWorker:
         if self._session is None:
             self._session = _Session(self._ctx, self.cache_size, self.num_threads, self.device)
             self._starts += 1
-            threading.Thread(target=self._dispatch, args=(self._session,), name="oracle-dispatch",
-                             daemon=True).start()
+            self._session.dispatcher = threading.Thread(target=self._dispatch, args=(self._session,),
+                                                        name="oracle-dispatch", daemon=True)
+            self._session.dispatcher.start()
             log.info("oracle worker started (pid %s)", self._session.process.pid)
         return self._session
 
@@ -249,6 +260,7 @@ class OracleWorker:
                         log.warning("oracle worker exited with code %s", code)
                         self._fail_pending(f"the oracle worker process exited (code {code}); "
                                            "send the message again to restart it")
+                    session.release()
                     return
                 self._maybe_idle_stop(session)
                 continue

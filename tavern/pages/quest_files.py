@@ -154,10 +154,11 @@ def list_inbox(inbox: Path) -> list[dict[str, Any]]:
 
 
 def _open_binary(path: Path) -> IO[bytes]:
-    raw = open(path, "rb")  # noqa: SIM115 (closed by the caller, or wrapped by GzipFile below)
-    head = raw.read(2)
-    raw.seek(0)
-    return gzip.GzipFile(fileobj=raw, mode="rb") if head == _GZIP_MAGIC else raw
+    """``path`` opened for reading, decompressed when it starts with the gzip magic; closed by the caller
+    (``gzip.open`` owns its file, where ``GzipFile(fileobj=...)`` would leave it open)."""
+    with open(path, "rb") as raw:
+        head = raw.read(2)
+    return gzip.open(path, "rb") if head == _GZIP_MAGIC else open(path, "rb")  # noqa: SIM115
 
 
 def read_preview(path: Path, lines: int = PREVIEW_LINES) -> dict[str, Any]:

@@ -49,6 +49,14 @@ class DaemonThread:
             time.sleep(0.05)
         raise AssertionError(f"timed out waiting for {what}; quests: {self.ledger.list_quests()}")
 
+    def answered(self, command: str) -> str:
+        """Send ``command`` and wait for the daemon's answer (returned): a positive sign that the daemon went
+        round its loop, where a sleep would only hope so."""
+        command_id = self.ledger.send_command(command)
+        self.wait_for(lambda: all(c["id"] != command_id for c in self.ledger.pending_commands()),
+                      what=f"the answer to {command}")
+        return self.ledger.query("SELECT result FROM commands WHERE id=?", (command_id,))[0]["result"]
+
     def quests(self):
         return self.ledger.list_quests()
 
@@ -144,21 +152,26 @@ def test_pause_resume_skip_through_the_control_channel(make_realm):
         d.wait_for(lambda: (d.ledger.get_value("daemon") or {}).get("state") == "paused", what="paused")
         write_text_quest(realm.inbox / "a.jsonl", 60)
         d.wait_for(lambda: d.states() == ["queued"], what="queued while paused")
-        time.sleep(0.5)
-        assert d.ledger.last_step() is None  # nothing trains while paused
+        # the daemon answers commands at the top of its loop and before each optimizer step: by its second
+        # answer after the quest was queued, a daemon that ignored the pause would have taken the quest
+        assert d.answered("pause") == d.answered("pause") == "paused"
+        assert d.states() == ["queued"] and d.ledger.last_step() is None  # nothing trains while paused
         d.ledger.send_command("resume")
         d.wait_for(lambda: (d.ledger.last_step() or {}).get("global_step", 0) >= 2, what="training")
         write_text_quest(realm.inbox / "b.jsonl", 4, prefix="bee")
         d.wait_for(lambda: len(d.quests()) == 2 and d.quests()[1]["state"] == "queued", what="b queued")
         d.ledger.send_command("skip")
         d.wait_for(lambda: d.quests()[1]["state"] == "completed", what="b trained after skip")
-        a = d.quests()[0]
-        assert a["deferred"] == 0 or a["state"] in ("queued", "processing", "completed")
         d.wait_for(lambda: d.states() == ["completed", "completed"], timeout=120, what="a finished later")
-        lines = [ln for s in d.ledger.steps() if s["quest_id"] == 1 for ln in json.loads(s["examples_json"])]
+        steps = d.ledger.steps()
+        a_steps = [s["global_step"] for s in steps if s["quest_id"] == 1]
+        b_steps = [s["global_step"] for s in steps if s["quest_id"] == 2]
+        assert min(a_steps) < min(b_steps) and max(b_steps) < max(a_steps)  # b ran inside a: skipped, resumed
+        assert [json.loads(e["data"])["quest_id"] for e in d.ledger.events() if e["kind"] == "quest_skipped"] == [1]
+        lines = [ln for s in steps if s["quest_id"] == 1 for ln in json.loads(s["examples_json"])]
         assert sorted(lines) == list(range(1, 61))  # nothing lost, nothing twice
         results = [c["result"] for c in d.ledger.query("SELECT * FROM commands ORDER BY id")]
-        assert results[:3] == ["paused", "resumed", "skipping the current quest"]
+        assert results[:5] == ["paused", "paused", "paused", "resumed", "skipping the current quest"]
 
 
 @pytest.mark.parametrize("policy", ["drop", "reject"])

@@ -8,12 +8,12 @@ import json
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import core.validation as validation
 from core.config import RealmConfig
-from core.formats import iter_valid_records
+from core.formats import iter_valid_records, preference_as_sft
 from core.validation import (
     ValidationReport,
     format_report_text,
@@ -47,6 +47,11 @@ def words(example: dict) -> tuple[int, int]:
         total += n
         trainable += n if m["role"] == "assistant" else 0
     return total, trainable
+
+
+def measure(example: dict) -> tuple[int, ...]:
+    """Word counts of an example's SFT shapes: itself, or both sides of a preference pair."""
+    return tuple(words(side)[0] for side in (preference_as_sft(example) if "chosen" in example else (example,)))
 
 
 def write_lines(path: Path, lines: list[str], newline: str = "\n") -> Path:
@@ -344,20 +349,28 @@ def test_two_hundred_kinds_of_malformed_lines(tmp_path):
 
 # -- fuzz: validate_file never raises, and agrees with iter_valid_records --------------------------------
 FRAGMENTS = [json.dumps(r) for r in BASE_RECORDS.values()] + [
-    '{"text": NaN}', "[", "{", '{"text": ""}', "\xff", "\ufeff", "\r", '{"messages": []}', "[1, 2]", '{"chosen": 1}']
+    '{"text": NaN}', "[", "{", '{"text": ""}', "\xff", "\ufeff", "\r", '{"messages": []}', "[1, 2]", '{"chosen": 1}',
+    json.dumps({"prompt": "p " * 6, "completion": "c " * 6})]  # 12 words: over the fuzz's max_length 8
+
+
+MIXED_LENGTHS = "\n".join([text_line(3), text_line(12), "nope", text_line(8), text_line(9), FRAGMENTS[-1],
+                           text_line(1)]).encode()  # short, long, bad, exactly max_length, long, long, short
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     raw=st.one_of(
         st.binary(max_size=400),
-        st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.text(max_size=40)), max_size=12).map(
-            lambda parts: "\n".join(parts).encode("utf-8", "surrogatepass")),
+        st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.integers(1, 16).map(text_line), st.text(max_size=40)),
+                 max_size=12).map(lambda parts: "\n".join(parts).encode("utf-8", "surrogatepass")),
     ),
     name=st.sampled_from(["a.jsonl", "a.jsonl.gz", "a.json", "x", "A.JSONL", "d.txt"]),
     compress=st.booleans(),
     policy=st.sampled_from(["truncate", "drop", "reject"]),
 )
+@example(raw=MIXED_LENGTHS, name="a.jsonl", compress=False, policy="truncate")  # every run checks each policy
+@example(raw=MIXED_LENGTHS, name="a.jsonl.gz", compress=True, policy="drop")
+@example(raw=MIXED_LENGTHS, name="A.JSONL", compress=False, policy="reject")
 def test_fuzz_validate_never_raises(tmp_path, raw, name, compress, policy):
     p = tmp_path / "fuzz.bin"
     p.write_bytes(gzip.compress(raw) if compress else raw)
@@ -367,11 +380,24 @@ def test_fuzz_validate_never_raises(tmp_path, raw, name, compress, policy):
     format_report_text(report)
     assert report.lines == report.records_valid + report.records_bad
     assert report.accepted == (report.reason is None)
+    assert report.examples == report.records_valid - report.records_dropped
+    if policy != "drop":
+        assert report.records_dropped == 0 and not report.dropped_lines
+    if policy != "truncate":
+        assert report.truncated == 0
     if report.lines:  # the file was read: the trainer sees exactly the records that validation found valid
-        valid = [n for n, _ in iter_valid_records(p, name, cfg.validation)]
-        if policy == "truncate":
-            assert len(valid) == report.records_valid
-        assert set(b.line for b in report.bad_lines).isdisjoint(valid) or policy == "reject"
+        parsed = {n: ex for n, ex in iter_valid_records(p, name, cfg.validation)}
+        bad = {b.line: b.reason for b in report.bad_lines}
+        too_long = {n for n, reason in bad.items() if "(length_policy reject)" in reason}
+        dropped = {d.line for d in report.dropped_lines}
+        assert not report.bad_lines_truncated and not report.dropped_lines_truncated
+        assert set(bad) & set(parsed) == too_long  # a line is bad for its form, or (reject) for its length
+        assert dropped <= set(parsed) and len(parsed) == report.records_valid + len(too_long)
+        for n, ex in parsed.items():  # each length decision is the policy's, and is listed where it says
+            action = length_action(max(measure(ex)), 8, policy)
+            assert (n in too_long, n in dropped) == (action == "reject", action == "drop"), (n, ex, action)
+        assert report.truncated == sum(length_action(max(measure(ex)), 8, policy) == "truncate"
+                                       for ex in parsed.values())
 
 
 @needs_shared_data

@@ -16,7 +16,7 @@ import pytest
 
 from core.preferences import list_preferences
 from core.realm import init_realm
-from tests.conftest import STORIES260K, needs_shared
+from tests.conftest import STORIES260K, claim_threads, needs_shared, thread_key
 from tests.tavern.conftest import save_screenshot
 
 pytestmark = needs_shared(STORIES260K / "model.safetensors")
@@ -45,7 +45,7 @@ def oracle_realm(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def live(oracle_realm):
+def live(oracle_realm, request):
     """The real Tavern server on a free port, shared by this module (one worker process start)."""
     from tavern.app import close_app
     from tavern.oracle import close_oracle
@@ -54,6 +54,11 @@ def live(oracle_realm):
     server, application = make_tavern_server(oracle_realm, host="127.0.0.1", port=0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
+    claim_threads(request, lambda t: t.name in ("oracle-dispatch", "QueueFeederThread")
+                  or thread_key(t) == "engineio.server.Server._service_task",
+                  "this module's tests share one app: its oracle worker starts (with its dispatch thread and queue "
+                  "feeders) at the first request and Socket.IO's service thread at the first connection, in "
+                  "whichever test comes first; close_app ends them")
     yield f"http://127.0.0.1:{server.server_port}", application
     server.shutdown()
     server.server_close()

@@ -319,7 +319,9 @@ def test_browser_shows_hostile_names_as_text_and_takes_the_screenshot(live_taver
     assert page.locator("#group-waiting").inner_text().count("waiting for DPO") == 1
     page.locator("#group-queued button.qname", has_text="onerror").click()
     page.locator("#detail-name", has_text="onerror").wait_for()
-    page.wait_for_timeout(300)
+    # positive sentinel, not a pause: the hostile quest's own preview is on screen, so its detail is rendered
+    page.locator("#preview-lines", has_text="Once upon a time 0").wait_for()
+    assert page.locator("#quest-detail img, #quest-detail script").count() == 0  # the name stayed text
     assert dialogs == [] and page.console_errors == []
     save_screenshot(page, "quests")
 

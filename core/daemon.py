@@ -8,9 +8,9 @@ Two threads in one process:
 - the **main thread** trains quests one after another with one persistent :class:`core.engine.Engine`
   and obeys the control channel (ledger ``commands``: pause, resume, skip, stop).
 
-The daemon state (:class:`DaemonState`) is written to the ledger key ``daemon`` by :meth:`Daemon._set_state`
-only; its ``updated_at`` is the heartbeat. SIGTERM/SIGINT stop warmly: the current step finishes and a
-checkpoint is saved.
+The daemon state (:class:`core.contract.DaemonState`) is published under :data:`core.contract.DAEMON_KEY`
+by :meth:`Daemon._set_state` only; its ``updated_at`` is the heartbeat. SIGTERM/SIGINT (or the ``stop``
+command) stop warmly: the state becomes ``stopping``, the current step finishes and a checkpoint is saved.
 """
 
 from __future__ import annotations
@@ -22,13 +22,19 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from core.chat import count_tokens, count_tokens_batch
 from core.checkpoint_layout import checkpoint_name
 from core.config import RealmConfig
+from core.contract import (
+    ETA_WINDOW_STEPS,
+    HEARTBEAT_INTERVAL_SECONDS,
+    DaemonState,
+    process_identity,
+    quest_eta,
+)
 from core.engine import CheckpointSkipped, Engine, count_train_examples
 from core.faults import TrainingRolledBack
 from core.formats import PREFERENCE_FORMATS, SFT_FORMATS, iter_valid_records
@@ -41,18 +47,7 @@ from core.validation import length_action, validate_file, write_report
 
 log = logging.getLogger("realm.daemon")
 
-DAEMON_KEY = "daemon"
 TRAINABLE_FORMATS = set(SFT_FORMATS)
-HEARTBEAT_INTERVAL_SECONDS = 1.0
-
-
-class DaemonState(str, Enum):
-    STARTING = "starting"
-    IDLE = "idle"
-    TRAINING = "training"
-    PAUSED = "paused"
-    STOPPING = "stopping"
-    STOPPED = "stopped"
 
 
 class AlreadyRunning(RuntimeError):
@@ -85,6 +80,7 @@ class Daemon:
         self._watcher: InboxWatcher | None = None
         self._ingest_error: BaseException | None = None
         self._untakeable: dict[Path, tuple[int, int]] = {}  # inbox files admit failed on: (size, mtime_ns)
+        self._identity = process_identity()  # pid and its start time: readers tell a reused pid
 
     # lifecycle -------------------------------------------------------------------
     def run(self) -> int:
@@ -140,6 +136,8 @@ class Daemon:
 
     def cleanup(self) -> None:
         self._stop.set()
+        if self.ledger is not None:
+            self._set_state(DaemonState.STOPPING)
         if self._watcher is not None:
             self._watcher.wake.set()
             self._watcher.stop()
@@ -315,7 +313,9 @@ class Daemon:
             self._set_state(DaemonState.PAUSED)
             self._stop.wait(0.2)
             self._handle_commands()
-        if self.state == DaemonState.PAUSED:
+        if self._stop.is_set():
+            self._set_state(DaemonState.STOPPING)  # the quest's checkpoint comes next: no hang verdict
+        elif self.state == DaemonState.PAUSED:
             self._set_state(DaemonState.TRAINING)
         self._heartbeat()
         return self._stop.is_set() or self._skip
@@ -457,30 +457,26 @@ class Daemon:
         if not force and time.monotonic() - self._last_heartbeat < HEARTBEAT_INTERVAL_SECONDS:
             return
         self._last_heartbeat = time.monotonic()
-        status = {"state": self.state.value, "pid": os.getpid(), "quest_id": self._status.get("quest_id"),
+        status = {"state": self.state.value, **self._identity, "quest_id": self._status.get("quest_id"),
                   "hero": self._status.get("hero"), "paused": self.paused,
                   "trainable_formats": sorted(TRAINABLE_FORMATS)}
         if self.engine is not None:
             status.update(self._progress())
-        self.ledger.set_value(DAEMON_KEY, status)
+        self.ledger.publish_daemon_status(status)
 
     def _progress(self) -> dict[str, Any]:
         """global_step, tokens/s and the current quest's ETA (seconds) from the last steps' metrics."""
         assert self.ledger is not None and self.engine is not None
         out: dict[str, Any] = {"global_step": self.engine.global_step, "tokens_per_second": None,
                                "eta_seconds": None, "last_checkpoint": self._status.get("last_checkpoint")}
-        recent = self.ledger.query("SELECT * FROM steps ORDER BY global_step DESC LIMIT 20")
-        if recent:
-            out["tokens_per_second"] = recent[0]["tokens_per_second"]
+        last = self.ledger.last_step()
+        if last:
+            out["tokens_per_second"] = last["tokens_per_second"]
             qid = self._status.get("quest_id")
             quest = self.ledger.get_quest(qid) if qid else None
-            same = [r for r in recent if r["quest_id"] == qid]
-            if quest and len(same) >= 2 and quest["examples_total"]:
-                seconds = same[0]["time"] - same[-1]["time"]
-                examples = same[0]["example_end"] - same[-1]["example_end"]
-                if seconds > 0 and examples > 0:
-                    remaining = max(0, quest["examples_total"] - (quest["examples_trained"] or 0))
-                    out["eta_seconds"] = remaining * seconds / examples
+            if quest:
+                out["eta_seconds"] = quest_eta(self.ledger.recent_steps(ETA_WINDOW_STEPS, quest_id=qid),
+                                               quest["examples_total"], quest["examples_trained"]).eta_seconds
         latest = self.engine.latest_checkpoint_info()
         if latest is not None:
             out["last_checkpoint"] = latest

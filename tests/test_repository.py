@@ -152,3 +152,31 @@ def test_the_default_realm_config_is_valid():
 
     cfg = load_config(ROOT / "config.json")
     assert cfg.hero.base_model is None and cfg.tavern.host == "127.0.0.1"
+
+
+#: Raw SQL against the ledger: what may appear only in ``core`` (the ledger is an API everywhere else).
+SQL_PATTERNS = [r"\.(query|execute|executemany|executescript)\(", r"\b(SELECT|UPDATE|INSERT|DELETE)\b",
+                r"\bimport sqlite3\b", r"\.transaction\(", r"\._conn\b"]
+#: Justified exceptions, as "path: pattern" (none today).
+SQL_EXCEPTIONS: set[str] = set()
+
+
+def _sql_in(text: str) -> list[str]:
+    import re
+
+    return [p for p in SQL_PATTERNS if re.search(p, text)]
+
+
+def test_the_sql_detector_sees_sql():
+    assert _sql_in('rows = ledger.query("SELECT * FROM steps")') == [SQL_PATTERNS[0], SQL_PATTERNS[1]]
+    assert _sql_in("with ledger.transaction() as c:\n    c.execute('UPDATE quests SET x=1')")
+    assert _sql_in("import sqlite3") and _sql_in("ledger._conn.cursor()")
+    assert not _sql_in("ledger.history(1, 2, max_points=10)  # selected, updated, inserted")
+
+
+@pytest.mark.parametrize("package", ["tavern", "training", "safety", "management"])
+def test_no_sql_outside_core(package):
+    for path in (ROOT / package).rglob("*.py"):
+        rel = path.relative_to(ROOT)
+        found = [p for p in _sql_in(path.read_text(encoding="utf-8")) if f"{rel}: {p}" not in SQL_EXCEPTIONS]
+        assert not found, f"{rel} talks SQL to the ledger ({found}): add a typed method to core/ledger.py"

@@ -256,7 +256,6 @@ def _wait_for_children(realm: Realm, pid: int, roles: tuple[str, ...], timeout_s
     """The supervisor's published children once it has started them all (None if it died first)."""
     from core.ledger import Ledger
     from safety.processes import alive
-    from safety.supervisor import SUPERVISOR_KEY
 
     deadline = time.monotonic() + timeout_seconds
     children: dict = {}
@@ -264,7 +263,7 @@ def _wait_for_children(realm: Realm, pid: int, roles: tuple[str, ...], timeout_s
         if realm.ledger_path.exists():
             ledger = Ledger(realm.ledger_path)
             try:
-                value = ledger.get_value(SUPERVISOR_KEY) or {}
+                value = ledger.supervisor_status() or {}
             finally:
                 ledger.close()
             if value.get("pid") == pid:
@@ -389,7 +388,7 @@ def cmd_new_hero(args, realm: Realm, config: RealmConfig, environ) -> int:
 
 
 def cmd_control(args, realm: Realm, config: RealmConfig, environ) -> int:
-    from core.ledger import Ledger
+    from core.ledger import CommandState, Ledger
 
     realm.ensure_layout()
     ledger = Ledger(realm.ledger_path)
@@ -401,8 +400,8 @@ def cmd_control(args, realm: Realm, config: RealmConfig, environ) -> int:
         command_id = ledger.send_command(args.command)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            row = ledger.query("SELECT * FROM commands WHERE id=?", (command_id,))[0]
-            if row["state"] != "pending":
+            row = ledger.command(command_id)
+            if row["state"] != CommandState.PENDING.value:
                 print(f"{args.command}: {row['result']}")
                 if args.command == "stop":
                     return _wait_for_daemon_stop(ledger, config.supervisor.stop_timeout_seconds)

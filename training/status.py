@@ -11,12 +11,11 @@ from typing import Any
 
 from core.checkpoint_layout import latest_checkpoint, step_of
 from core.config import RealmConfig
+from core.contract import ETA_WINDOW_STEPS, DaemonState, DaemonStatus, quest_eta, read_daemon_status
 from core.ledger import Ledger, QuestState
 from core.realm import Realm
 from safety.crash import recent_crashes
 from training.processes import ROLES, SUPERVISOR, process_info
-
-HEARTBEAT_STALE_SECONDS = 120.0
 
 
 def _last_checkpoint(realm: Realm, hero: str) -> dict[str, Any] | None:
@@ -29,7 +28,7 @@ def collect_status(realm: Realm, config: RealmConfig) -> dict[str, Any]:
     out: dict[str, Any] = {"realm": str(realm.root), "global_step": 0,
                            "hero": {"name": config.hero.name, "base_model": config.hero.base_model,
                                     "parameters": None, "architecture": None, "newborn": None},
-                           "daemon": {"state": "stopped", "pid": None, "heartbeat_age_seconds": None},
+                           "daemon": _daemon(read_daemon_status(None, None)),
                            "processes": {}, "queue": {s.value: 0 for s in QuestState}, "quests": [],
                            "current_quest": None, "last_checkpoint": _last_checkpoint(realm, config.hero.name),
                            "supervisor": None, "crashes": [], "last_crash": None}
@@ -40,16 +39,11 @@ def collect_status(realm: Realm, config: RealmConfig) -> dict[str, Any]:
         return out
     ledger = Ledger(realm.ledger_path)
     try:
-        daemon, updated = ledger.get_value_with_time("daemon")
-        if daemon:
-            age = time.time() - updated if updated else None
-            out["daemon"] = {**{k: v for k, v in daemon.items() if k != "hero"}, "heartbeat_age_seconds": age}
-            if daemon.get("state") not in ("stopped",) and age is not None and age > HEARTBEAT_STALE_SECONDS \
-                    and out["processes"]["daemon"]["state"] != "running":
-                out["daemon"]["state"] = "dead"
-            if daemon.get("hero"):
-                out["hero"].update(daemon["hero"])
-        supervisor = ledger.get_value("supervisor")
+        daemon = ledger.daemon_status()
+        out["daemon"] = _daemon(daemon)
+        if isinstance(daemon.get("hero"), dict):
+            out["hero"].update(daemon.get("hero"))
+        supervisor = ledger.supervisor_status()
         if isinstance(supervisor, dict):
             running = out["processes"][SUPERVISOR]["state"] == "running"
             out["supervisor"] = {**supervisor, "state": supervisor.get("state") if running else "stopped"}
@@ -69,12 +63,23 @@ def collect_status(realm: Realm, config: RealmConfig) -> dict[str, Any]:
         current = [q for q in quests if q["state"] == QuestState.PROCESSING.value]
         if current:
             q = current[0]
+            eta = daemon.get("eta_seconds") if daemon.display_state == DaemonState.TRAINING.value else \
+                quest_eta(ledger.recent_steps(ETA_WINDOW_STEPS, quest_id=q["id"]), q["examples_total"],
+                          q["examples_trained"]).eta_seconds
             out["current_quest"] = {"id": q["id"], "name": q["name"], "examples_trained": q["examples_trained"],
-                                    "examples_total": q["examples_total"],
-                                    "eta_seconds": (daemon or {}).get("eta_seconds")}
+                                    "examples_total": q["examples_total"], "eta_seconds": eta}
     finally:
         ledger.close()
     return out
+
+
+def _daemon(d: DaemonStatus) -> dict[str, Any]:
+    """The ``daemon`` object of ``status --json``: what the daemon published (but its hero), with ``state``
+    = the liveness verdict of :func:`core.contract.read_daemon_status` (the Tavern shows the same), the
+    state it published as ``reported_state``, ``alive`` and ``heartbeat_age_seconds``."""
+    return {**{k: v for k, v in d.value.items() if k != "hero"}, "state": d.display_state,
+            "reported_state": d.state, "alive": d.alive, "pid": d.pid,
+            "heartbeat_age_seconds": d.heartbeat_age_seconds}
 
 
 def _bar(done: int, total: int, width: int = 30) -> str:
@@ -113,7 +118,7 @@ def format_status(s: dict[str, Any]) -> str:
     else:
         lines.append("supervisor:   not running")
     lines.append(f"global step:  {s['global_step']}")
-    if d.get("tokens_per_second"):
+    if d.get("alive") and d.get("tokens_per_second"):
         lines.append(f"tokens/s:     {d['tokens_per_second']:.0f}")
     q = s["current_quest"]
     if q:

@@ -44,19 +44,18 @@ def send(command: str):
         return jsonify(error=f"the training daemon is {daemon['display_state']}: start it with "
                        "`python -m training start-all`", daemon=daemon["display_state"]), 409
     command_id = ledger.send_command(command)
-    row = ledger.query("SELECT * FROM commands WHERE id=?", (command_id,))[0]
-    return jsonify(command_payload(row)), 202
+    return jsonify(command_payload(ledger.command(command_id))), 202
 
 
 @bp.get("/<int:command_id>")
 def get(command_id: int):
-    rows = current_ledger().query("SELECT * FROM commands WHERE id=?", (command_id,))
-    if not rows:
+    row = current_ledger().command(command_id)
+    if row is None:
         return refuse(404, f"no command {command_id}")
-    return jsonify(command_payload(rows[0]))
+    return jsonify(command_payload(row))
 
 
 @bp.get("")
 def recent():
-    rows = current_ledger().query("SELECT * FROM commands ORDER BY id DESC LIMIT ?", (RECENT_COMMANDS,))
+    rows = current_ledger().recent_commands(RECENT_COMMANDS)
     return jsonify(commands=[command_payload(r) for r in rows])

@@ -188,3 +188,27 @@ def test_length_policy_lines_are_never_trained(make_realm, policy):
     assert quest["state"] == "completed" and quest["examples_total"] == 8
     trained = sorted(ln for s in ledger.steps() for ln in json.loads(s["examples_json"]))
     assert trained == [2, 3, 5, 6, 8, 9, 11, 12]
+
+
+def test_a_stop_publishes_stopping_while_its_checkpoint_is_saved(make_realm, monkeypatch):
+    realm = make_realm(training={"micro_batch_size": 1, "save_steps": 1000})
+    checkpoints = realm.checkpoints_dir("hero")
+    published = []  # (state, checkpoints on disk when it was published)
+    publish = Ledger.publish_daemon_status
+
+    def recording(self, status):
+        published.append((status["state"], len(list(checkpoints.glob("step-*"))) if checkpoints.is_dir() else 0))
+        publish(self, status)
+
+    monkeypatch.setattr(Ledger, "publish_daemon_status", recording)
+    with DaemonThread(realm) as d:
+        write_text_quest(realm.inbox / "a.jsonl", 400)
+        d.wait_for(lambda: (d.ledger.last_step() or {}).get("global_step", 0) >= 3, what="training")
+        d.ledger.send_command("stop")
+        d.thread.join(timeout=120)
+        assert not d.thread.is_alive()
+    states = [s for s, _ in published]
+    first_stopping = states.index("stopping")
+    assert "training" in states[:first_stopping] and states[-1] == "stopped"
+    assert set(states[first_stopping:-1]) == {"stopping"}  # no other state once a stop began
+    assert published[first_stopping][1] == 0 and published[-1][1] == 1  # the stop checkpoint came meanwhile

@@ -15,6 +15,7 @@ upgraded in place.
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import threading
 import time
@@ -409,8 +410,9 @@ class Ledger:
         ``max_points`` buckets: per bucket the mean step, mean loss, min/max loss, mean learning rate (train)
         and mean step, mean eval loss (eval). Ranges up to ``step_rollups.RAW_SCAN_MAX_STEPS`` are read raw
         (buckets of ``ceil(span / max_points)`` steps counted from ``from_step``), longer ones from the
-        rollups (see :mod:`core.step_rollups`): bounded time at any ledger length. Raises ``ValueError``
-        when ``to_step < from_step`` or ``max_points < 1``."""
+        rollups (see :mod:`core.step_rollups`): bounded time at any ledger length. Non-finite values are
+        None (JSON has neither NaN nor infinity). Raises ``ValueError`` when ``to_step < from_step`` or
+        ``max_points < 1``."""
         if to_step < from_step or max_points < 1:
             raise ValueError(f"empty range [{from_step}, {to_step}] or max_points {max_points} < 1")
         p = step_rollups.plan(from_step, to_step, max_points)
@@ -432,7 +434,7 @@ class Ledger:
                          "loss_max": t["value_max"], "learning_rate": t["learning_rate"]}
                 evals = {"global_step": e["global_step"], "eval_loss": e["value"]}
         return History(from_step=from_step, to_step=to_step, bucket_steps=p.bucket_steps, last_global_step=last,
-                       train=train, eval=evals)
+                       train=_finite(train), eval=_finite(evals))
 
     # events ------------------------------------------------------------------
     def event(self, kind: str, message: str, level: str = "info", **data: Any) -> None:
@@ -594,6 +596,19 @@ def _columns(rows: Iterable[Any], names: tuple[str, ...]) -> dict[str, list]:
         for name, x in zip(names, r, strict=True):
             cols[name].append(x)
     return cols
+
+
+def _finite(columns: dict[str, list]) -> dict[str, list]:
+    """``columns`` with every non-finite float replaced by None (a column whose sum is finite has none:
+    one C-level pass instead of a check per value)."""
+    out = {}
+    for name, xs in columns.items():
+        try:
+            clean = math.isfinite(math.fsum([x for x in xs if x is not None]))
+        except (OverflowError, ValueError):  # inf - inf, or finite values summing past the float range
+            clean = False
+        out[name] = xs if clean else [x if x is None or math.isfinite(x) else None for x in xs]
+    return out
 
 
 def _chunks(rows: Iterable[Any], size: int) -> Iterator[list[Any]]:

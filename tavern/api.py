@@ -17,8 +17,6 @@
 
 from __future__ import annotations
 
-import math
-
 from flask import Blueprint, jsonify, request
 
 from core.config import config_json_schema
@@ -64,10 +62,6 @@ def status():
     return jsonify(build_status(current_ledger(), current_realm(), current_config()))
 
 
-def _num(x):
-    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else x
-
-
 @bp.get("/history")
 def history():
     max_points = int_arg("max_points", DEFAULT_HISTORY_POINTS, 10, MAX_HISTORY_POINTS)
@@ -77,12 +71,9 @@ def history():
     hi = int_arg("to_step", bounds.last_step if bounds.last_step is not None else 0, 0)
     if hi < lo:
         raise BadParameter(f"to_step ({hi}) is below from_step ({lo})")
-    h = ledger.history(lo, hi, max_points)
-    return jsonify(
-        from_step=h.from_step, to_step=h.to_step, bucket_steps=h.bucket_steps, last_global_step=h.last_global_step,
-        train={c: [_num(x) for x in xs] for c, xs in h.train.items()},
-        eval={c: [_num(x) for x in xs] for c, xs in h.eval.items()},
-    )
+    h = ledger.history(lo, hi, max_points)  # non-finite values come back as None
+    return jsonify(from_step=h.from_step, to_step=h.to_step, bucket_steps=h.bucket_steps,
+                   last_global_step=h.last_global_step, train=h.train, eval=h.eval)
 
 
 @bp.get("/events")

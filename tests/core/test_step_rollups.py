@@ -155,3 +155,17 @@ def test_plans_stay_within_max_points(lo, hi, points):
     assert p.bucket_steps >= math.ceil((hi - lo + 1) / points)
     if p.bucket_steps <= 1 << step_rollups.LEVELS[-1]:
         assert p.bucket_steps < 2 * math.ceil((hi - lo + 1) / points)  # at least about half the points
+
+
+@pytest.mark.parametrize("raw_limit", [64, 100_000])  # the rollup path and the raw path
+def test_non_finite_values_come_back_as_none(tmp_path, monkeypatch, raw_limit):
+    monkeypatch.setattr(step_rollups, "RAW_SCAN_MAX_STEPS", raw_limit)
+    led = Ledger(tmp_path / "l.sqlite")
+    for s in range(1, 400):
+        _step(led, s, float("inf") if s == 200 else 1.0)
+    h = led.history(1, 399, 20)
+    i = min(range(len(h.train["global_step"])), key=lambda k: abs(h.train["global_step"][k] - 200))  # step 200's
+    assert h.train["loss"][i] is None and h.train["loss_max"][i] is None and h.train["loss_min"][i] == 1.0
+    others = [x for k, x in enumerate(h.train["loss"]) if k != i]
+    assert others and all(x == 1.0 for x in others)
+    led.close()

@@ -169,3 +169,14 @@ def test_non_finite_values_come_back_as_none(tmp_path, monkeypatch, raw_limit):
     others = [x for k, x in enumerate(h.train["loss"]) if k != i]
     assert others and all(x == 1.0 for x in others)
     led.close()
+
+
+def test_buckets_wider_than_the_coarsest_block(ledger):
+    """A range so long that a bucket spans several of the coarsest blocks: those are grouped."""
+    rng = random.Random(10)
+    _fill(ledger, [s * 65_537 for s in range(1, 400)], rng)  # sparse steps up to ~26M
+    hi = 399 * 65_537
+    p = step_rollups.plan(1, hi, 10)
+    assert p.bucket_steps > 1 << step_rollups.LEVELS[-1]
+    assert_history_matches_full_scan(ledger, 1, hi, 10)
+    assert_history_matches_full_scan(ledger, 3_000_000, hi - 5, 7)

@@ -16,6 +16,7 @@ import errno
 import gzip
 import json
 import os
+import stat
 import uuid
 from pathlib import Path
 from typing import IO, Any
@@ -154,6 +155,8 @@ def list_inbox(inbox: Path) -> list[dict[str, Any]]:
 
 
 def _open_binary(path: Path) -> IO[bytes]:
+    if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block open(); a folder cannot be read
+        raise OSError(errno.EINVAL, "not a regular file (the daemon rejected it as such)")
     raw = open(path, "rb")  # noqa: SIM115 (closed by the caller, or wrapped by GzipFile below)
     head = raw.read(2)
     raw.seek(0)

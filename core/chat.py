@@ -192,6 +192,9 @@ def _ids_and_mask(example: dict, tokenizer) -> tuple[list[int], list[bool], str]
     """``(input_ids, mask, anchor rule)`` of a normalized example, untruncated; ``mask[t]``: token ``t``
     is learned (``labels[0]`` not yet cleared). Raises :class:`ExampleError`."""
     eos = tokenizer.eos_token_id
+    fast = _byte_level_ids_and_mask(example, tokenizer)
+    if fast is not None:
+        return fast
     if "messages" in example:
         text, spans = assistant_spans(tokenizer, example["messages"])
         ids, offsets = _encode(tokenizer, text, add_special_tokens=False)
@@ -221,6 +224,29 @@ def _ids_and_mask(example: dict, tokenizer) -> tuple[list[int], list[bool], str]
         return ids, mask, ANCHOR_START
     raise ExampleError(f"not a normalized example (keys {sorted(example)}); expected text, "
                        "prompt+completion or messages")
+
+
+def _byte_level_ids_and_mask(example: dict, tokenizer) -> tuple[list[int], list[bool], str] | None:
+    """:func:`_ids_and_mask` of a ``text`` or string ``prompt``/``completion`` example under a byte-level
+    tokenizer (the embedded default hero's): token ids are the UTF-8 bytes, no tokenizer call -- the same
+    result (tested) about 20x faster. None for any other case (and a text holding an added token's text)."""
+    specials = _byte_level_specials(tokenizer)
+    if specials is None:
+        return None
+    eos = tokenizer.eos_token_id
+    tail = [] if eos is None else [eos]  # byte ids never equal the EOS id
+    if "text" in example and "messages" not in example and "prompt" not in example:
+        text = example["text"]
+        if not isinstance(text, str) or any(t in text for t in specials):
+            return None
+        ids = list(text.encode("utf-8")) + tail
+        return ids, [True] * len(ids), ANCHOR_START
+    prompt, completion = example.get("prompt"), example.get("completion")
+    if "messages" in example or not isinstance(prompt, str) or not isinstance(completion, str) \
+            or any(t in prompt + completion for t in specials):
+        return None
+    head, learned = list(prompt.encode("utf-8")), list(completion.encode("utf-8")) + tail
+    return head + learned, [False] * len(head) + [True] * len(learned), ANCHOR_FIRST_TRAINED
 
 
 def tokenize_example(example: dict, tokenizer, max_length: int | None, line: int = 0) -> TokenizedExample:

@@ -226,3 +226,19 @@ def test_truncation_start_never_passes_the_anchor():
     assert truncation_start(100, 20, 0) == 0  # text: keep the start
     assert anchor_of([False, False, True, True, False, True], "last_turn") == 5
     assert anchor_of([False, False, True, True, False, True], "first_trained") == 2
+
+
+def test_byte_level_fast_path_tokenizes_exactly_as_the_tokenizer_does(byte_tok):
+    slow = build_byte_tokenizer()
+    slow._realm_byte_specials = None  # the generic path: the tokenizer with offsets
+    examples = [*BATCH_EXAMPLES, LONG_PROMPT, {"prompt": "caf\u00e9 \u20ac", "completion": " \U0001f389 ok"}]
+    for example in examples:
+        for max_length in (None, 8, 40):
+            try:
+                expected = tokenize_example(example, slow, max_length, line=3)
+            except ExampleError as exc:
+                with pytest.raises(ExampleError, match="not a normalized"):
+                    tokenize_example(example, byte_tok, max_length)
+                assert "not a normalized" in str(exc)
+                continue
+            assert tokenize_example(example, byte_tok, max_length, line=3) == expected, (example, max_length)

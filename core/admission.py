@@ -94,7 +94,7 @@ class Admission(BaseThread):
             while self.should_keep_running():
                 self._busy = True
                 self._serve_requests()
-                for path, priority in self.scanner.scan():
+                for path, priority in self.scanner.scan(defer=self._waiting_to_retry):
                     if not self.should_keep_running():
                         break
                     self.take(path, priority)
@@ -149,7 +149,7 @@ class Admission(BaseThread):
             return None
         signature = (st.st_size, st.st_mtime_ns)
         retry = self._untakeable.get(path)
-        if retry is not None and retry.signature == signature and self.clock() < retry.next_at:
+        if self._waiting_to_retry(path):
             return None
         try:
             quest_id = self.queue.admit(path, priority or priority_for(path, self.realm.inbox))
@@ -174,6 +174,17 @@ class Admission(BaseThread):
         self._forget(path)
         self.validate(quest_id)
         return quest_id
+
+    def _waiting_to_retry(self, path: Path) -> bool:
+        """True while ``path`` failed to be taken, is unchanged since, and its back-off has not passed."""
+        retry = self._untakeable.get(path)
+        if retry is None or self.clock() >= retry.next_at:
+            return False
+        try:
+            st = path.lstat()
+        except OSError:
+            return False
+        return retry.signature == (st.st_size, st.st_mtime_ns)
 
     def _forget(self, path: Path) -> None:
         self._untakeable.pop(path, None)

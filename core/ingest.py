@@ -194,9 +194,10 @@ class InboxScanner:
             del self._strays[gone]
         return sorted(out)
 
-    def scan(self) -> list[tuple[Path, str]]:
+    def scan(self, defer: Callable[[Path], bool] | None = None) -> list[tuple[Path, str]]:
         """Return ``(path, priority)`` for every settled file: high, normal, then low priority, each oldest
-        sighting (or close) first, so that of files settling together the urgent one is queued first."""
+        sighting (or close) first, so that of files settling together the urgent one is queued first.
+        ``defer(path)``: True leaves a settled file out this time (e.g. waiting to be retried)."""
         now = self.clock()
         settled: list[tuple[float, Path]] = []
         present = set()
@@ -221,6 +222,8 @@ class InboxScanner:
                 settled.append((seen.stable_since, path))
         for gone in set(self._seen) - present:
             del self._seen[gone]
+        if defer is not None:
+            settled = [(t, p) for t, p in settled if not defer(p)]
         if settled:
             busy = self.writers([p for _, p in settled])  # a writer that paused with the file open
             settled = [(t, p) for t, p in settled if p not in busy]

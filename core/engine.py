@@ -8,9 +8,11 @@ Lifecycle (torchtune/litgpt style)::
     engine.save_checkpoint("sigterm")   # when the caller stops it
     engine.cleanup()
 
-**Resume is exact.** A quest's records stream in file order; record ``i`` (0-based) is held out for
-evaluation when ``eval_holdout_every = N > 0`` and ``i % N == N - 1`` (the first ``eval_max_examples``
-of them form the eval set); the others are the quest's *train examples* 0, 1, 2, ... Each optimizer step
+**Resume is exact.** A quest's records stream in file order -- the records validation kept,
+:func:`core.records.trainable_records` --; record ``i`` (0-based) is held out for evaluation when
+``eval_holdout_every = N > 0`` and ``i % N == N - 1`` (:func:`core.records.is_held_out`; the first
+``eval_max_examples`` of them form the eval set, the records ``python -m training eval --every N``
+reads); the others are the quest's *train examples* 0, 1, 2, ... Each optimizer step
 takes the next train examples, packed into ``micro_batch_size`` x ``gradient_accumulation_steps`` rows
 (:func:`core.packing.iter_steps`), so step boundaries depend only on where the cursor starts. Each step's
 examples ``[example_start, example_end)`` and line numbers go to the ledger with its metrics, in one
@@ -75,19 +77,10 @@ from core.packing import (
     register_packed_sdpa,
 )
 from core.realm import Realm
+from core.records import count_train_examples, is_held_out  # noqa: F401 - re-exported
 
 EVAL_READAHEAD_RECORDS = 20_000
 """Records read ahead (kept as raw dicts) to fill the eval set before training a quest."""
-
-
-def is_held_out(index: int, holdout_every: int) -> bool:
-    """Whether record ``index`` (0-based, file order among valid records) is held out for evaluation."""
-    return holdout_every > 0 and index % holdout_every == holdout_every - 1
-
-
-def count_train_examples(n_records: int, holdout_every: int) -> int:
-    """Train examples among ``n_records`` valid records (the held-out ones excluded)."""
-    return n_records - (n_records // holdout_every if holdout_every > 0 else 0)
 
 
 def resolve_mixed_precision(setting: str) -> str:
@@ -368,8 +361,9 @@ class Engine:
                     should_stop: Callable[[], bool] = lambda: False) -> QuestResult:
         """Train one quest from its cursor to its end (see the module doc for the exact semantics).
 
-        ``records``: ``(line, normalized example)`` in file order, valid records only (the whole quest,
-        also when resuming: held-out records are picked by position). ``examples_done``: train examples
+        ``records``: ``(line, normalized example)`` in file order, the records validation kept
+        (:func:`core.records.trainable_records`; the whole quest, also when resuming: held-out records are
+        picked by position). ``examples_done``: train examples
         already consumed (the ledger's ``examples_trained``). ``should_stop`` is called before each
         optimizer step; when it returns True the call returns ``status="interrupted"`` without saving.
         At the end: evaluation, a checkpoint with ``quest_done=True``, ``status="completed"``.

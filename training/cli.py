@@ -313,7 +313,7 @@ def cmd_status(args, realm: Realm, config: RealmConfig, environ) -> int:
 
 
 def cmd_validate(args, realm: Realm, config: RealmConfig, environ) -> int:
-    from core.chat import count_tokens
+    from core.chat import measure_batch
     from core.validation import format_report_text, validate_file
     from training.hero_tokenizer import hero_tokenizer
 
@@ -322,7 +322,7 @@ def cmd_validate(args, realm: Realm, config: RealmConfig, environ) -> int:
         raise FileNotFoundError(f"no such file: {path}")
     tokenizer = hero_tokenizer(realm, config)
     report = validate_file(path, display_name=path.name, config=config,
-                           count_tokens=lambda ex: count_tokens(ex, tokenizer))
+                           count_tokens_batch=lambda exs: measure_batch(exs, tokenizer, config.training.max_length))
     print(json.dumps(report.to_dict(), indent=2) if args.json else format_report_text(report))
     return ExitCode.OK if report.accepted else ExitCode.REJECTED
 
@@ -346,7 +346,7 @@ def cmd_eval(args, realm: Realm, config: RealmConfig, environ) -> int:
         if not matches:
             raise FileNotFoundError(f"no checkpoint named {args.checkpoint!r}")
         model_dir = matches[0]
-    loss, n = evaluate_file(model_dir, path, config, max_examples=args.max_examples, every=args.every)
+    loss, n = evaluate_file(model_dir, path, config, max_examples=args.max_examples, every=args.every, realm=realm)
     result = {"checkpoint": model_dir.name, "file": str(path), "examples": n, "loss": loss}
     print(json.dumps(result) if args.json else f"{model_dir.name}: loss {loss:.4f} nats/token on {n} examples")
     return ExitCode.OK

@@ -16,6 +16,7 @@ import errno
 import gzip
 import json
 import os
+import stat
 import uuid
 from pathlib import Path
 from typing import IO, Any
@@ -155,7 +156,10 @@ def list_inbox(inbox: Path) -> list[dict[str, Any]]:
 
 def _open_binary(path: Path) -> IO[bytes]:
     """``path`` opened for reading, decompressed when it starts with the gzip magic; closed by the caller
-    (``gzip.open`` owns its file, where ``GzipFile(fileobj=...)`` would leave it open)."""
+    (``gzip.open`` owns its file, where ``GzipFile(fileobj=...)`` would leave it open). Raises ``OSError``
+    for anything but a regular file (a FIFO would block ``open()``; a folder cannot be read)."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(errno.EINVAL, "not a regular file (the daemon rejected it as such)")
     with open(path, "rb") as raw:
         head = raw.read(2)
     return gzip.open(path, "rb") if head == _GZIP_MAGIC else open(path, "rb")  # noqa: SIM115

@@ -212,3 +212,27 @@ def test_a_stop_publishes_stopping_while_its_checkpoint_is_saved(make_realm, mon
     assert "training" in states[:first_stopping] and states[-1] == "stopped"
     assert set(states[first_stopping:-1]) == {"stopping"}  # no other state once a stop began
     assert published[first_stopping][1] == 0 and published[-1][1] == 1  # the stop checkpoint came meanwhile
+
+
+def test_long_prompts_are_cut_not_the_completions_and_only_examples_carrying_loss_count(make_realm):
+    """GSM8K-like records whose prompts alone exceed max_length (issue 8 item 3): truncation keeps each
+    completion, the report counts tokens after truncation, and every example counted as trained was in a
+    step that carried loss."""
+    realm = make_realm(training={"max_length": 64, "micro_batch_size": 2})
+    record = {"prompt": "Natalia sold clips to 48 of her friends in April. " * 4 + "How many?\n",
+              "completion": "She sold 48 + 24 = 72 clips.\n#### 72"}
+    with open(realm.inbox / "gsm8k.jsonl", "w") as f:
+        for i in range(8):
+            f.write(json.dumps({**record, "prompt": f"{i}. " + record["prompt"]}) + "\n")
+    assert Daemon(realm, realm.load_config(), until_idle=True).run() == 0
+    ledger = Ledger(realm.ledger_path)
+    quest = ledger.list_quests()[0]
+    report = json.loads((realm.queue_dir("recently_completed") / (quest["stored_name"] + ".report.json")).read_text())
+    learned = len(record["completion"]) + 1  # the completion and EOS: all kept
+    assert report["truncated"] == 8 and report["tokens"]["trainable"] == 8 * learned
+    assert report["trainable_token_ratio"] == pytest.approx(learned / 64)
+    steps = ledger.steps()
+    assert quest["state"] == "completed" and quest["examples_trained"] == 8 and len(steps) == 4
+    assert sum(s["example_end"] - s["example_start"] for s in steps) == 8  # each one in a step with loss
+    assert not [e for e in ledger.events(limit=10_000) if e["kind"] == "empty_step"]
+    ledger.close()

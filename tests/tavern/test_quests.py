@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 
 import pytest
 
@@ -161,6 +162,14 @@ def test_preview_cuts_long_lines_and_bounds_reads(tmp_path, monkeypatch):
     bom = tmp_path / "bom.jsonl"
     bom.write_bytes(b"\xef\xbb\xbf" + b'{"text": "a"}\r\n')
     assert read_preview(bom)["lines"][0]["text"] == '{"text": "a"}'
+
+
+def test_preview_of_a_rejected_fifo_or_folder_never_opens_it(tmp_path):
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)  # opening it for reading would block until a writer comes
+    (tmp_path / "folder.jsonl").mkdir()
+    for path in (fifo, tmp_path / "folder.jsonl"):
+        assert "not a regular file" in read_preview(path)["problem"]
 
 
 # actions ----------------------------------------------------------------------------------------------

@@ -56,6 +56,12 @@ def get(command_id: int):
     return jsonify(command_payload(rows[0]))
 
 
+@bp.get("/<name>")
+def get_other(name: str):
+    """Not a command id (not ASCII digits, or past SQLite's int64): no such command (rather than 405)."""
+    return jsonify(error=f"no command {name[:40]!r}"), 404
+
+
 @bp.get("")
 def recent():
     rows = current_ledger().query("SELECT * FROM commands ORDER BY id DESC LIMIT ?", (RECENT_COMMANDS,))

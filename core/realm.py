@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.config import CONFIG_FILENAME, RealmConfig, load_config
+from core.config import CONFIG_FILENAME, RealmConfig, load_config, parse_config, read_config_data
 
 PRIORITIES = ("high", "normal", "low")
 QUEUE_FOLDERS = ("validating", *PRIORITIES, "processing", "recently_completed", "failed", "trash")
@@ -140,17 +140,20 @@ def default_realm_root(environ: Mapping[str, str] | None = None) -> Path:
 
 def init_realm(root: Path | str, base_model: str | None = None, overrides: dict | None = None) -> Realm:
     """Create a realm folder with its layout and a ``config.json`` (an existing config is kept, with
-    ``hero.base_model`` updated when given). Returns the :class:`Realm`."""
+    ``hero.base_model`` updated when given). Returns the :class:`Realm`.
+
+    Raises :class:`core.config.ConfigError` when the existing or resulting config is invalid (nothing is
+    written then).
+    """
     realm = Realm.at(root)
-    realm.root.mkdir(parents=True, exist_ok=True)
-    realm.ensure_layout()
-    data: dict = {}
-    if realm.config_path.exists():
-        data = json.loads(realm.config_path.read_text(encoding="utf-8"))
+    data: dict = read_config_data(realm.config_path) or {}
+    parse_config(data, str(realm.config_path))  # an invalid config already there is not edited
     for section, values in (overrides or {}).items():
         data.setdefault(section, {}).update(values)
     if base_model is not None:
         data.setdefault("hero", {})["base_model"] = base_model
-    RealmConfig.model_validate(data)  # refuse to write an invalid config
+    parse_config(data, str(realm.config_path))  # refuse to write an invalid config
+    realm.root.mkdir(parents=True, exist_ok=True)
+    realm.ensure_layout()
     realm.config_path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     return realm

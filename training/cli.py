@@ -19,7 +19,7 @@ from pathlib import Path
 
 from core.checkpoint_layout import EXAMPLE_NAME, parse_step_argument
 from core.config import ConfigError, RealmConfig, config_json_schema
-from core.realm import PRIORITIES, Realm, default_realm_root, init_realm
+from core.realm import PRIORITIES, REALM_ENV, Realm, default_realm_root, init_realm
 from training import export_cli
 
 
@@ -48,6 +48,8 @@ CLI_LOG = "cli.log"
 """``logs/cli.log``: tracebacks of unexpected errors in the other commands (stderr shows one line)."""
 
 log = logging.getLogger("training.cli")
+REALM_READERS = ("status", "stop-all", "vault", *CONTROL_COMMANDS)
+"""Commands that only read or act on an existing realm: a realm folder that does not exist is NOT_FOUND."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,13 +178,24 @@ def _append_traceback(exc: Exception, args: argparse.Namespace, environ: Mapping
 
 def _run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     if args.command == "init":
-        realm = init_realm(args.dir, base_model=args.base_model)
+        try:
+            realm = init_realm(args.dir, base_model=args.base_model)
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return ExitCode.CONFIG
         print(f"realm created at {realm.root}")
         return ExitCode.OK
     realm = Realm.at(args.realm) if args.realm else Realm.at(default_realm_root(environ))
     if args.command == "config" and args.schema:
         print(json.dumps(config_json_schema(), indent=2))
         return ExitCode.OK
+    if not realm.root.is_dir():
+        missing = f"no realm at {realm.root} (from {'--realm' if args.realm else '$' + REALM_ENV}); " \
+                  f"`python -m training init {realm.root}` creates one"
+        if args.command in REALM_READERS:
+            print(f"error: {missing}", file=sys.stderr)
+            return ExitCode.NOT_FOUND
+        print(f"warning: {missing}; going on with the default config", file=sys.stderr)
     try:
         config = realm.load_config()
     except ConfigError as exc:

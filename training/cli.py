@@ -240,17 +240,48 @@ def cmd_tavern(args, realm: Realm, config: RealmConfig, environ) -> int:
 
 
 def cmd_start_all(args, realm: Realm, config: RealmConfig, environ) -> int:
-    from training.processes import SUPERVISOR, ProcessState, process_info, start_detached
+    """One start-all at a time per realm (``run/start-all.lock``): a second one started meanwhile waits,
+    then finds the first one's supervisor and exits ALREADY_RUNNING."""
+    from training.processes import hold_lock
+
+    realm.ensure_layout()
+    with hold_lock(realm.run_dir / START_LOCK_FILE, START_LOCK_WAIT_SECONDS) as held:
+        if not held:
+            print(f"error: another start-all is still starting on {realm.root}", file=sys.stderr)
+            return ExitCode.ALREADY_RUNNING
+        return _start_all(args, realm, config, environ)
+
+
+START_LOCK_FILE = "start-all.lock"
+START_LOCK_WAIT_SECONDS = 60.0
+
+
+def _start_all(args, realm: Realm, config: RealmConfig, environ) -> int:
+    from training.processes import (
+        SUPERVISOR,
+        ProcessState,
+        daemon_finished_under,
+        process_info,
+        start_detached,
+        stop,
+    )
 
     for role in (SUPERVISOR, "daemon"):
         info = process_info(realm, role)
-        if info.state == ProcessState.RUNNING:
+        if info.state == ProcessState.RUNNING and role == SUPERVISOR and daemon_finished_under(realm, info.pid):
+            print(f"the supervisor (pid {info.pid}) runs without a daemon (stopped from the Tavern or given "
+                  "up): restarting it")
+            print(stop(realm, SUPERVISOR, timeout_seconds=config.supervisor.stop_timeout_seconds + 30))
+        elif info.state == ProcessState.RUNNING:
             print(f"error: a {role} already runs on {realm.root} (pid {info.pid}); "
                   "`python -m training stop-all` stops it", file=sys.stderr)
             return ExitCode.ALREADY_RUNNING
-    realm.ensure_layout()
     tavern = not args.no_tavern and _tavern_available()
-    pid = start_detached(realm, SUPERVISOR, [] if tavern else ["--no-tavern"], environ=environ)
+    try:
+        pid = start_detached(realm, SUPERVISOR, [] if tavern else ["--no-tavern"], environ=environ)
+    except RuntimeError as exc:  # a supervisor appeared meanwhile (one run by hand)
+        print(f"error: {exc}", file=sys.stderr)
+        return ExitCode.ALREADY_RUNNING
     children = _wait_for_children(realm, pid, ("daemon", "tavern") if tavern else ("daemon",))
     if children is None:
         print(f"error: the supervisor (pid {pid}) ended at once; see {realm.logs / 'supervisor.log'}",

@@ -4,6 +4,15 @@ supervisor uses too; this module names the roles the CLI shows."""
 
 from __future__ import annotations
 
+import fcntl
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from core.ledger import Ledger
+from core.realm import Realm
 from safety.processes import (  # noqa: F401 - re-exported for the CLI and status
     STOP_TIMEOUT_SECONDS,
     ProcessInfo,
@@ -18,3 +27,53 @@ from safety.processes import (  # noqa: F401 - re-exported for the CLI and statu
 ROLES = ("daemon", "tavern")
 """The supervised children, in start order (stop goes in reverse)."""
 SUPERVISOR = "supervisor"
+
+
+def daemon_finished_under(realm: Realm, supervisor_pid: int, settle_seconds: float = 15.0) -> bool:
+    """True when the running supervisor ``supervisor_pid`` supervises a daemon that ended for good (stopped
+    normally, e.g. by the Tavern's Stop, or given up as fatal): a supervisor that only keeps the Tavern
+    alive, which ``start-all`` may replace. Read from the supervisor's ledger record; a daemon whose
+    heartbeat already says stopping/stopped is given ``settle_seconds`` to exit and be seen to."""
+    from safety.supervisor import DAEMON_KEY, SUPERVISOR_KEY, ChildState, SupervisorState
+
+    if not realm.ledger_path.exists():
+        return False
+    ledger = Ledger(realm.ledger_path)
+    try:
+        deadline = time.monotonic() + settle_seconds
+        while True:
+            record = ledger.get_value(SUPERVISOR_KEY)
+            if not isinstance(record, dict) or record.get("pid") != supervisor_pid \
+                    or record.get("state") != SupervisorState.RUNNING.value:
+                return False
+            child = (record.get("children") or {}).get("daemon") or {}
+            if child.get("state") in (ChildState.STOPPED.value, ChildState.FATAL.value):
+                return process_info(realm, "daemon").state != ProcessState.RUNNING
+            heartbeat = ledger.get_value(DAEMON_KEY)
+            ending = isinstance(heartbeat, dict) and heartbeat.get("state") in ("stopping", "stopped")
+            if not ending or time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
+    finally:
+        ledger.close()
+
+
+@contextmanager
+def hold_lock(path: Path, wait_seconds: float) -> Iterator[bool]:
+    """Hold an exclusive ``flock`` on ``path`` (created if needed) for the ``with`` block, waiting at most
+    ``wait_seconds`` for it. Yields False when it stayed taken (the block then runs without it)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    yield False
+                    return
+                time.sleep(0.1)
+        yield True
+    finally:
+        os.close(fd)  # releases the lock

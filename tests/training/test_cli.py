@@ -135,3 +135,25 @@ def test_a_realm_that_does_not_exist_is_said_and_status_exits_5(capsys, tmp_path
     good = write_text_quest(tmp_path / "good.jsonl", 3)
     assert main(["--realm", str(missing), "validate", str(good)], {}) == ExitCode.OK  # works, but says so
     assert f"warning: no realm at {missing}" in capsys.readouterr().err
+
+
+def test_step_arguments_and_status_take_ascii_digits_only(capsys, tmp_path):
+    import argparse
+
+    import pytest
+
+    from tests.core.test_vault import JUNK_STEP_NAMES
+    from training.cli import _global_step
+
+    assert _global_step("step-00000012") == 12 and _global_step("12") == 12
+    for text in [*(n for n in JUNK_STEP_NAMES if n == n.strip()), "١٢", "１２"]:  # (spaces around are fine)
+        with pytest.raises(argparse.ArgumentTypeError):
+            _global_step(text)
+    from core.realm import init_realm
+
+    realm = init_realm(tmp_path / "r")
+    (realm.checkpoints_dir("hero") / "step-00000003").mkdir(parents=True)
+    for name in JUNK_STEP_NAMES:
+        (realm.checkpoints_dir("hero") / name).mkdir()
+    assert main(["--realm", str(realm.root), "status", "--json"], {}) == ExitCode.OK
+    assert json.loads(capsys.readouterr().out)["last_checkpoint"]["step"] == 3

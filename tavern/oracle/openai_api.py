@@ -7,7 +7,8 @@ greedy), ``top_p`` (default 1), ``max_tokens`` or ``max_completion_tokens`` (tok
 ``stop`` (a string or up to 4), ``seed``, ``n`` (1 only), ``stream`` and ``stream_options.include_usage``
 (booleans). Types are strict, as OpenAI's API is (``"5"`` or ``true`` is no integer, ``"false"`` no boolean).
 Other OpenAI fields (``user``, penalties, ...) are accepted and ignored. ``stream: false`` answers a
-``chat.completion`` object with ``usage`` token counts; ``stream: true`` answers Server-Sent Events,
+``chat.completion`` object with ``usage`` token counts (a client that closes its connection meanwhile
+cancels the generation); ``stream: true`` answers Server-Sent Events,
 ``data: {chat.completion.chunk}`` lines, then ``data: [DONE]`` (an error after the stream began arrives as
 ``data: {"error": {...}}``). ``system_fingerprint`` names the checkpoint that answered (what ``hero`` meant
 at that moment).
@@ -21,6 +22,8 @@ waiting requests, 503 worker or GPU unavailable. Authentication is the Tavern's 
 from __future__ import annotations
 
 import json
+import select
+import socket
 import time
 import uuid
 from typing import Any
@@ -127,10 +130,23 @@ def chat_completions():
     return _complete(req, meta)
 
 
+def client_left(sock: socket.socket | None) -> bool:
+    """True when the HTTP client closed its end of ``sock`` (readable, with nothing left to read): a client
+    that half-closes after its request counts as gone too. False without a socket (the test client)."""
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):  # reset, or already closed
+        return True
+
+
 def _complete(req: OracleRequest, meta: dict[str, Any]) -> Response:
     pieces: list[str] = []
+    sock = request.environ.get("werkzeug.socket")
     try:
-        for event in req.events():
+        for event in req.events(abandoned=lambda: client_left(sock)):  # nobody waits: stop generating
             if event.kind == "token":
                 pieces.append(event.payload)
             elif event.kind == "error":

@@ -79,15 +79,21 @@ def test_a_conversation_over_the_character_cap_is_refused_in_the_tavern_process(
 @needs_shared(STORIES260K / "model.safetensors")
 def test_a_prompt_far_over_the_context_is_refused_before_it_is_tokenized(monkeypatch):
     """stories260K reads 512 tokens; 5 MB of text cannot fit whatever the tokenizer does with it."""
+    from transformers.utils import logging as hf_logging
+
     from core.config import HeroConfig
     from tavern.oracle.engine import Engine, GenerationJob, OracleError
 
+    hf_logging.disable_progress_bar()  # no tqdm bar (and its monitor thread) for the load
     engine = Engine(cache_size=1, device="cpu")
     job = GenerationJob(request_id="r", model_name="hero", model_path=str(STORIES260K),
                         messages=[{"role": "user", "content": "Once upon a time. " * 50}] * 5 + [
                             {"role": "user", "content": "a cat " * 100_000}] * 8,
                         max_new_tokens=4, temperature=0, hero=HeroConfig().model_dump())
-    model, tokenizer = engine.load(job)
+    try:
+        model, tokenizer = engine.load(job)
+    finally:
+        hf_logging.enable_progress_bar()
     calls = []
 
     def counting(*args, **kwargs):

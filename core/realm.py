@@ -8,7 +8,7 @@ Layout::
     <realm>/models/<hero>/base/           the embedded default hero, when one was created
     <realm>/models/<hero>/checkpoints/step-00001234/
     <realm>/logs/                         daemon.log, tavern.log
-    <realm>/run/                          pid files, lock files (DAEMON_LOCK, SUPERVISOR_LOCK, PRUNE_LOCK)
+    <realm>/run/                          pid files, lock files (DAEMON_LOCK, SUPERVISOR_LOCK, PRUNE_LOCK, START_ALL_LOCK)
     <realm>/ledger.sqlite                 the SQLite ledger (WAL)
 
 The repository root is the default realm; ``--realm DIR`` or ``REALM_HOME`` selects another.
@@ -27,11 +27,12 @@ from core.config import CONFIG_FILENAME, RealmConfig, load_config, parse_config,
 PRIORITIES = ("high", "normal", "low")
 QUEUE_FOLDERS = ("validating", *PRIORITIES, "processing", "recently_completed", "failed", "trash")
 REALM_ENV = "REALM_HOME"
-# lock files under run/ (core.fsutil.ExclusiveLock): one daemon, one supervisor, one prune at a time;
-# a version restore holds DAEMON_LOCK so no daemon starts meanwhile
+# lock files under run/ (core.fsutil.ExclusiveLock): one daemon, one supervisor, one prune, one start-all
+# at a time; a version restore holds DAEMON_LOCK so no daemon starts meanwhile
 DAEMON_LOCK = "daemon.lock"
 SUPERVISOR_LOCK = "supervisor.lock"
 PRUNE_LOCK = "prune.lock"
+START_ALL_LOCK = "start-all.lock"
 
 
 class RealmError(RuntimeError):
@@ -92,8 +93,9 @@ class Realm:
         return self.run_dir / f"{process_name}.pid"
 
     def lock_file(self, lock_name: str) -> Path:
-        """``run/<lock_name>``, one of :data:`DAEMON_LOCK`, :data:`SUPERVISOR_LOCK`, :data:`PRUNE_LOCK`."""
-        if lock_name not in (DAEMON_LOCK, SUPERVISOR_LOCK, PRUNE_LOCK):
+        """``run/<lock_name>``, one of :data:`DAEMON_LOCK`, :data:`SUPERVISOR_LOCK`, :data:`PRUNE_LOCK`,
+        :data:`START_ALL_LOCK`."""
+        if lock_name not in (DAEMON_LOCK, SUPERVISOR_LOCK, PRUNE_LOCK, START_ALL_LOCK):
             raise ValueError(f"unknown lock {lock_name!r}")
         return self.run_dir / lock_name
 

@@ -242,17 +242,23 @@ def cmd_tavern(args, realm: Realm, config: RealmConfig, environ) -> int:
 def cmd_start_all(args, realm: Realm, config: RealmConfig, environ) -> int:
     """One start-all at a time per realm (``run/start-all.lock``): a second one started meanwhile waits,
     then finds the first one's supervisor and exits ALREADY_RUNNING."""
-    from training.processes import hold_lock
+    from core.fsutil import ExclusiveLock
+    from core.realm import START_ALL_LOCK
 
     realm.ensure_layout()
-    with hold_lock(realm.run_dir / START_LOCK_FILE, START_LOCK_WAIT_SECONDS) as held:
-        if not held:
+    lock = ExclusiveLock(realm.lock_file(START_ALL_LOCK))
+    deadline = time.monotonic() + START_LOCK_WAIT_SECONDS
+    while not lock.acquire():
+        if time.monotonic() >= deadline:
             print(f"error: another start-all is still starting on {realm.root}", file=sys.stderr)
             return ExitCode.ALREADY_RUNNING
+        time.sleep(0.1)
+    try:
         return _start_all(args, realm, config, environ)
+    finally:
+        lock.release()
 
 
-START_LOCK_FILE = "start-all.lock"
 START_LOCK_WAIT_SECONDS = 60.0
 
 

@@ -4,12 +4,7 @@ supervisor uses too; this module names the roles the CLI shows."""
 
 from __future__ import annotations
 
-import fcntl
-import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 
 from core.ledger import Ledger
 from core.realm import Realm
@@ -56,24 +51,3 @@ def daemon_finished_under(realm: Realm, supervisor_pid: int, settle_seconds: flo
             time.sleep(0.2)
     finally:
         ledger.close()
-
-
-@contextmanager
-def hold_lock(path: Path, wait_seconds: float) -> Iterator[bool]:
-    """Hold an exclusive ``flock`` on ``path`` (created if needed) for the ``with`` block, waiting at most
-    ``wait_seconds`` for it. Yields False when it stayed taken (the block then runs without it)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        deadline = time.monotonic() + wait_seconds
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    yield False
-                    return
-                time.sleep(0.1)
-        yield True
-    finally:
-        os.close(fd)  # releases the lock

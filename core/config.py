@@ -1,7 +1,9 @@
 """The realm's ``config.json``, loaded into pydantic models.
 
-Every section rejects unknown keys. :func:`load_config` reports *all* problems at once, each naming its
-dotted key (``training.learning_rate: Input should be greater than 0``), by raising :class:`ConfigError`.
+Every section rejects unknown keys, and types are strict: ``true`` is not an integer, ``"5"`` not a number
+(an integer is a float), ``NaN``/``Infinity`` are refused. :func:`load_config` reports *all* problems at
+once, each naming its dotted key (``training.learning_rate: Input should be greater than 0``), by raising
+:class:`ConfigError`; a file that cannot be read as a JSON object is one too (``(file): ...``).
 ``python -m training config --schema`` prints :func:`config_json_schema`; the README's config reference is
 generated from the same schema by :func:`config_reference_markdown`.
 """
@@ -18,7 +20,8 @@ CONFIG_FILENAME = "config.json"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: `true` is no integer and "5" no number (a JSON integer is still a float); finite floats only
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
 class HeroConfig(_Section):
@@ -214,21 +217,43 @@ def parse_config(data: dict, source: str = "<dict>") -> RealmConfig:
         raise ConfigError(source, _format_errors(exc)) from None
 
 
+def read_config_data(path: Path | str) -> dict | None:
+    """The JSON object in ``config.json`` (a leading UTF-8 byte order mark is allowed), or None when
+    there is no such file. ``NaN``/``Infinity`` are read as floats, for validation to refuse by key.
+
+    Raises :class:`ConfigError` when the file cannot be read (a directory, no permission), is not UTF-8,
+    is not JSON (naming line and column), is nested too deeply to parse, or is not a JSON object.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ConfigError(path, [f"(file): cannot be read: {exc.strerror or exc}"]) from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, [f"(file): not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 1]!r})"]) \
+            from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(path, [f"(file): invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"]) from None
+    except RecursionError:
+        raise ConfigError(path, ["(file): JSON nested too deeply to read"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError(path, ["(root): must be a JSON object"])
+    return data
+
+
 def load_config(path: Path | str) -> RealmConfig:
     """Load ``config.json``; a missing file means all defaults.
 
-    Raises :class:`ConfigError` on invalid JSON (naming line and column) or invalid values.
+    Raises :class:`ConfigError` (see :func:`read_config_data`), listing every invalid value by dotted key.
     """
-    path = Path(path)
-    if not path.exists():
-        return RealmConfig()
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ConfigError(path, [f"(file): invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"]) from None
-    if not isinstance(data, dict):
-        raise ConfigError(path, ["(root): must be a JSON object"])
-    return parse_config(data, str(path))
+    data = read_config_data(path)
+    return RealmConfig() if data is None else parse_config(data, str(path))
 
 
 def config_json_schema() -> dict:

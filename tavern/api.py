@@ -17,14 +17,14 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, jsonify
 
 from core.config import config_json_schema
 from tavern import game
 from tavern.context import current_config, current_ledger, current_realm
+from tavern.params import BadParameter, int_arg
 from tavern.push import event_payload
 from tavern.schemas import QUEST_RECORD_SCHEMA, QUEST_SCHEMA
-from tavern.security import refuse
 from tavern.status import build_status
 
 bp = Blueprint("api", __name__, url_prefix="/api")
@@ -32,29 +32,6 @@ bp = Blueprint("api", __name__, url_prefix="/api")
 DEFAULT_HISTORY_POINTS = 1500
 MAX_HISTORY_POINTS = 10000
 MAX_EVENTS = 500
-
-
-class BadParameter(ValueError):
-    pass
-
-
-@bp.errorhandler(BadParameter)
-def _bad(exc: BadParameter):
-    return refuse(400, str(exc))
-
-
-def int_arg(name: str, default: int | None, lo: int, hi: int | None = None) -> int | None:
-    """An integer query parameter in [lo, hi]; raises :class:`BadParameter` (→ 400) otherwise."""
-    raw = request.args.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise BadParameter(f"{name} must be an integer, got {raw!r}") from None
-    if value < lo or (hi is not None and value > hi):
-        raise BadParameter(f"{name} must be in [{lo}, {hi if hi is not None else '∞'}], got {value}")
-    return value
 
 
 @bp.get("/status")

@@ -16,7 +16,7 @@ from werkzeug.exceptions import HTTPException
 
 from core.config import RealmConfig
 from core.realm import Realm, RealmError
-from tavern import push, security
+from tavern import params, push, security
 from tavern.context import init_state, tavern_state
 from tavern.extensions import socketio
 
@@ -50,7 +50,7 @@ def create_app(realm: Realm, config: RealmConfig | None = None, *, testing: bool
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Strict",
     )
-    app.json.sort_keys = False  # type: ignore[attr-defined]
+    params.install(app)  # bounded <int:...> ids and JSON nesting; before any blueprint's rules
     init_state(app, realm, config)
     security.install(app, config.tavern.access_token)
 

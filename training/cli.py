@@ -19,7 +19,7 @@ from pathlib import Path
 
 from core.checkpoint_layout import EXAMPLE_NAME, parse_step_argument
 from core.config import ConfigError, RealmConfig, config_json_schema
-from core.realm import PRIORITIES, Realm, default_realm_root, init_realm
+from core.realm import PRIORITIES, REALM_ENV, Realm, default_realm_root, init_realm
 from training import export_cli
 
 
@@ -48,6 +48,8 @@ CLI_LOG = "cli.log"
 """``logs/cli.log``: tracebacks of unexpected errors in the other commands (stderr shows one line)."""
 
 log = logging.getLogger("training.cli")
+REALM_READERS = ("status", "stop-all", "vault", *CONTROL_COMMANDS)
+"""Commands that only read or act on an existing realm: a realm folder that does not exist is NOT_FOUND."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,13 +178,24 @@ def _append_traceback(exc: Exception, args: argparse.Namespace, environ: Mapping
 
 def _run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     if args.command == "init":
-        realm = init_realm(args.dir, base_model=args.base_model)
+        try:
+            realm = init_realm(args.dir, base_model=args.base_model)
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return ExitCode.CONFIG
         print(f"realm created at {realm.root}")
         return ExitCode.OK
     realm = Realm.at(args.realm) if args.realm else Realm.at(default_realm_root(environ))
     if args.command == "config" and args.schema:
         print(json.dumps(config_json_schema(), indent=2))
         return ExitCode.OK
+    if not realm.root.is_dir():
+        missing = f"no realm at {realm.root} (from {'--realm' if args.realm else '$' + REALM_ENV}); " \
+                  f"`python -m training init {realm.root}` creates one"
+        if args.command in REALM_READERS:
+            print(f"error: {missing}", file=sys.stderr)
+            return ExitCode.NOT_FOUND
+        print(f"warning: {missing}; going on with the default config", file=sys.stderr)
     try:
         config = realm.load_config()
     except ConfigError as exc:
@@ -227,17 +240,54 @@ def cmd_tavern(args, realm: Realm, config: RealmConfig, environ) -> int:
 
 
 def cmd_start_all(args, realm: Realm, config: RealmConfig, environ) -> int:
-    from training.processes import SUPERVISOR, ProcessState, process_info, start_detached
+    """One start-all at a time per realm (``run/start-all.lock``): a second one started meanwhile waits,
+    then finds the first one's supervisor and exits ALREADY_RUNNING."""
+    from core.fsutil import ExclusiveLock
+    from core.realm import START_ALL_LOCK
+
+    realm.ensure_layout()
+    lock = ExclusiveLock(realm.lock_file(START_ALL_LOCK))
+    deadline = time.monotonic() + START_LOCK_WAIT_SECONDS
+    while not lock.acquire():
+        if time.monotonic() >= deadline:
+            print(f"error: another start-all is still starting on {realm.root}", file=sys.stderr)
+            return ExitCode.ALREADY_RUNNING
+        time.sleep(0.1)
+    try:
+        return _start_all(args, realm, config, environ)
+    finally:
+        lock.release()
+
+
+START_LOCK_WAIT_SECONDS = 60.0
+
+
+def _start_all(args, realm: Realm, config: RealmConfig, environ) -> int:
+    from training.processes import (
+        SUPERVISOR,
+        ProcessState,
+        daemon_finished_under,
+        process_info,
+        start_detached,
+        stop,
+    )
 
     for role in (SUPERVISOR, "daemon"):
         info = process_info(realm, role)
-        if info.state == ProcessState.RUNNING:
+        if info.state == ProcessState.RUNNING and role == SUPERVISOR and daemon_finished_under(realm, info.pid):
+            print(f"the supervisor (pid {info.pid}) runs without a daemon (stopped from the Tavern or given "
+                  "up): restarting it")
+            print(stop(realm, SUPERVISOR, timeout_seconds=config.supervisor.stop_timeout_seconds + 30))
+        elif info.state == ProcessState.RUNNING:
             print(f"error: a {role} already runs on {realm.root} (pid {info.pid}); "
                   "`python -m training stop-all` stops it", file=sys.stderr)
             return ExitCode.ALREADY_RUNNING
-    realm.ensure_layout()
     tavern = not args.no_tavern and _tavern_available()
-    pid = start_detached(realm, SUPERVISOR, [] if tavern else ["--no-tavern"], environ=environ)
+    try:
+        pid = start_detached(realm, SUPERVISOR, [] if tavern else ["--no-tavern"], environ=environ)
+    except RuntimeError as exc:  # a supervisor appeared meanwhile (one run by hand)
+        print(f"error: {exc}", file=sys.stderr)
+        return ExitCode.ALREADY_RUNNING
     children = _wait_for_children(realm, pid, ("daemon", "tavern") if tavern else ("daemon",))
     if children is None:
         print(f"error: the supervisor (pid {pid}) ended at once; see {realm.logs / 'supervisor.log'}",
@@ -426,8 +476,8 @@ def _wait_for_daemon_stop(ledger, timeout_seconds: float) -> int:
     deadline = time.monotonic() + timeout_seconds
     while time.monotonic() < deadline:
         if _daemon_down(ledger) is not None:
-            value = ledger.get_value("daemon") or {}
-            print(f"daemon stopped at global step {value.get('global_step')}")
+            step = ledger.daemon_status().get("global_step")
+            print(f"daemon stopped at global step {step}")
             return ExitCode.OK
         time.sleep(0.2)
     print(f"the daemon is still stopping after {timeout_seconds:.0f} s (saving a checkpoint?); "

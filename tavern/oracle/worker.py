@@ -32,7 +32,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +46,7 @@ DEFAULT_CACHE_SIZE = 2
 DEFAULT_IDLE_SECONDS = 600.0
 WORKER_NICE = 10  # scheduling priority increment of the worker process (POSIX nice)
 EVENT_TIMEOUT_SECONDS = 300.0  # longest silence while waiting for the next message of a request
+ABANDON_POLL_SECONDS = 0.25  # how often a waiting caller is asked whether its client is still there
 
 
 class OracleBusy(OracleError):
@@ -69,17 +70,28 @@ class OracleRequest:
     def __init__(self, worker: OracleWorker, request_id: str, inbox: queue.Queue):
         self.worker, self.request_id, self._inbox = worker, request_id, inbox
 
-    def events(self, timeout_seconds: float = EVENT_TIMEOUT_SECONDS) -> Iterator[OracleEvent]:
+    def events(self, timeout_seconds: float = EVENT_TIMEOUT_SECONDS,
+               abandoned: Callable[[], bool] | None = None) -> Iterator[OracleEvent]:
         """Yield events until ``done`` or ``error`` (included). A silence longer than ``timeout_seconds``
-        cancels the request and ends with an ``error`` event."""
+        cancels the request and ends with an ``error`` event. ``abandoned`` (e.g. "the HTTP client closed
+        its connection") is asked every :data:`ABANDON_POLL_SECONDS` while waiting; once it says True the
+        request is cancelled (its worker slot freed at once) and ends with ``done``/``cancelled``."""
+        deadline = time.monotonic() + timeout_seconds
         while True:
+            wait = deadline - time.monotonic()
             try:
-                event = self._inbox.get(timeout=timeout_seconds)
+                event = self._inbox.get(timeout=max(0.0, min(wait, ABANDON_POLL_SECONDS) if abandoned else wait))
             except queue.Empty:
+                if abandoned is not None and time.monotonic() < deadline:
+                    if abandoned():
+                        abandoned = None
+                        self.cancel()  # puts the done/cancelled event this loop then yields
+                    continue
                 self.cancel()
                 yield OracleEvent("error", OracleError(
                     f"no answer from the oracle worker in {timeout_seconds:.0f} s", 504, "timeout").to_payload())
                 return
+            deadline = time.monotonic() + timeout_seconds
             yield event
             if event.kind in ("done", "error"):
                 return

@@ -281,6 +281,34 @@ def test_a_crashed_worker_fails_its_request_and_is_restarted(app, openai_client)
     assert after["starts"] == before["starts"] + 1 and after["pid"] != before["pid"]
 
 
+def test_a_non_streaming_client_that_leaves_cancels_its_request(app, openai_client, server_url):
+    """The worker is frozen (SIGSTOP) so the answer cannot finish by itself: only noticing that the client
+    closed its connection can free the request's slot."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from tests.conftest import wait_for
+
+    worker = _service(app).worker
+    openai_client.chat.completions.create(model="hero", messages=MESSAGES, max_tokens=2)  # worker is up
+    pid = worker.status()["pid"]
+    body = json.dumps({"model": OLDER, "messages": MESSAGES, "max_tokens": 512, "temperature": 1.0}).encode()
+    url = urlsplit(server_url)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        s = socket.create_connection((url.hostname, url.port), timeout=10)
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: " + url.netloc.encode() + b"\r\n"
+                  b"Authorization: Bearer x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        wait_for(lambda: worker.status()["pending"] == 1, timeout=10, what="the request queued")
+        s.close()  # the client leaves
+        wait_for(lambda: worker.status()["pending"] == 0, timeout=10, what="the slot freed")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    answer = openai_client.chat.completions.create(model="hero", messages=MESSAGES, max_tokens=4)
+    assert answer.choices[0].message.content and worker.status()["pid"] == pid  # same worker, still serving
+
+
 def test_an_empty_realm_has_no_model_and_says_so(tmp_path):
     from core.ledger import Ledger
     from tavern.oracle.store import ModelNotFound, list_models, resolve_model

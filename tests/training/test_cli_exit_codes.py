@@ -56,8 +56,9 @@ def test_the_daemons_unexpected_error_goes_to_its_log_with_the_traceback(monkeyp
 def test_an_unexpected_error_without_a_realm_folder_still_says_one_line(capsys, monkeypatch, tmp_path):
     monkeypatch.setitem(cli.COMMANDS, "config", _raising(OSError(5, "Input/output error")))
     assert main(["--realm", str(tmp_path / "nowhere"), "config"], {}) == ExitCode.ERROR
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "no log: the realm has no logs/ folder" in err
+    warning, *error = capsys.readouterr().err.strip().splitlines()
+    assert warning.startswith("warning: no realm at ")  # the missing realm folder is said first
+    assert len(error) == 1 and "no log: the realm has no logs/ folder" in error[0]
 
 
 def test_ctrl_c_exits_130(capsys, monkeypatch, make_realm):

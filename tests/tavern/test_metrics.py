@@ -84,3 +84,20 @@ def test_metrics_follow_the_tavern_security_rules(client, tavern_realm):
         assert ("realm_global_step", ()) in scrape(c, Authorization=f"Bearer {TOKEN}")
     finally:
         close_app(app)
+
+
+def test_gpu_memory_is_exported_per_gpu_when_nvml_answers(client, monkeypatch):
+    """NVML is absent on this machine: the reading is replaced by the shape `gpu_info` returns on a GPU
+    host (tavern/pages/system.py), to check the export; without a GPU no gpu metric is reported at all."""
+    import tavern.pages.system as system
+
+    assert not any(name.startswith("realm_gpu_") for name, _ in scrape(client)) or system.gpu_info()["available"]
+    reading = {"available": True, "driver_version": "x", "reason": None, "gpus": [
+        {"index": 0, "name": "NVIDIA H200", "utilization_percent": 87, "memory_used_bytes": 5 * 2**30,
+         "memory_total_bytes": 141 * 2**30, "temperature_c": 40, "power_w": 300.0, "power_limit_w": 700.0}]}
+    monkeypatch.setattr(system, "gpu_info", lambda: reading)
+    got = scrape(client)
+    labels = (("gpu", "0"), ("name", "NVIDIA H200"))
+    assert got[("realm_gpu_memory_used_bytes", labels)] == 5 * 2**30
+    assert got[("realm_gpu_memory_total_bytes", labels)] == 141 * 2**30
+    assert got[("realm_gpu_utilization_percent", labels)] == 87

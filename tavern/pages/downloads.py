@@ -129,7 +129,9 @@ def api_fetch():
     try:
         check_url(url)
     except SourceError as exc:
-        return _error(400, str(exc).replace("`python -m training enqueue PATH`", "the upload form"))
+        if url.strip().lower().startswith("file:"):
+            return _error(400, "file:// addresses are not accepted: upload a local file with the form above")
+        return _error(400, str(exc))
     manager: Downloads = current_app.extensions[EXTENSION_KEY]
     if manager.active() >= MAX_ACTIVE:
         return _error(429, f"{MAX_ACTIVE} downloads are running already; wait for one to finish")

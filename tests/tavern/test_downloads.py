@@ -77,7 +77,8 @@ def test_a_failed_download_is_shown_and_leaves_nothing(client, csrf, tavern_real
 
 
 @pytest.mark.parametrize("body,words", [
-    ({"url": "file:///etc/passwd"}, "not downloaded"),
+    ({"url": "file:///etc/passwd"}, "upload a local file"),
+    ({"url": "FILE:/etc/passwd"}, "upload a local file"),
     ({"url": "ftp://example.org/a.jsonl"}, "not a supported address"),
     ({"url": "/etc/passwd"}, "not a supported address"),
     ({"url": ""}, "url:"),

@@ -242,8 +242,8 @@
       el("p", {class: "small"}, `examples ${fmt.num(q.examples_trained)} / ${fmt.num(q.examples_total)} · steps ${fmt.num(q.steps)}` +
         (q.first_global_step ? ` · global steps ${q.first_global_step}–${q.last_global_step}` : "") +
         ` · ${fmt.bytes(q.size_bytes)} · added ${fmt.datetime(q.created_at)}`),
-      q.source_url ? el("p", {class: "small source"}, "downloaded from ", el("span", {class: "mono"}, q.source_url),
-        el("br"), el("span", {class: "muted"}, `sha256 ${q.source_sha256}`)) : null,
+      ...(q.source_url ? [el("p", {class: "small source", id: "detail-source"}, "downloaded from ",
+        el("span", {class: "mono"}, q.source_url), el("br"), el("span", {class: "muted"}, `sha256 ${q.source_sha256}`))] : []),
       ...notices, reportBlock(d.report), previewBlock(d.preview));
     body.classList.remove("hidden");
     document.getElementById("detail-empty").classList.add("hidden");

@@ -8,7 +8,9 @@ Layout::
     <realm>/models/<hero>/base/           the embedded default hero, when one was created
     <realm>/models/<hero>/checkpoints/step-00001234/
     <realm>/logs/                         daemon.log, tavern.log
-    <realm>/run/                          pid files, lock files (DAEMON_LOCK, SUPERVISOR_LOCK, PRUNE_LOCK)
+    <realm>/run/                          pid files, lock files (DAEMON_LOCK, SUPERVISOR_LOCK, PRUNE_LOCK,
+                                          WEBHOOKS_LOCK)
+    <realm>/runs/<hero>/                  experiment tracker logs (training.report_to, e.g. TensorBoard)
     <realm>/ledger.sqlite                 the SQLite ledger (WAL)
 
 The repository root is the default realm; ``--realm DIR`` or ``REALM_HOME`` selects another.
@@ -32,6 +34,7 @@ REALM_ENV = "REALM_HOME"
 DAEMON_LOCK = "daemon.lock"
 SUPERVISOR_LOCK = "supervisor.lock"
 PRUNE_LOCK = "prune.lock"
+WEBHOOKS_LOCK = "webhooks.lock"  # one webhook dispatcher per realm (core.webhooks)
 
 
 class RealmError(RuntimeError):
@@ -92,8 +95,9 @@ class Realm:
         return self.run_dir / f"{process_name}.pid"
 
     def lock_file(self, lock_name: str) -> Path:
-        """``run/<lock_name>``, one of :data:`DAEMON_LOCK`, :data:`SUPERVISOR_LOCK`, :data:`PRUNE_LOCK`."""
-        if lock_name not in (DAEMON_LOCK, SUPERVISOR_LOCK, PRUNE_LOCK):
+        """``run/<lock_name>``, one of :data:`DAEMON_LOCK`, :data:`SUPERVISOR_LOCK`, :data:`PRUNE_LOCK`,
+        :data:`WEBHOOKS_LOCK`."""
+        if lock_name not in (DAEMON_LOCK, SUPERVISOR_LOCK, PRUNE_LOCK, WEBHOOKS_LOCK):
             raise ValueError(f"unknown lock {lock_name!r}")
         return self.run_dir / lock_name
 

@@ -23,7 +23,7 @@ skips nor repeats a delivered event (a crash between a receiver's 2xx and that t
 more, with the same delivery id). A new receiver starts at the end of the ledger: no history is replayed.
 
 **Where it runs.** :class:`Dispatcher` only needs a ledger; one process per realm runs it, the holder of
-the lock ``run/webhooks.lock`` (:class:`DispatcherThread`: the supervisor, or the daemon when it runs
+the lock ``run/webhooks.lock`` (:data:`core.realm.WEBHOOKS_LOCK`; :class:`DispatcherThread`: the supervisor, or the daemon when it runs
 alone), in its own thread with its own ledger connection -- training never waits for a receiver, and a
 failing receiver or dispatcher never stops training. ``level_up`` events are computed from the game
 formula outside ``core/`` and passed in as ``before_poll`` (see ``training/webhooks.py``).
@@ -31,12 +31,10 @@ formula outside ``core/`` and passed in as ``before_poll`` (see ``training/webho
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import hmac
 import json
 import logging
-import os
 import threading
 import time
 import urllib.error
@@ -45,8 +43,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from core.config import RealmConfig, WebhookConfig
+from core.fsutil import ExclusiveLock
 from core.ledger import DeliveryState, Ledger
-from core.realm import Realm
+from core.realm import WEBHOOKS_LOCK, Realm
 
 EVENT_KINDS: dict[str, tuple[str, ...]] = {
     "quest_completed": ("quest_completed",),                 # core/daemon.py
@@ -69,7 +68,6 @@ BACKOFF_MAX_SECONDS = 300.0
 POLL_INTERVAL_SECONDS = 0.5
 LOCK_RETRY_SECONDS = 5.0
 ERROR_PAUSE_SECONDS = 5.0
-LOCK_FILE = "webhooks.lock"
 MAX_ERROR_CHARS = 500
 
 log = logging.getLogger("realm.webhooks")
@@ -218,7 +216,7 @@ class DispatcherThread:
         self.realm, self.config, self.before_poll = realm, config, before_poll
         self.poll_interval_seconds = poll_interval_seconds
         self.stop_event = threading.Event()
-        self.holds_lock = False
+        self._lock = ExclusiveLock(realm.lock_file(WEBHOOKS_LOCK))
         self._thread = threading.Thread(target=self._run, name="webhooks", daemon=True)
 
     def start(self) -> DispatcherThread:
@@ -231,18 +229,16 @@ class DispatcherThread:
         self.stop_event.set()
         self._thread.join(timeout_seconds)
 
+    @property
+    def holds_lock(self) -> bool:
+        return self._lock.held
+
     def _run(self) -> None:
-        self.realm.run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.realm.run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         ledger = None
         try:
-            while not self.holds_lock:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    self.holds_lock = True
-                except BlockingIOError:
-                    if self.stop_event.wait(LOCK_RETRY_SECONDS):
-                        return
+            while not self._lock.acquire():
+                if self.stop_event.wait(LOCK_RETRY_SECONDS):
+                    return
             ledger = Ledger(self.realm.ledger_path)
             dispatcher = Dispatcher(self.realm, self.config, ledger, before_poll=self.before_poll)
             log.info("webhooks: delivering to %d receiver(s)", len(self.config.webhooks))
@@ -257,10 +253,9 @@ class DispatcherThread:
                 if stopping:
                     break
                 self.stop_event.wait(self.poll_interval_seconds)
+        except Exception:  # noqa: BLE001 - e.g. the ledger cannot be opened: no webhooks, training goes on
+            log.exception("the webhook dispatcher stopped")
         finally:
             if ledger is not None:
                 ledger.close()
-            if self.holds_lock:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-                self.holds_lock = False
-            os.close(fd)
+            self._lock.release()

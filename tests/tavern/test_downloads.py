@@ -135,5 +135,14 @@ def test_the_quests_page_posts_a_quest_by_url(page, live_tavern, server):
     page.click("#fetch-button")
     page.wait_for_selector("#download-list li[data-state=failed]", timeout=30_000)
     assert "ended after" in page.inner_text("#download-list li[data-state=failed]")
-    assert (live_tavern.realm.inbox / "high" / "tales.jsonl").read_bytes() == DATA
+    path = live_tavern.realm.inbox / "high" / "tales.jsonl"
+    assert path.read_bytes() == DATA
+    from core.quest_queue import QuestQueue
+
+    quest_id = QuestQueue(live_tavern.realm, live_tavern.ledger).admit(path, "high")  # as the daemon does
+    page.wait_for_selector(f"tr[data-quest-id='{quest_id}'] button.qname", timeout=15_000).click()
+    page.wait_for_selector("#detail-source")
+    source = page.inner_text("#detail-source")
+    assert f"{server}/tales.jsonl" in source and hashlib.sha256(DATA).hexdigest() in source
+    assert "null" not in page.inner_text("#detail-body").split()
     assert not page.console_errors, page.console_errors

@@ -313,14 +313,23 @@ def type_name(annotation) -> str:
     return str(annotation).replace("typing.", "")
 
 
+def config_sections() -> list[tuple[str, type[BaseModel]]]:
+    """``(name, model)`` of every section of ``config.json``, in order; a list of sections (``webhooks``)
+    is named ``webhooks[]`` with the model of one item."""
+    out: list[tuple[str, type[BaseModel]]] = []
+    for name, field in RealmConfig.model_fields.items():
+        model = field.default_factory().__class__  # type: ignore[misc]
+        if model is list:
+            out.append((f"{name}[]", field.annotation.__args__[0]))  # type: ignore[union-attr]
+        else:
+            out.append((name, model))
+    return out
+
+
 def config_reference_markdown() -> str:
     """A Markdown table per section: key, type, default, description (for the README)."""
     lines: list[str] = []
-    for section_name, field in RealmConfig.model_fields.items():
-        model = field.default_factory().__class__  # type: ignore[misc]
-        if model is list:  # a list of sections (webhooks): the table of one item
-            model = field.annotation.__args__[0]  # type: ignore[union-attr]
-            section_name += "[]"
+    for section_name, model in config_sections():
         lines += [f"#### `{section_name}`", "", (model.__doc__ or "").strip(), "",
                   "| key | type | default | description |", "|---|---|---|---|"]
         for key, f in model.model_fields.items():

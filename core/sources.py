@@ -217,6 +217,7 @@ def _fetch_http(url: str, open_part: Callable[[int | None], _Sink], config: Sour
             sink.copy(resp.read)
             return resp.headers.get_filename()
     except urllib.error.HTTPError as exc:
+        exc.close()  # its response's socket
         if 300 <= exc.code < 400:  # urllib refuses redirects to file:// itself, with this status
             raise SourceError(f"{url} redirects to an address that is not http(s) ({exc.reason}): nothing was "
                               "downloaded", "unsupported") from None

@@ -124,6 +124,7 @@ def post(url: str, body: bytes, headers: dict[str, str], timeout_seconds: float)
             resp.read(1 << 16)
             return Answer(resp.status, None)
     except urllib.error.HTTPError as exc:
+        exc.close()  # its response's socket
         return Answer(exc.code, f"HTTP {exc.code} {exc.reason}")
     except urllib.error.URLError as exc:
         return Answer(None, f"cannot connect: {exc.reason}")

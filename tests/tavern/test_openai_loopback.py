@@ -15,7 +15,7 @@ import pytest
 from core.config import RealmConfig
 from core.realm import init_realm
 from tavern.app import close_app, create_app
-from tests.conftest import STORIES260K, needs_shared
+from tests.conftest import STORIES260K, claim_threads, needs_shared
 from tests.local_http import serve
 
 MESSAGES = [{"role": "user", "content": "Tell me a story about a cat."}]
@@ -68,22 +68,23 @@ def test_with_an_access_token_plain_clients_need_it(tavern_realm):
 
 # a real server, a real model, real curl and a real browser ------------------------------------------------
 @pytest.fixture(scope="module")
-def live(tmp_path_factory):
+def live(tmp_path_factory, request):
     if not (STORIES260K / "model.safetensors").exists():
         pytest.skip(f"{STORIES260K} is absent")
-    from tavern.oracle import close_oracle
     from tavern.server import make_tavern_server
 
     realm = init_realm(tmp_path_factory.mktemp("loopback-realm"), base_model=str(STORIES260K))
     server, application = make_tavern_server(realm, host="127.0.0.1", port=0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
+    claim_threads(request, lambda t: t.name in ("oracle-dispatch", "QueueFeederThread"),
+                  "the module's tests share one Tavern: its oracle worker (with its dispatch thread and queue "
+                  "feeder) starts at the first chat request, in whichever test comes first; close_app ends them")
     yield f"http://127.0.0.1:{server.server_port}"
     server.shutdown()
     server.server_close()
     thread.join(5)
-    close_oracle(application)
-    close_app(application)
+    close_app(application)  # stops the oracle worker too
 
 
 @needs_shared(STORIES260K / "model.safetensors")

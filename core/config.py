@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 CONFIG_FILENAME = "config.json"
 
@@ -40,6 +40,10 @@ class HeroConfig(_Section):
         None, description="Jinja chat template overriding the tokenizer's; null keeps the tokenizer's own, "
         "or the documented ChatML default when it has none.")
     trust_remote_code: bool = Field(False, description="Allow model code from the model folder to run.")
+
+
+ReportTo = Literal["tensorboard", "wandb", "mlflow", "trackio"]
+"""Trackers ``training.report_to`` accepts (accelerate's names)."""
 
 
 class TrainingConfig(_Section):
@@ -82,6 +86,11 @@ class TrainingConfig(_Section):
     min_trainable_token_ratio: float = Field(
         0.01, ge=0, le=1, description="Sanity check: a quest whose completion tokens are fewer than this share "
         "of all tokens is flagged in its report (the loss mask is probably wrong).")
+    report_to: list[ReportTo] | None = Field(
+        None, description="Experiment trackers (accelerate's) that receive loss, learning_rate, grad_norm, "
+        "tokens_per_second and eval_loss at each global step, logged under <realm>/runs/<hero>/ where they "
+        "write locally. null: tensorboard when it is installed, else none; []: none. A named tracker that is "
+        "not installed is skipped with a warning event.")
 
 
 class IngestConfig(_Section):
@@ -175,6 +184,49 @@ class SupervisorConfig(_Section):
     poll_interval_seconds: float = Field(1.0, gt=0, description="How often the watchdog checks its children.")
 
 
+class SourcesConfig(_Section):
+    """Downloads into the inbox: ``python -m training enqueue URL`` and the Tavern's "post a quest by URL"
+    (https/http, ``hf://datasets/...``, ``s3://``, ``gs://``)."""
+
+    max_download_bytes: int = Field(4 * 1024**3, ge=1, description="Largest download accepted (bytes); a "
+                                    "larger announced size is refused before anything is written, a larger "
+                                    "stream is cut and removed.")
+    timeout_seconds: float = Field(60.0, gt=0, description="Network timeout of each connect and read.")
+
+
+WebhookEvent = Literal["quest_completed", "quest_failed", "level_up", "promotion", "checkpoint_saved", "crash",
+                       "disk_full_pause"]
+"""Events a webhook can subscribe to (see :data:`core.webhooks.EVENT_KINDS` for the ledger kinds behind each)."""
+
+
+class WebhookConfig(_Section):
+    """One receiver of ``webhooks``: events POSTed as JSON, signed with HMAC-SHA256 of the raw body under
+    ``secret`` (header ``X-Realm-Signature-256: sha256=<hex>``), retried with exponential backoff."""
+
+    url: str = Field(description="http:// or https:// address the events are POSTed to.")
+    events: list[WebhookEvent] = Field(
+        default_factory=lambda: list(WebhookEvent.__args__), min_length=1,  # type: ignore[attr-defined]
+        description="Events to send: quest_completed, quest_failed, level_up, promotion, checkpoint_saved, "
+        "crash, disk_full_pause (default: all).")
+    secret: str = Field(min_length=1, description="Shared secret of the HMAC-SHA256 signature.")
+    timeout_seconds: float = Field(10.0, gt=0, description="Timeout of one delivery attempt.")
+    max_retry_hours: float = Field(24.0, gt=0, description="Retry a failing delivery (the delay doubling from "
+                                   "1 s up to backoff_max_seconds) for this long, then record it failed and go "
+                                   "on.")
+    backoff_max_seconds: float = Field(300.0, ge=1, description="Longest delay between two attempts of a "
+                                       "delivery.")
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// address with a host")
+        return value
+
+
 class RealmConfig(_Section):
     """The whole ``config.json`` of a realm."""
 
@@ -186,6 +238,8 @@ class RealmConfig(_Section):
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
     backup: BackupConfig = Field(default_factory=BackupConfig)
     supervisor: SupervisorConfig = Field(default_factory=SupervisorConfig)
+    sources: SourcesConfig = Field(default_factory=SourcesConfig)
+    webhooks: list[WebhookConfig] = Field(default_factory=list, description="Receivers of training events.")
 
 
 class ConfigError(ValueError):
@@ -284,17 +338,30 @@ def type_name(annotation) -> str:
     return str(annotation).replace("typing.", "")
 
 
+def config_sections() -> list[tuple[str, type[BaseModel]]]:
+    """``(name, model)`` of every section of ``config.json``, in order; a list of sections (``webhooks``)
+    is named ``webhooks[]`` with the model of one item."""
+    out: list[tuple[str, type[BaseModel]]] = []
+    for name, field in RealmConfig.model_fields.items():
+        model = field.default_factory().__class__  # type: ignore[misc]
+        if model is list:
+            out.append((f"{name}[]", field.annotation.__args__[0]))  # type: ignore[union-attr]
+        else:
+            out.append((name, model))
+    return out
+
+
 def config_reference_markdown() -> str:
     """A Markdown table per section: key, type, default, description (for the README)."""
     lines: list[str] = []
-    for section_name, field in RealmConfig.model_fields.items():
-        model = field.default_factory().__class__  # type: ignore[misc]
+    for section_name, model in config_sections():
         lines += [f"#### `{section_name}`", "", (model.__doc__ or "").strip(), "",
                   "| key | type | default | description |", "|---|---|---|---|"]
         for key, f in model.model_fields.items():
             default = f.default_factory() if f.default_factory else f.default
             ann = type_name(f.annotation).replace("|", "\\|")
             desc = (f.description or "").replace("|", "\\|")
-            lines.append(f"| `{key}` | `{ann}` | `{json.dumps(default)}` | {desc} |")
+            shown = "required" if f.is_required() else f"`{json.dumps(default)}`"
+            lines.append(f"| `{key}` | `{ann}` | {shown} | {desc} |")
         lines.append("")
     return "\n".join(lines)

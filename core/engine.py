@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from core import checkpoint as ckpt
+from core import trackers
 from core.chat import TokenizedExample, count_tokens, tokenize_example
 from core.config import RealmConfig
 from core.config_diff import config_changes, format_changes
@@ -220,7 +221,8 @@ class Engine:
         self.mixed_precision = resolve_mixed_precision(t.mixed_precision)
         if self.mixed_precision == "no" and t.mixed_precision in ("bf16", "fp16"):
             self._warn("precision_fallback", f"mixed_precision={t.mixed_precision} needs a CUDA GPU; using fp32")
-        self.accelerator = Accelerator(mixed_precision=self.mixed_precision)
+        self.accelerator = Accelerator(mixed_precision=self.mixed_precision,
+                                       **trackers.accelerator_kwargs(self.realm, self.config))
 
         state, path = self._load_latest_checkpoint()
         if path is None:
@@ -268,6 +270,8 @@ class Engine:
         if removed:
             self._warn("rollback", f"forgot {removed} step(s) after global step {self.global_step}: their "
                        "weights were never checkpointed; those examples will be trained again", removed=removed)
+        for warning in trackers.start(self.accelerator, self.config, self.global_step):  # training.report_to
+            self._warn("report_to", warning)
         self.hero_info = {"name": hero.name, "base_model": hero.base_model, **describe_model(self._raw_model),
                           "newborn": newborn, "checkpoint": str(path) if path else None}
         where = f"checkpoint {path.name}" if path else (hero.base_model or "the embedded default hero")
@@ -395,6 +399,7 @@ class Engine:
                 evaluated_at = self.global_step
                 if math.isfinite(self.last_eval_loss):
                     self.ledger.record_eval(self.global_step, quest_id, self.last_eval_loss, len(eval_set))
+                    trackers.log(self.accelerator, {"eval_loss": self.last_eval_loss}, self.global_step)
 
         def result(status: str) -> QuestResult:
             return QuestResult(status, quest_id, cursor, steps, base_steps + steps, self.global_step,
@@ -427,6 +432,8 @@ class Engine:
                 grad_norm=grad_norm, tokens=n_tokens, tokens_per_second=tokens_per_second,
                 example_start=start, example_end=end, example_lines=[e.line for e in examples],
                 quest_steps=base_steps + steps)
+            trackers.log(self.accelerator, {"loss": loss, "learning_rate": learning_rate, "grad_norm": grad_norm,
+                                            "tokens_per_second": tokens_per_second}, self.global_step)
             level = logging.INFO if self.global_step % 10 == 0 or steps == 1 else logging.DEBUG
             self.log.log(level, "step %d quest %d loss %.4f lr %.3g grad_norm %.3f %.0f tokens/s examples %d-%d",
                          self.global_step, quest_id, loss, learning_rate, grad_norm, tokens_per_second,
@@ -639,6 +646,7 @@ class Engine:
         from accelerate.state import AcceleratorState, GradientState
 
         if self.accelerator is not None:
+            trackers.finish(self.accelerator)
             self.accelerator.free_memory()
         self.model = self._raw_model = self.optimizer = self.scheduler = self.accelerator = None
         AcceleratorState._reset_state(True)

@@ -129,15 +129,77 @@ CREATE TABLE IF NOT EXISTS kv (
 );
 """ + step_rollups.SCHEMA
 
-#: Data migrations run once per ledger, in order; ``PRAGMA user_version`` = how many have run.
-#: 1: fill the chart rollups of a ledger written before they existed.
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (step_rollups.rebuild_all,)
 
 QUEST_COLUMNS = (
     "id", "name", "stored_name", "state", "priority", "attempts", "content_hash", "format", "size_bytes",
     "records", "bad_records", "examples_total", "examples_trained", "tokens", "steps", "first_global_step",
     "last_global_step", "report_path", "note", "error", "deferred", "created_at", "updated_at", "started_at", "finished_at",
+    "source_url", "source_sha256",
 )
+
+
+INTEGRATIONS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS downloads (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    url TEXT NOT NULL,               -- as the user gave it (http(s)://, hf://datasets/..., s3://, gs://)
+    priority TEXT NOT NULL,
+    state TEXT NOT NULL,             -- downloading | done | failed
+    pid INTEGER,                     -- the downloading process
+    part_path TEXT,                  -- the hidden .part file being written (absolute)
+    path TEXT,                       -- the file published into the inbox (absolute), once done
+    name TEXT,                       -- its file name
+    sha256 TEXT,
+    bytes_done INTEGER NOT NULL DEFAULT 0,
+    bytes_total INTEGER,             -- announced size, when known
+    error TEXT,
+    quest_id INTEGER,                -- the quest the daemon made of it (set at admission)
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS downloads_path ON downloads(path);
+CREATE TABLE IF NOT EXISTS webhook_deliveries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    webhook TEXT NOT NULL,           -- key of the receiver (core.webhooks.webhook_key: a hash of its url)
+    url TEXT NOT NULL,
+    event_id INTEGER NOT NULL,       -- events.id
+    event TEXT NOT NULL,             -- webhook event name (quest_completed, level_up, ...)
+    state TEXT NOT NULL,             -- pending | delivered | failed
+    attempts INTEGER NOT NULL DEFAULT 0,
+    status_code INTEGER,             -- HTTP status of the last attempt (NULL: no answer)
+    error TEXT,                      -- why the last attempt failed
+    next_attempt_at REAL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    delivered_at REAL,
+    UNIQUE (webhook, event_id)
+);
+"""
+SOURCE_COLUMNS = {"source_url": "TEXT", "source_sha256": "TEXT"}
+
+
+def _add_source_columns(c: sqlite3.Connection) -> None:
+    """``quests.source_url``/``source_sha256`` (the URL a downloaded quest came from) on an older ledger."""
+    have = {r[1] for r in c.execute("PRAGMA table_info(quests)").fetchall()}
+    for column, sql_type in SOURCE_COLUMNS.items():
+        if column not in have:
+            c.execute(f"ALTER TABLE quests ADD COLUMN {column} {sql_type}")
+
+
+#: Data migrations run once per ledger, in order; ``PRAGMA user_version`` = how many have run.
+#: 1: fill the chart rollups of a ledger written before they existed. 2: the quests' source columns.
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (step_rollups.rebuild_all, _add_source_columns)
+
+
+class DownloadState(str, Enum):
+    DOWNLOADING = "downloading"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class DeliveryState(str, Enum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
 
 
 class Ledger:
@@ -155,6 +217,7 @@ class Ledger:
         self._conn.execute("PRAGMA busy_timeout=30000")
         with self._lock:
             self._conn.executescript(SCHEMA)
+            self._conn.executescript(INTEGRATIONS_SCHEMA)
         self._migrate()
 
     def _migrate(self) -> None:
@@ -540,6 +603,130 @@ class Ledger:
         """What the supervisor last published (``pid``, ``state``, ``children``), or None."""
         value = self.get_value(SUPERVISOR_KEY)
         return value if isinstance(value, dict) else None
+
+
+    # --- integrations: downloads into the inbox (core.sources), webhook deliveries (core.webhooks) ---------
+
+    # downloads ------------------------------------------------------------------------------------
+    def start_download(self, url: str, priority: str, part_path: str, pid: int) -> int:
+        """A download into the inbox begins. Returns its id."""
+        now = time.time()
+        with self.transaction() as c:
+            cur = c.execute("INSERT INTO downloads(url, priority, state, pid, part_path, created_at, updated_at) "
+                            "VALUES (?,?,?,?,?,?,?)", (url, priority, DownloadState.DOWNLOADING.value, pid,
+                                                        part_path, now, now))
+            return int(cur.lastrowid)
+
+    def download_progress(self, download_id: int, bytes_done: int, bytes_total: int | None) -> None:
+        with self.transaction() as c:
+            c.execute("UPDATE downloads SET bytes_done=?, bytes_total=?, updated_at=? WHERE id=?",
+                      (bytes_done, bytes_total, time.time(), download_id))
+
+    def finish_download(self, download_id: int, *, path: str, name: str, sha256: str,
+                        size_bytes: int) -> None:
+        """The file was published into the inbox as ``path`` (absolute)."""
+        with self.transaction() as c:
+            c.execute("UPDATE downloads SET state=?, path=?, name=?, sha256=?, bytes_done=?, bytes_total=?, "
+                      "part_path=NULL, updated_at=? WHERE id=?",
+                      (DownloadState.DONE.value, path, name, sha256, size_bytes, size_bytes, time.time(),
+                       download_id))
+
+    def fail_download(self, download_id: int, error: str) -> None:
+        with self.transaction() as c:
+            c.execute("UPDATE downloads SET state=?, error=?, part_path=NULL, updated_at=? WHERE id=?",
+                      (DownloadState.FAILED.value, error, time.time(), download_id))
+
+    def get_download(self, download_id: int) -> dict[str, Any] | None:
+        rows = self.query("SELECT * FROM downloads WHERE id=?", (download_id,))
+        return rows[0] if rows else None
+
+    def list_downloads(self, limit: int = 50, state: DownloadState | None = None) -> list[dict[str, Any]]:
+        """The newest downloads first."""
+        if state is not None:
+            return self.query("SELECT * FROM downloads WHERE state=? ORDER BY id DESC LIMIT ?", (state.value, limit))
+        return self.query("SELECT * FROM downloads ORDER BY id DESC LIMIT ?", (limit,))
+
+    def link_download(self, quest_id: int, inbox_path: str) -> dict[str, Any] | None:
+        """Called when a file is admitted from the inbox as quest ``quest_id``: if a finished download
+        published it at ``inbox_path``, record its URL and SHA-256 on the quest (``source_url``,
+        ``source_sha256``) and the quest on the download. Returns the download row, or None."""
+        with self.transaction() as c:
+            row = c.execute("SELECT * FROM downloads WHERE path=? AND state=? AND quest_id IS NULL "
+                            "ORDER BY id DESC LIMIT 1", (inbox_path, DownloadState.DONE.value)).fetchone()
+            if row is None:
+                return None
+            c.execute("UPDATE downloads SET quest_id=?, updated_at=? WHERE id=?", (quest_id, time.time(), row["id"]))
+            c.execute("UPDATE quests SET source_url=?, source_sha256=? WHERE id=?",
+                      (row["url"], row["sha256"], quest_id))
+        return dict(row)
+
+    def queued_by_priority(self) -> dict[str, int]:
+        """``{priority: queued quests}`` (priorities with none are absent)."""
+        rows = self.query("SELECT priority, COUNT(*) AS n FROM quests WHERE state=? GROUP BY priority",
+                          (QuestState.QUEUED.value,))
+        return {r["priority"]: r["n"] for r in rows}
+
+    # events, as webhooks and metrics read them -----------------------------------------------------
+    def max_event_id(self) -> int:
+        return int(self.query("SELECT COALESCE(MAX(id), 0) AS n FROM events")[0]["n"])
+
+    def next_event(self, after_id: int, kinds: list[str] | tuple[str, ...]) -> dict[str, Any] | None:
+        """The oldest event with ``id > after_id`` whose kind is one of ``kinds``, or None."""
+        if not kinds:
+            return None
+        marks = ",".join("?" * len(kinds))
+        rows = self.query(f"SELECT * FROM events WHERE id > ? AND kind IN ({marks}) ORDER BY id LIMIT 1",
+                          (after_id, *kinds))
+        return rows[0] if rows else None
+
+    def event_with_value(self, kind: str, message: str, key: str, value: Any, level: str = "info",
+                         **data: Any) -> None:
+        """An event and a kv value in one transaction (e.g. a level-up and the level it announced)."""
+        now = time.time()
+        with self.transaction() as c:
+            c.execute("INSERT INTO events(time, level, kind, message, data) VALUES (?,?,?,?,?)",
+                      (now, level, kind, message, json.dumps(data, default=str) if data else None))
+            c.execute("INSERT OR REPLACE INTO kv VALUES (?,?,?)", (key, json.dumps(value), now))
+
+    def last_event(self, kind: str) -> dict[str, Any] | None:
+        """The newest event of ``kind``, or None."""
+        rows = self.query("SELECT * FROM events WHERE kind=? ORDER BY id DESC LIMIT 1", (kind,))
+        return rows[0] if rows else None
+
+    # webhook deliveries ----------------------------------------------------------------------------
+    def webhook_delivery(self, webhook: str, url: str, event_id: int, event: str) -> dict[str, Any]:
+        """The delivery row of ``event_id`` to receiver ``webhook``, created (pending) if new."""
+        now = time.time()
+        with self.transaction() as c:
+            c.execute("INSERT OR IGNORE INTO webhook_deliveries(webhook, url, event_id, event, state, "
+                      "created_at, updated_at) VALUES (?,?,?,?,?,?,?)",
+                      (webhook, url, event_id, event, DeliveryState.PENDING.value, now, now))
+            return dict(c.execute("SELECT * FROM webhook_deliveries WHERE webhook=? AND event_id=?",
+                                  (webhook, event_id)).fetchone())
+
+    def webhook_attempt(self, delivery_id: int, *, state: DeliveryState, status_code: int | None,
+                        error: str | None, next_attempt_at: float | None = None,
+                        position_key: str | None = None) -> None:
+        """Record one attempt of a delivery. When it ends the delivery (delivered, or failed for good) the
+        receiver's position (kv ``position_key``) moves to its event, in the same transaction."""
+        now = time.time()
+        with self.transaction() as c:
+            row = c.execute("SELECT event_id FROM webhook_deliveries WHERE id=?", (delivery_id,)).fetchone()
+            c.execute("UPDATE webhook_deliveries SET state=?, attempts=attempts+1, status_code=?, error=?, "
+                      "next_attempt_at=?, updated_at=?, delivered_at=? WHERE id=?",
+                      (state.value, status_code, error, next_attempt_at, now,
+                       now if state == DeliveryState.DELIVERED else None, delivery_id))
+            if position_key and row is not None and state != DeliveryState.PENDING:
+                c.execute("INSERT OR REPLACE INTO kv VALUES (?,?,?)", (position_key, json.dumps(row[0]), now))
+
+    def webhook_deliveries(self, limit: int = 100, webhook: str | None = None) -> list[dict[str, Any]]:
+        """Delivery rows, oldest first among the newest ``limit``."""
+        if webhook is not None:
+            rows = self.query("SELECT * FROM webhook_deliveries WHERE webhook=? ORDER BY id DESC LIMIT ?",
+                              (webhook, limit))
+        else:
+            rows = self.query("SELECT * FROM webhook_deliveries ORDER BY id DESC LIMIT ?", (limit,))
+        return rows[::-1]
 
 
 STEP_METRIC_COLUMNS = ("global_step", "quest_id", "time", "loss", "learning_rate", "grad_norm", "tokens",

@@ -132,6 +132,7 @@ class QuestQueue:
             c.execute("UPDATE quests SET stored_name=? WHERE id=?", (stored, quest_id))
             dest = self.realm.queue_dir("validating") / stored
             _move(source, dest)
+        self.ledger.link_download(quest_id, str(source))  # a file enqueued from a URL: its source_url, sha256
         self.ledger.event("quest_admitted", f"{name} taken from the inbox as quest {quest_id}",
                           quest_id=quest_id, priority=priority)
         return quest_id

@@ -8,7 +8,9 @@ Layout::
     <realm>/models/<hero>/base/           the embedded default hero, when one was created
     <realm>/models/<hero>/checkpoints/step-00001234/
     <realm>/logs/                         daemon.log, tavern.log
-    <realm>/run/                          pid files, lock files (DAEMON_LOCK, SUPERVISOR_LOCK, PRUNE_LOCK, START_ALL_LOCK)
+    <realm>/run/                          pid files, lock files (DAEMON_LOCK, SUPERVISOR_LOCK, PRUNE_LOCK,
+                                          START_ALL_LOCK, WEBHOOKS_LOCK)
+    <realm>/runs/<hero>/                  experiment tracker logs (training.report_to, e.g. TensorBoard)
     <realm>/ledger.sqlite                 the SQLite ledger (WAL)
 
 The repository root is the default realm; ``--realm DIR`` or ``REALM_HOME`` selects another.
@@ -33,6 +35,7 @@ DAEMON_LOCK = "daemon.lock"
 SUPERVISOR_LOCK = "supervisor.lock"
 PRUNE_LOCK = "prune.lock"
 START_ALL_LOCK = "start-all.lock"
+WEBHOOKS_LOCK = "webhooks.lock"  # one webhook dispatcher per realm (core.webhooks)
 
 
 class RealmError(RuntimeError):
@@ -94,8 +97,8 @@ class Realm:
 
     def lock_file(self, lock_name: str) -> Path:
         """``run/<lock_name>``, one of :data:`DAEMON_LOCK`, :data:`SUPERVISOR_LOCK`, :data:`PRUNE_LOCK`,
-        :data:`START_ALL_LOCK`."""
-        if lock_name not in (DAEMON_LOCK, SUPERVISOR_LOCK, PRUNE_LOCK, START_ALL_LOCK):
+        :data:`START_ALL_LOCK`, :data:`WEBHOOKS_LOCK`."""
+        if lock_name not in (DAEMON_LOCK, SUPERVISOR_LOCK, PRUNE_LOCK, START_ALL_LOCK, WEBHOOKS_LOCK):
             raise ValueError(f"unknown lock {lock_name!r}")
         return self.run_dir / lock_name
 

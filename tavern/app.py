@@ -1,8 +1,9 @@
 """The Tavern's Flask application factory.
 
 ``create_app(realm, config)`` builds the app: state (ledger, queue), security policy, one blueprint per
-page (``home``, ``quests``, ``vault``, ``oracle``, ``system``, plus ``controls`` and ``api``), Socket.IO and
-the ledger push poller. Serve it with :func:`tavern.server.run`; never import the training loop here.
+page (``home``, ``quests``, ``vault``, ``oracle``, ``system``, plus ``controls``, ``api``, ``downloads``
+(post a quest by URL) and ``metrics`` (Prometheus)), Socket.IO and the ledger push poller. Serve it with
+:func:`tavern.server.run`; never import the training loop here.
 """
 
 from __future__ import annotations
@@ -55,10 +56,11 @@ def create_app(realm: Realm, config: RealmConfig | None = None, *, testing: bool
     security.install(app, config.tavern.access_token)
 
     from tavern import api
-    from tavern.pages import controls, home, system
+    from tavern.pages import controls, downloads, home, metrics, system
 
-    for bp in (home.bp, system.bp, controls.bp, api.bp):
+    for bp in (home.bp, system.bp, controls.bp, api.bp, downloads.bp, metrics.bp):
         app.register_blueprint(bp)
+    downloads.init_downloads(app)
     for module_name, attr in OPTIONAL_BLUEPRINTS:
         module = _optional_import(module_name)
         if module is not None:
@@ -89,6 +91,9 @@ def close_app(app: Flask) -> None:
     oracle = _optional_import("tavern.oracle")
     if oracle is not None and hasattr(oracle, "close_oracle"):
         oracle.close_oracle(app)  # its worker process and the threads that talk to it
+    from tavern.pages.downloads import stop_downloads
+
+    stop_downloads(app)  # background downloads into the inbox end, removing their .part files
     server = app.extensions.get(SOCKETIO_SERVER_KEY)
     eio = getattr(server, "eio", None)
     for client in list(getattr(eio, "sockets", {}).values()):

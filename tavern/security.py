@@ -13,6 +13,11 @@
   add one by themselves). Browsers send ``Origin`` on every POST (Fetch standard), so a cross-site form or
   ``fetch`` is refused with 403. Socket.IO connections are limited to the same origin by python-engineio
   (``cors_allowed_origins`` left at its same-origin default).
+- **Plain API clients on loopback** (:func:`plain_api_client`). Without an access token, a request to the
+  OpenAI-compatible API (``/v1/...``) that carries neither ``Origin`` nor ``Referer`` -- curl, scripts,
+  SDKs, as llama.cpp, vLLM and Ollama serve them -- from a loopback address is served without the CSRF
+  token. A browser always sends ``Origin`` with a POST, so a cross-origin page is still refused; the
+  Tavern's own pages and ``/api`` keep the rule above.
 - **Headers.** A Content-Security-Policy without ``'unsafe-inline'`` (all JS and CSS are files under
   ``/static``; page data comes from ``/api`` or ``data-*`` attributes), ``frame-ancestors 'none'``,
   ``X-Content-Type-Options: nosniff``, ``Referrer-Policy: same-origin``; ``Cache-Control: no-store`` on
@@ -38,6 +43,7 @@ CSRF_HEADER = "X-CSRF-Token"
 CSRF_FORM_FIELD = "csrf_token"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 SOCKETIO_PATH = "/socket.io"
+OPENAI_API_PREFIX = "/v1/"
 
 CONTENT_SECURITY_POLICY = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
@@ -151,6 +157,14 @@ def same_origin_reason(method: str, headers, host: str, scheme: str, expected_cs
             "csrf-token meta tag) or an Authorization header")
 
 
+def plain_api_client(rule: str | None, headers, remote_addr: str | None, access_token: str | None) -> bool:
+    """True for a non-browser client of the OpenAI-compatible API on loopback with no access token
+    configured: the request matched a ``/v1/`` route (``rule``: the URL rule Flask matched, not the raw
+    path), it has no ``Origin`` and no ``Referer`` header, and its peer address is loopback."""
+    return (not access_token and (rule or "").startswith(OPENAI_API_PREFIX) and headers.get("Origin") is None
+            and not headers.get("Referer") and is_loopback(remote_addr or ""))
+
+
 # responses -------------------------------------------------------------------------------------
 def wants_json() -> bool:
     p = request.path
@@ -197,7 +211,8 @@ def install(app: Flask, access_token: str | None) -> None:
                 return resp
         reason = same_origin_reason(request.method, request.headers, request.host, request.scheme,
                                     app.config["TAVERN_CSRF_TOKEN"], _form_token)
-        if reason:
+        rule = request.url_rule.rule if request.url_rule is not None else None
+        if reason and not plain_api_client(rule, request.headers, request.remote_addr, token):
             return refuse(403, reason)
         return None
 

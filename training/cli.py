@@ -102,8 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-examples", type=int, default=256)
     s.add_argument("--every", type=int, default=1, help="use records N-1, 2N-1, ... (N = training.eval_holdout_every: the ones training held out)")
     s.add_argument("--json", action="store_true")
-    s = sub.add_parser("enqueue", help="copy a file into the inbox (the daemon validates and queues it)")
-    s.add_argument("file")
+    s = sub.add_parser("enqueue", help="copy a file, or download a URL (https, hf://datasets/..., s3://, gs://), "
+                       "into the inbox (the daemon validates and queues it)")
+    s.add_argument("file", metavar="FILE|URL")
     s.add_argument("--priority", choices=PRIORITIES, default="normal")
     s = sub.add_parser("init", help="create a realm folder")
     s.add_argument("dir")
@@ -218,14 +219,19 @@ def cmd_config(args, realm: Realm, config: RealmConfig, environ) -> int:
 def cmd_daemon(args, realm: Realm, config: RealmConfig, environ) -> int:
     from core.daemon import AlreadyRunning, Daemon
     from management.hooks import CheckpointHooks
+    from training.webhooks import start_webhooks
 
     realm.ensure_layout()
     hooks = CheckpointHooks(realm, config)  # disk guard before each save, retention after it
+    webhooks = start_webhooks(realm, config)  # delivers unless the supervisor does
     try:
         return Daemon(realm, config, until_idle=args.until_idle, checkpoint_hooks=hooks).run()
     except AlreadyRunning as exc:
         print(f"error: {exc}", file=sys.stderr)
         return ExitCode.ALREADY_RUNNING
+    finally:
+        if webhooks is not None:
+            webhooks.stop()
 
 
 def cmd_tavern(args, realm: Realm, config: RealmConfig, environ) -> int:
@@ -403,6 +409,12 @@ def cmd_eval(args, realm: Realm, config: RealmConfig, environ) -> int:
 
 
 def cmd_enqueue(args, realm: Realm, config: RealmConfig, environ) -> int:
+    from core.sources import is_url
+
+    if is_url(args.file):
+        from training.fetch import enqueue_url
+
+        return enqueue_url(args.file, args.priority, realm, config)
     src = Path(args.file)
     if not src.is_file():
         raise FileNotFoundError(f"no such file: {src}")
@@ -503,8 +515,10 @@ def cmd_supervise(args, realm: Realm, config: RealmConfig, environ) -> int:
     from safety.processes import remove_pid
     from safety.supervisor import AlreadySupervised, Supervisor
     from training.processes import SUPERVISOR
+    from training.webhooks import start_webhooks
 
     scheduler = start_prune_scheduler(realm, config) if config.retention.enabled else None
+    webhooks = start_webhooks(realm, config)
     try:
         roles = ("daemon",) if args.no_tavern else ("daemon", "tavern")
         return Supervisor(realm, config, roles=roles, environ=environ).run()
@@ -514,6 +528,8 @@ def cmd_supervise(args, realm: Realm, config: RealmConfig, environ) -> int:
     finally:
         if scheduler is not None:
             scheduler.shutdown(wait=False)
+        if webhooks is not None:
+            webhooks.stop()
         remove_pid(realm, SUPERVISOR, os.getpid())  # start-all wrote it; nothing if run in the foreground
 
 

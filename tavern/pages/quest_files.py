@@ -23,6 +23,7 @@ from typing import IO, Any
 
 from core.ingest import is_temporary_name, priority_for
 from core.realm import PRIORITIES
+from core.sources import publish_new
 
 ACCEPTED_SUFFIXES = (".jsonl.gz", ".jsonl")
 MAX_NAME_BYTES = 200
@@ -70,38 +71,6 @@ def check_upload_name(name: str | None) -> str:
     return name
 
 
-def _split_suffix(name: str) -> tuple[str, str]:
-    lower = name.lower()
-    for suffix in ACCEPTED_SUFFIXES:
-        if lower.endswith(suffix):
-            return name[: -len(suffix)], name[-len(suffix):]
-    return name, ""
-
-
-def _publish(tmp: Path, folder: Path, name: str) -> Path:
-    """Give ``tmp`` its final name in ``folder``: ``name``, else ``stem-2.jsonl``, ``stem-3.jsonl``...
-
-    ``os.link`` fails when the target exists, so two uploads of one name never overwrite each other.
-    """
-    stem, suffix = _split_suffix(name)
-    for n in range(1, 10_000):
-        candidate = folder / (name if n == 1 else f"{stem}-{n}{suffix}")
-        try:
-            os.link(tmp, candidate)
-        except FileExistsError:
-            continue
-        except OSError as exc:  # filesystems without hard links: check, then rename
-            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
-                raise
-            if candidate.exists():
-                continue
-            os.rename(tmp, candidate)
-            return candidate
-        tmp.unlink()
-        return candidate
-    raise UploadError(f"too many files named like {name!r} in the inbox", status=409)
-
-
 def save_upload(stream: IO[bytes], name: str, priority: str, inbox: Path, max_bytes: int) -> Path:
     """Copy ``stream`` into ``inbox/<priority>/`` under ``name`` (or a suffixed name); return the path.
 
@@ -126,7 +95,10 @@ def save_upload(stream: IO[bytes], name: str, priority: str, inbox: Path, max_by
                 out.write(chunk)
             out.flush()
             os.fsync(out.fileno())
-        return _publish(tmp, folder, name)
+        try:  # never overwrites: an existing data.jsonl makes data-2.jsonl
+            return publish_new(tmp, folder, name)
+        except FileExistsError as exc:
+            raise UploadError(str(exc), status=409) from None
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -42,7 +42,7 @@ SCHOOL_OF_FORMAT = {fmt: "DPO" for fmt in PREFERENCE_FORMATS}
 PUBLIC_FIELDS = (
     "id", "name", "state", "priority", "attempts", "format", "size_bytes", "records", "bad_records",
     "examples_total", "examples_trained", "tokens", "steps", "first_global_step", "last_global_step", "note",
-    "error", "deferred", "created_at", "updated_at", "started_at", "finished_at",
+    "error", "deferred", "created_at", "updated_at", "started_at", "finished_at", "source_url", "source_sha256",
 )
 
 
@@ -114,7 +114,8 @@ def _get(quest_id: int) -> dict[str, Any] | None:
 @bp.get("/quests")
 def index():
     return render_template("quests.html", priorities=PRIORITIES,
-                           max_upload_bytes=current_config().tavern.max_upload_bytes)
+                           max_upload_bytes=current_config().tavern.max_upload_bytes,
+                           max_download_bytes=current_config().sources.max_download_bytes)
 
 
 @bp.get("/api/quests")

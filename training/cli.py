@@ -20,6 +20,7 @@ from pathlib import Path
 from core.checkpoint_layout import EXAMPLE_NAME, parse_step_argument
 from core.config import ConfigError, RealmConfig, config_json_schema
 from core.realm import PRIORITIES, Realm, default_realm_root, init_realm
+from training import skills_cli
 
 
 class ExitCode(IntEnum):
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--schema", action="store_true", help="print the JSON Schema of config.json")
     for name in CONTROL_COMMANDS:
         sub.add_parser(name, help=f"{name} training (sent to the daemon through the control channel)")
+    skills_cli.add_parsers(sub)
     return p
 
 
@@ -393,4 +395,5 @@ COMMANDS = {
     "config": cmd_config, "daemon": cmd_daemon, "tavern": cmd_tavern, "start-all": cmd_start_all,
     "stop-all": cmd_stop_all, "status": cmd_status, "validate": cmd_validate, "eval": cmd_eval, "enqueue": cmd_enqueue,
     "new-hero": cmd_new_hero, "doctor": cmd_doctor, "supervise": cmd_supervise, "vault": cmd_vault, **{c: cmd_control for c in CONTROL_COMMANDS},
+    "trial": skills_cli.cmd_trial, "skills": skills_cli.cmd_skills,
 }

@@ -1,0 +1,70 @@
+"""Skill items as SFT quest records, and the prompt the hero sees in a trial.
+
+A skill item becomes TRL's *conversational prompt-completion* record::
+
+    {"prompt": [{"role": "user", "content": "101+11"}],
+     "completion": [{"role": "assistant", "content": "1000"}],
+     "skill": "BIN", "level": 2}
+
+(``skill`` and ``level`` ride along for traceability; training ignores them). The engine renders it with
+the hero tokenizer's chat template, loss on the assistant turn and its end-of-turn marker
+(:func:`core.chat.tokenize_example`). A trial renders :func:`prompt_messages` with the same template and
+``add_generation_prompt=True`` — exactly the text that precedes the answer in training — and the hero
+continues from there (:mod:`core.skills.trials`). Short user turns and no system prompt keep an item
+to about 20 tokens of template around a few tokens of answer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from core.skills.base import TRAIN, Skill, SkillItem, derive_seed, generate_items
+
+
+def prompt_messages(item: SkillItem) -> list[dict[str, str]]:
+    """The conversation the hero is asked: one user turn holding the item's prompt."""
+    return [{"role": "user", "content": item.prompt}]
+
+
+def quest_record(item: SkillItem) -> dict:
+    """The SFT record of an item (see the module doc)."""
+    return {"prompt": prompt_messages(item), "completion": [{"role": "assistant", "content": item.answer}],
+            "skill": item.skill, "level": item.level}
+
+
+def training_items(skill: Skill, level: int, n: int, key: object) -> list[SkillItem]:
+    """``n`` training items of ``skill`` at ``level``, from the seed ``derive_seed("train", skill, level,
+    key)``: ``key`` (e.g. a quest counter) makes each batch different and reproducible; never a trial item
+    where the level holds items out (:mod:`core.skills.base`)."""
+    return generate_items(skill, level, n, derive_seed(TRAIN, skill.name, level, key), TRAIN)
+
+
+def quest_file_name(skill: str, level: int, key: object) -> str:
+    """``skill-<SKILL>-L<level>-<key>.jsonl``."""
+    return f"skill-{skill}-L{level}-{key}.jsonl"
+
+
+def write_quest(path: Path | str, records: Iterable[dict]) -> Path:
+    """Write ``records`` as JSON lines to ``path`` atomically: into ``.<name>.part`` beside it (a name the
+    ingester ignores), fsync, then rename, so a watcher sees the whole file or nothing. Raises
+    ``FileExistsError`` rather than replace an existing file, ``OSError`` as the OS reports it."""
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{path} exists; refusing to overwrite a quest")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if path.exists():
+            raise FileExistsError(f"{path} exists; refusing to overwrite a quest")
+        os.rename(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

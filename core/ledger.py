@@ -349,6 +349,12 @@ class Ledger:
                           "ORDER BY id", (*params, limit))
         return [TrialRecord.from_row(r) for r in rows]
 
+    def count_trials(self, hero: str, skill: str, level: int, global_step: int) -> int:
+        """Trials of ``skill`` at ``level`` on the weights of ``global_step`` (the attempt number of the next)."""
+        rows = self.query("SELECT COUNT(*) AS n FROM trials WHERE hero=? AND skill=? AND level=? AND global_step=?",
+                          (hero, skill, level, global_step))
+        return int(rows[0]["n"])
+
     def last_trial(self, hero: str, skill: str) -> TrialRecord | None:
         rows = self.query("SELECT * FROM trials WHERE hero=? AND skill=? ORDER BY id DESC LIMIT 1", (hero, skill))
         return TrialRecord.from_row(rows[0]) if rows else None

@@ -105,9 +105,7 @@ def cmd_trial(args, realm: Realm, config: RealmConfig, environ) -> int:
         except HeroError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return NOT_FOUND
-        attempt = len([t for t in ledger.trials(hero, skill.name, limit=100000)
-                       if t.level == level and t.global_step == step])
-        seed = trial_seed(hero, skill.name, level, step, attempt)
+        seed = trial_seed(hero, skill.name, level, step, ledger.count_trials(hero, skill.name, level, step))
         try:
             result = run_trial(model, tokenizer, skill, level, n=samples, seed=seed,
                                max_new_tokens=s.max_new_tokens, batch_size=s.trial_batch_size)

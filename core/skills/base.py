@@ -10,8 +10,9 @@ the Wilson bound assumes.
 ``derive_seed("train", ...)``, trials ``derive_seed("trial", ...)`` (:mod:`core.skills.trials`), so the
 two never share a random stream.
 
-**Held-out items.** Where a level has at least :data:`HOLDOUT_MIN_SPACE` distinct prompts (or an
-unknown, large number), about one prompt in :data:`HOLDOUT_EVERY` — those whose SHA-256 of
+**Held-out items.** Where a level has at least :data:`HOLDOUT_MIN_SPACE` distinct prompts (a skill
+that does not know its number is probed: :data:`PROBE_DRAWS` draws from a fixed seed giving at least
+:data:`PROBE_MIN_DISTINCT` distinct prompts count as that many), about one prompt in :data:`HOLDOUT_EVERY` — those whose SHA-256 of
 ``"<skill>\\0<prompt>"`` is 0 modulo ``HOLDOUT_EVERY`` — is *trial-only*: training items never use it and
 trials use nothing else, so a trial measures answers to prompts never trained. Smaller levels (BIN level
 0 has 4 prompts) cannot hold any out without losing part of the skill: there a trial draws from all of
@@ -30,6 +31,10 @@ TRAIN, TRIAL = "train", "trial"
 SPLITS = (TRAIN, TRIAL)
 HOLDOUT_MIN_SPACE = 1000
 HOLDOUT_EVERY = 10
+PROBE_DRAWS = 2000
+PROBE_MIN_DISTINCT = 800
+"""A level of unknown size is large when PROBE_DRAWS draws give this many distinct prompts (a space of
+1,000 gives about 865)."""
 MAX_DRAWS_PER_ITEM = 10_000
 """Rejection-sampling budget per item (a split that would need more raises :class:`SkillError`)."""
 
@@ -89,7 +94,23 @@ class Skill(ABC):
     def holdout_every(self, level: int) -> int:
         """One prompt in N of ``level`` is trial-only (0: none; see the module doc)."""
         size = self.space_size(level)
-        return HOLDOUT_EVERY if size is None or size >= HOLDOUT_MIN_SPACE else 0
+        if size is None:
+            size = self._probed_space(level)
+        return HOLDOUT_EVERY if size >= HOLDOUT_MIN_SPACE else 0
+
+    def _probed_space(self, level: int) -> int:
+        """HOLDOUT_MIN_SPACE when PROBE_DRAWS draws (a fixed seed) give PROBE_MIN_DISTINCT distinct
+        prompts, else the number seen (cached per level)."""
+        cache = self.__dict__.setdefault("_probe_cache", {})
+        if level not in cache:
+            rng = random.Random(derive_seed("probe", self.name, level))
+            seen: set[str] = set()
+            for _ in range(PROBE_DRAWS):
+                seen.add(self.draw(level, rng).prompt)
+                if len(seen) >= PROBE_MIN_DISTINCT:
+                    break
+            cache[level] = HOLDOUT_MIN_SPACE if len(seen) >= PROBE_MIN_DISTINCT else len(seen)
+        return cache[level]
 
     def check_level(self, level: int) -> None:
         """Raise :class:`SkillError` unless ``0 <= level <= max_level``."""

@@ -54,7 +54,7 @@ class LettersSkill(Skill):
     def space_size(self, level: int) -> int | None:
         k = size_of(level)
         if task_of(level) == "first":
-            return None  # 26^k first letters times the other letters: very large
+            return None  # 26^k first letters times the other letters: very large (probed)
         return 26 ** k
 
     def normalize(self, text: str) -> str:

@@ -67,3 +67,20 @@ def test_levels_outside_the_table_raise(level):
 def test_an_unknown_split_raises():
     with pytest.raises(ValueError):
         BinarySkill().sample(0, random.Random(0), "eval")
+
+
+def test_a_skill_of_unknown_size_is_probed():
+    from core.skills.base import Skill, SkillItem
+
+    class Tiny(Skill):
+        name, max_level = "TINY", 1
+
+        def draw(self, level, rng):
+            k = rng.randrange(3 if level == 0 else 10 ** 6)
+            return SkillItem(self.name, level, f"q{k}", f"a{k}")
+
+    tiny = Tiny()
+    assert tiny.space_size(0) is None
+    assert tiny.holdout_every(0) == 0 and tiny.holdout_every(1) == HOLDOUT_EVERY
+    assert {it.prompt for it in generate_items(tiny, 0, 50, 1, TRIAL)} == {"q0", "q1", "q2"}
+    assert LettersSkill().holdout_every(8) == HOLDOUT_EVERY  # acrostics: unknown size, large

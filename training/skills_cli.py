@@ -24,7 +24,8 @@ def add_parsers(sub) -> None:
     s = sub.add_parser("trial", help="promotion trial: the hero answers fresh items of a skill at its level "
                        "(greedy); promoted when the Wilson 95%% lower bound reaches skills.promotion_threshold")
     s.add_argument("skill")
-    s.add_argument("--checkpoint", default="latest", help="checkpoint name (step-00001234), 'latest' or 'base'")
+    s.add_argument("--checkpoint", default="latest", help="checkpoint (step-00001234 or 1234), 'latest' or "
+                   "'base'")
     s.add_argument("--level", type=int, help="try this level instead of the skill's current one (measures "
                    "only: promotion needs the current level)")
     s.add_argument("--samples", type=int, help="items (default skills.trial_samples; at least 30)")
@@ -54,22 +55,27 @@ def _registry(realm: Realm, config: RealmConfig, ledger: Ledger):
 
 
 def _model_dir(realm: Realm, config: RealmConfig, name: str) -> tuple[Path, int]:
-    """The model folder of ``name`` (latest, base, step-XXXXXXXX) and its global step."""
-    from core.checkpoint import latest_checkpoint, list_checkpoints, step_of
+    """The model folder of ``name`` (``latest``, ``base``, ``step-00001234`` or ``1234``) and its global step.
+    Raises ``FileNotFoundError`` naming what is missing."""
+    from core.checkpoint_layout import latest_checkpoint, list_checkpoints, parse_step_argument, step_of
     from core.hero import resolve_model_source
 
     if name == "base":  # the newborn default hero is created as the daemon would (same seed)
         return Path(resolve_model_source(realm, config.hero, seed=config.training.seed)[0]), 0
+    folder = realm.checkpoints_dir(config.hero.name)
     if name == "latest":
-        path = latest_checkpoint(realm.checkpoints_dir(config.hero.name))
+        path = latest_checkpoint(folder)
         if path is None:
             raise FileNotFoundError("no checkpoint yet (use --checkpoint base)")
-    else:
-        matches = [p for p in list_checkpoints(realm.checkpoints_dir(config.hero.name)) if p.name == name]
-        if not matches:
-            raise FileNotFoundError(f"no checkpoint named {name!r}")
-        path = matches[0]
-    return path, step_of(path)
+        return path, step_of(path)
+    try:
+        step = parse_step_argument(name)
+    except ValueError as exc:
+        raise FileNotFoundError(f"{exc}; or 'latest', 'base'") from None
+    matches = [p for p in list_checkpoints(folder) if step_of(p) == step]
+    if not matches:
+        raise FileNotFoundError(f"no checkpoint of global step {step} in {folder}")
+    return matches[0], step
 
 
 def cmd_trial(args, realm: Realm, config: RealmConfig, environ) -> int:

@@ -17,10 +17,10 @@ to about 20 tokens of template around a few tokens of answer.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from core.fsutil import atomic_write
 from core.skills.base import TRAIN, Skill, SkillItem, derive_seed, generate_items
 
 
@@ -48,23 +48,14 @@ def quest_file_name(skill: str, level: int, key: object) -> str:
 
 
 def write_quest(path: Path | str, records: Iterable[dict]) -> Path:
-    """Write ``records`` as JSON lines to ``path`` atomically: into ``.<name>.part`` beside it (a name the
-    ingester ignores), fsync, then rename, so a watcher sees the whole file or nothing. Raises
-    ``FileExistsError`` rather than replace an existing file, ``OSError`` as the OS reports it."""
+    """Write ``records`` as JSON lines to ``path`` atomically (:func:`core.fsutil.atomic_write`: a hidden
+    temporary sibling the ingester ignores, fsync, rename), so a watcher sees the whole file or nothing.
+    Raises ``FileExistsError`` rather than replace an existing file, ``OSError`` as the OS reports it (the
+    folder must exist)."""
     path = Path(path)
     if path.exists():
         raise FileExistsError(f"{path} exists; refusing to overwrite a quest")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        if path.exists():
-            raise FileExistsError(f"{path} exists; refusing to overwrite a quest")
-        os.rename(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
     return path

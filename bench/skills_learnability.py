@@ -48,7 +48,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the daemon and of this process")
     p.add_argument("--target-level", type=int, default=4)
     p.add_argument("--budget-minutes", type=float, default=15.0)
-    p.add_argument("--realm", type=Path)
+    p.add_argument("--realm", type=Path, help="a realm folder: new, or one of an earlier run to go on with")
     a = p.parse_args()
     if a.threads:
         import torch
@@ -64,16 +64,18 @@ def main() -> int:
         env["OMP_NUM_THREADS"] = str(a.threads)
     skill, hero = BinarySkill(), config.hero.name
     ledger = Ledger(realm.ledger_path)
-    rows, started, train_seconds, trial_seconds, level = [], time.monotonic(), 0.0, 0.0, 0
+    level = ledger.skill_level(hero, skill.name)  # 0 in a new realm
+    rows, started, train_seconds, trial_seconds = [], time.monotonic(), 0.0, 0.0
     reached: dict[int, dict] = {}
     round_no = 0
     while level < a.target_level and time.monotonic() - started < a.budget_minutes * 60:
         round_no += 1
         levels = list(range(0, min(level + 1, skill.max_level) + 1))
         per = a.items // len(levels)
-        items = [it for lv in levels for it in training_items(skill, lv, per, f"bench-{round_no}")]
-        write_quest(realm.inbox / quest_file_name(skill.name, level, f"bench-{round_no}"),
-                    (quest_record(it) for it in items))
+        last = latest_checkpoint(realm.checkpoints_dir(hero))
+        key = f"bench-{step_of(last) if last else 0}-{round_no}"  # unique when a run goes on in the same realm
+        items = [it for lv in levels for it in training_items(skill, lv, per, key)]
+        write_quest(realm.inbox / quest_file_name(skill.name, level, key), (quest_record(it) for it in items))
         t = time.monotonic()
         proc = subprocess.run([PYTHON, "-m", "training", "--realm", str(realm.root), "daemon", "--until-idle"],
                               cwd=ROOT, env=env, capture_output=True, text=True)

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from core.checkpoint_layout import EXAMPLE_NAME
 from core.config import RealmConfig
 from core.ledger import Ledger
 from core.realm import Realm
@@ -24,8 +25,8 @@ def add_parsers(sub) -> None:
     s = sub.add_parser("trial", help="promotion trial: the hero answers fresh items of a skill at its level "
                        "(greedy); promoted when the Wilson 95%% lower bound reaches skills.promotion_threshold")
     s.add_argument("skill")
-    s.add_argument("--checkpoint", default="latest", help="checkpoint (step-00001234 or 1234), 'latest' or "
-                   "'base'")
+    s.add_argument("--checkpoint", default="latest", help=f"checkpoint ({EXAMPLE_NAME} or its global step), "
+                   "'latest' or 'base'")
     s.add_argument("--level", type=int, help="try this level instead of the skill's current one (measures "
                    "only: promotion needs the current level)")
     s.add_argument("--samples", type=int, help="items (default skills.trial_samples; at least 30)")
@@ -55,7 +56,7 @@ def _registry(realm: Realm, config: RealmConfig, ledger: Ledger):
 
 
 def _model_dir(realm: Realm, config: RealmConfig, name: str) -> tuple[Path, int]:
-    """The model folder of ``name`` (``latest``, ``base``, ``step-00001234`` or ``1234``) and its global step.
+    """The model folder of ``name`` (``latest``, ``base``, a checkpoint name or a global step) and its step.
     Raises ``FileNotFoundError`` naming what is missing."""
     from core.checkpoint_layout import latest_checkpoint, list_checkpoints, parse_step_argument, step_of
     from core.hero import resolve_model_source

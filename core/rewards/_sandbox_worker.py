@@ -38,6 +38,7 @@ def main() -> None:
         sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
         spec = importlib.util.spec_from_file_location("realm_reward", path)
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # as a normal import would (dataclasses and pickle look it up)
         spec.loader.exec_module(module)
         fn = getattr(module, function, None)
         if not callable(fn):

@@ -32,6 +32,7 @@ import hashlib
 import importlib.util
 import random
 import re
+import sys
 import traceback
 from pathlib import Path
 from types import ModuleType
@@ -117,9 +118,11 @@ def load_custom_skill(path: Path) -> CustomSkill:
     if spec is None or spec.loader is None:
         raise SkillError(f"{path.name} cannot be imported")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # as a normal import would (dataclasses and pickle look it up)
     try:
         spec.loader.exec_module(module)
     except BaseException as exc:  # noqa: BLE001 - SyntaxError, SystemExit...: the owner's file, never fatal
+        sys.modules.pop(spec.name, None)
         if isinstance(exc, KeyboardInterrupt):
             raise
         lines = traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-3)

@@ -16,7 +16,9 @@ def reward_file(tmp_path: Path, body: str, name: str = "reward.py") -> Path:
     return path
 
 
-GOOD = "def reward(prompt, completion, **refs):\n    return len(completion) / 10 + refs.get('bonus', 0)\n"
+GOOD = ("from __future__ import annotations\nfrom dataclasses import dataclass\n\n\n@dataclass\nclass Score:\n"
+        "    value: float\n\n\ndef reward(prompt, completion, **refs):\n"
+        "    return Score(len(completion) / 10 + refs.get('bonus', 0)).value\n")
 
 
 def test_a_good_reward_returns_its_value_and_reuses_one_worker(tmp_path):

@@ -10,13 +10,22 @@ from core.skills.base import SkillError, generate_items
 from core.skills.registry import build_registry, report_errors
 
 ECHO = '''
+from __future__ import annotations
+
 import random
+from dataclasses import dataclass
+
 NAME = "ECHO"
 DESCRIPTION = "repeat a word"
 MAX_LEVEL = 2
 
+@dataclass
+class Word:
+    text: str
+
+
 def generate(level, rng):
-    word = "".join(rng.choice("abc") for _ in range(level + 2))
+    word = Word("".join(rng.choice("abc") for _ in range(level + 2))).text
     return f"echo {word}", word
 
 def score(completion, answer):

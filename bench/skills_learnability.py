@@ -32,7 +32,7 @@ from core.checkpoint import latest_checkpoint, step_of  # noqa: E402
 from core.ledger import Ledger  # noqa: E402
 from core.realm import init_realm  # noqa: E402
 from core.skills.binary import BinarySkill  # noqa: E402
-from core.skills.quests import quest_file_name, quest_record, training_items, write_quest  # noqa: E402
+from core.skills.quests import mixed_items, quest_file_name, quest_record, write_quest  # noqa: E402
 from core.skills.trials import run_trial, trial_seed  # noqa: E402
 
 MEASURE_LEVELS = (0, 1, 2, 3)
@@ -71,10 +71,9 @@ def main() -> int:
     while level < a.target_level and time.monotonic() - started < a.budget_minutes * 60:
         round_no += 1
         levels = list(range(0, min(level + 1, skill.max_level) + 1))
-        per = a.items // len(levels)
         last = latest_checkpoint(realm.checkpoints_dir(hero))
         key = f"bench-{step_of(last) if last else 0}-{round_no}"  # unique when a run goes on in the same realm
-        items = [it for lv in levels for it in training_items(skill, lv, per, key)]
+        items = mixed_items(skill, levels, a.items, key)  # levels interleaved (the engine reads in file order)
         write_quest(realm.inbox / quest_file_name(skill.name, level, key), (quest_record(it) for it in items))
         t = time.monotonic()
         proc = subprocess.run([PYTHON, "-m", "training", "--realm", str(realm.root), "daemon", "--until-idle"],

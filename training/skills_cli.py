@@ -177,10 +177,8 @@ def _skills_list(args, realm: Realm, config: RealmConfig) -> int:
 
 
 def _skills_quest(args, realm: Realm, config: RealmConfig) -> int:
-    import random
-
     from core.skills.base import SkillError
-    from core.skills.quests import quest_file_name, quest_record, training_items, write_quest
+    from core.skills.quests import mixed_items, quest_file_name, quest_record, write_quest
 
     realm.ensure_layout()
     ledger = Ledger(realm.ledger_path)
@@ -199,12 +197,10 @@ def _skills_quest(args, realm: Realm, config: RealmConfig) -> int:
         return USAGE
     key = args.key or str(time.time_ns())
     try:
-        items = [it for i, level in enumerate(levels)
-                 for it in training_items(skill, level, args.count // len(levels) + (i < args.count % len(levels)), key)]
+        items = mixed_items(skill, levels, args.count, key)
     except SkillError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return USAGE
-    random.Random(key).shuffle(items)  # levels interleaved, reproducibly
     name = quest_file_name(skill.name, "-".join(map(str, levels)), key)  # type: ignore[arg-type]
     path = Path(args.out) if args.out else realm.inbox / args.priority / name
     path.parent.mkdir(parents=True, exist_ok=True)

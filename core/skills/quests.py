@@ -17,7 +17,8 @@ to about 20 tokens of template around a few tokens of answer.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import random
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from core.fsutil import atomic_write
@@ -40,6 +41,19 @@ def training_items(skill: Skill, level: int, n: int, key: object) -> list[SkillI
     key)``: ``key`` (e.g. a quest counter) makes each batch different and reproducible; never a trial item
     where the level holds items out (:mod:`core.skills.base`)."""
     return generate_items(skill, level, n, derive_seed(TRAIN, skill.name, level, key), TRAIN)
+
+
+def mixed_items(skill: Skill, levels: Sequence[int], n: int, key: object) -> list[SkillItem]:
+    """``n`` training items spread evenly over ``levels`` (the first levels get the remainder), shuffled
+    with ``random.Random(derive_seed("shuffle", skill, key))``. The engine reads a quest in file order, so
+    levels must be interleaved: a quest of blocks (all of level 0, then all of level 1...) trains one level
+    at a time and forgets the others meanwhile. Raises :class:`core.skills.base.SkillError` for a bad level."""
+    if not levels:
+        raise ValueError("levels must not be empty")
+    items = [it for i, level in enumerate(levels)
+             for it in training_items(skill, level, n // len(levels) + (i < n % len(levels)), key)]
+    random.Random(derive_seed("shuffle", skill.name, key)).shuffle(items)
+    return items
 
 
 def quest_file_name(skill: str, level: int, key: object) -> str:

@@ -86,3 +86,15 @@ def test_training_items_are_reproducible_per_key():
     skill = BinarySkill()
     assert training_items(skill, 5, 30, "quest-7") == training_items(skill, 5, 30, "quest-7")
     assert training_items(skill, 5, 30, "quest-7") != training_items(skill, 5, 30, "quest-8")
+
+
+def test_mixed_items_interleave_levels_reproducibly():
+    from core.skills.quests import mixed_items
+
+    items = mixed_items(BinarySkill(), [0, 1, 2], 301, "k")
+    assert [sum(it.level == lv for it in items) for lv in (0, 1, 2)] == [101, 100, 100]
+    assert mixed_items(BinarySkill(), [0, 1, 2], 301, "k") == items
+    first_third = items[:100]
+    assert {it.level for it in first_third} == {0, 1, 2}  # not blocks of one level
+    with pytest.raises(ValueError):
+        mixed_items(BinarySkill(), [], 10, "k")

@@ -11,6 +11,8 @@ generated from the same schema by :func:`config_reference_markdown`.
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -227,6 +229,90 @@ class WebhookConfig(_Section):
         return value
 
 
+# --- skills (issue 10) -------------------------------------------------------------------------------
+SKILL_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_.-]{0,31}$"
+
+
+class DatasetSkillConfig(_Section):
+    """A skill made of a prompt/completion file: the hero answers its prompts, a verifier from the reward
+    library checks the answer against the completion (see core/skills/dataset.py)."""
+
+    path: str = Field(..., min_length=1, description="The .jsonl or .jsonl.gz file, relative to the realm or "
+                      "absolute (read in place, never copied).")
+    field_map: dict[str, str] = Field(default_factory=dict, description="Rename fields so records have "
+                                      'prompt and completion strings, e.g. {"question": "prompt", '
+                                      '"answer": "completion"}.')
+    verifier: Literal["exact_match", "numeric_answer"] = Field(
+        "exact_match", description="Reward that decides whether an answer is right against the completion: "
+        "exact_match (normalized text), numeric_answer (the final number, GSM8K `#### N`).")
+    level_key: str | None = Field(None, description="Field holding each record's level (a non-negative "
+                                  "integer); null: every record is level 0.")
+    holdout_every: int = Field(10, ge=2, le=1000, description="About one record in N (by a hash of its "
+                               "prompt) is held out of training for trials; the others are training items.")
+
+
+class SkillsConfig(_Section):
+    """Skills with levels, earned in promotion trials (see the README's Skills section)."""
+
+    priorities: dict[str, float] = Field(
+        default_factory=lambda: {"BIN": 1.0},
+        description="Skill name -> weight (>= 0) of the skills the hero practises: built-in BIN and LETTERS, "
+        "the datasets below, and custom skills from the realm's skills/ folder.")
+    trial_samples: int = Field(50, ge=30, le=10000, description="Fresh items per promotion trial (never fewer "
+                               "than 30: fewer cannot support a promotion statistically).")
+    trial_every_steps: int = Field(200, ge=0, description="The daemon's skill loop tries a skill after this many "
+                                   "optimizer steps of training on it (0: only on demand, `python -m training "
+                                   "trial`).")
+    promotion_threshold: float = Field(0.8, gt=0, lt=1, description="Promote when the Wilson 95% lower bound "
+                                       "of the trial's accuracy is at least this.")
+    max_new_tokens: int = Field(64, ge=1, le=8192, description="Longest answer generated in a trial (tokens); "
+                                "generation also stops a few tokens after the longest reference answer.")
+    trial_batch_size: int = Field(64, ge=1, le=4096, description="Prompts generated together (greedy, left "
+                                  "padded) in a trial.")
+    sample_answers: int = Field(6, ge=0, le=100, description="Answers kept in the ledger per trial (prompt, "
+                                "expected, answer, right or wrong).")
+    datasets: dict[str, DatasetSkillConfig] = Field(
+        default_factory=dict, description="Dataset skills by name, e.g. {\"GSM8K\": {\"path\": "
+        "\"../shared/data/gsm8k_train.jsonl\", \"field_map\": {\"question\": \"prompt\", \"answer\": "
+        "\"completion\"}, \"verifier\": \"numeric_answer\"}}.")
+
+    @field_validator("priorities")
+    @classmethod
+    def _priorities(cls, value: dict[str, float]) -> dict[str, float]:
+        problems = [_skill_name_problem(name) for name in value if _skill_name_problem(name)]
+        problems += [f"weight of {name!r} must be a finite number >= 0, got {weight}"
+                     for name, weight in value.items() if not math.isfinite(weight) or weight < 0]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
+
+    @field_validator("datasets")
+    @classmethod
+    def _dataset_names(cls, value: dict[str, DatasetSkillConfig]) -> dict[str, DatasetSkillConfig]:
+        problems = [_skill_name_problem(name) for name in value if _skill_name_problem(name)]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
+
+    @field_validator("promotion_threshold")
+    @classmethod
+    def _reachable(cls, value: float, info) -> float:
+        from core.skills.stats import wilson_lower_bound
+
+        n = info.data.get("trial_samples")
+        if n is not None and value > wilson_lower_bound(n, n):
+            raise ValueError(f"{value} can never be reached with trial_samples {n}: even all right gives a "
+                             f"Wilson lower bound of {wilson_lower_bound(n, n):.3f}; lower the threshold or "
+                             "raise trial_samples")
+        return value
+
+
+def _skill_name_problem(name: str) -> str | None:
+    if re.fullmatch(SKILL_NAME_PATTERN, name):
+        return None
+    return f"skill name {name!r}: letters, digits, '_', '.', '-', a letter first, at most 32 characters"
+
+
 class RealmConfig(_Section):
     """The whole ``config.json`` of a realm."""
 
@@ -240,6 +326,7 @@ class RealmConfig(_Section):
     supervisor: SupervisorConfig = Field(default_factory=SupervisorConfig)
     sources: SourcesConfig = Field(default_factory=SourcesConfig)
     webhooks: list[WebhookConfig] = Field(default_factory=list, description="Receivers of training events.")
+    skills: SkillsConfig = Field(default_factory=SkillsConfig)
 
 
 class ConfigError(ValueError):
@@ -364,4 +451,25 @@ def config_reference_markdown() -> str:
             shown = "required" if f.is_required() else f"`{json.dumps(default)}`"
             lines.append(f"| `{key}` | `{ann}` | {shown} | {desc} |")
         lines.append("")
+        lines += _nested_reference(section_name, model)
     return "\n".join(lines)
+
+
+def _nested_reference(section_name: str, model: type[BaseModel]) -> list[str]:
+    """A table for each ``dict[str, <section model>]`` field (e.g. ``skills.datasets.<name>``)."""
+    from typing import get_args
+
+    lines: list[str] = []
+    for key, f in model.model_fields.items():
+        nested = [a for a in get_args(f.annotation) if isinstance(a, type) and issubclass(a, _Section)]
+        for sub in nested:
+            lines += [f"##### `{section_name}.{key}.<name>`", "", (sub.__doc__ or "").strip(), "",
+                      "| key | type | default | description |", "|---|---|---|---|"]
+            for k, sf in sub.model_fields.items():
+                value = sf.default_factory() if sf.default_factory else sf.default
+                shown = "required" if sf.is_required() else f"`{json.dumps(value)}`"
+                ann = type_name(sf.annotation).replace("|", "\\|")
+                desc = (sf.description or "").replace("|", "\\|")
+                lines.append(f"| `{k}` | `{ann}` | {shown} | {desc} |")
+            lines.append("")
+    return lines

@@ -127,8 +127,29 @@ CREATE TABLE IF NOT EXISTS kv (
     value TEXT NOT NULL,
     updated_at REAL NOT NULL
 );
-""" + step_rollups.SCHEMA
-
+""" + step_rollups.SCHEMA + """
+-- skills: promotion trials (see the "skills" section at the end of this module)
+CREATE TABLE IF NOT EXISTS trials (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time REAL NOT NULL,
+    hero TEXT NOT NULL,
+    skill TEXT NOT NULL,
+    level INTEGER NOT NULL,          -- the level the items were drawn at
+    level_after INTEGER NOT NULL,    -- the skill's level after this trial (level + 1 when promoted)
+    n INTEGER NOT NULL,
+    correct INTEGER NOT NULL,
+    accuracy REAL NOT NULL,
+    lower_bound REAL NOT NULL,       -- Wilson 95% lower bound of the accuracy
+    threshold REAL NOT NULL,
+    promoted INTEGER NOT NULL,
+    global_step INTEGER NOT NULL,    -- of the weights answering
+    checkpoint TEXT,
+    seed INTEGER NOT NULL,
+    duration_seconds REAL NOT NULL,
+    samples_json TEXT NOT NULL       -- [{prompt, expected, answer, correct}, ...]
+);
+CREATE INDEX IF NOT EXISTS trials_skill ON trials(hero, skill, id);
+"""
 
 QUEST_COLUMNS = (
     "id", "name", "stored_name", "state", "priority", "attempts", "content_hash", "format", "size_bytes",
@@ -728,6 +749,93 @@ class Ledger:
             rows = self.query("SELECT * FROM webhook_deliveries ORDER BY id DESC LIMIT ?", (limit,))
         return rows[::-1]
 
+    # =============================================================================================
+    # skills: promotion trials and skill levels (issue 10; core.skills.trials writes, status reads)
+    # =============================================================================================
+    def record_trial(self, trial: TrialRecord) -> int:
+        """Store a trial, with its ``trial`` event and, when promoted, a ``promotion`` event, in one
+        transaction. Returns the trial's id."""
+        t = trial
+        now = t.time or time.time()
+        verdict = (f"promoted to level {t.level_after}" if t.promoted else
+                   f"stays at level {t.level_after}")
+        message = (f"{t.skill} level {t.level} trial at step {t.global_step}: {t.correct}/{t.n} right "
+                   f"({100 * t.accuracy:.1f}%), Wilson lower bound {t.lower_bound:.3f} "
+                   f"{'>=' if t.lower_bound >= t.threshold else '<'} {t.threshold}: {verdict}")
+        with self.transaction() as c:
+            cur = c.execute(
+                "INSERT INTO trials(time, hero, skill, level, level_after, n, correct, accuracy, lower_bound, "
+                "threshold, promoted, global_step, checkpoint, seed, duration_seconds, samples_json) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (now, t.hero, t.skill, t.level, t.level_after, t.n, t.correct, t.accuracy, t.lower_bound,
+                 t.threshold, int(t.promoted), t.global_step, t.checkpoint, t.seed, t.duration_seconds,
+                 json.dumps(t.samples)))
+            trial_id = int(cur.lastrowid)
+            data = {"trial_id": trial_id, "hero": t.hero, "skill": t.skill, "level": t.level,
+                    "level_after": t.level_after, "n": t.n, "correct": t.correct, "accuracy": t.accuracy,
+                    "lower_bound": t.lower_bound, "threshold": t.threshold, "promoted": t.promoted,
+                    "global_step": t.global_step, "checkpoint": t.checkpoint}
+            c.execute("INSERT INTO events(time, level, kind, message, data) VALUES (?,?,?,?,?)",
+                      (now, "info", "trial", message, json.dumps(data)))
+            if t.promoted:
+                c.execute("INSERT INTO events(time, level, kind, message, data) VALUES (?,?,?,?,?)",
+                          (now, "info", "promotion", f"{t.skill}: level {t.level} -> {t.level_after} "
+                           f"(trial #{trial_id}, {t.correct}/{t.n} right at step {t.global_step})",
+                           json.dumps({**data, "from_level": t.level})))
+        return trial_id
+
+    def trials(self, hero: str, skill: str | None = None, limit: int = 100) -> list[TrialRecord]:
+        """The newest ``limit`` trials of ``hero`` (of one ``skill``, or all), oldest first."""
+        where, params = ("hero=? AND skill=?", (hero, skill)) if skill is not None else ("hero=?", (hero,))
+        rows = self.query(f"SELECT * FROM (SELECT * FROM trials WHERE {where} ORDER BY id DESC LIMIT ?) "
+                          "ORDER BY id", (*params, limit))
+        return [TrialRecord.from_row(r) for r in rows]
+
+    def count_trials(self, hero: str, skill: str, level: int, global_step: int) -> int:
+        """Trials of ``skill`` at ``level`` on the weights of ``global_step`` (the attempt number of the next)."""
+        rows = self.query("SELECT COUNT(*) AS n FROM trials WHERE hero=? AND skill=? AND level=? AND global_step=?",
+                          (hero, skill, level, global_step))
+        return int(rows[0]["n"])
+
+    def last_trial(self, hero: str, skill: str) -> TrialRecord | None:
+        rows = self.query("SELECT * FROM trials WHERE hero=? AND skill=? ORDER BY id DESC LIMIT 1", (hero, skill))
+        return TrialRecord.from_row(rows[0]) if rows else None
+
+    def skill_level(self, hero: str, skill: str) -> int:
+        """The skill's level: ``level_after`` of its newest trial, 0 before any trial."""
+        last = self.last_trial(hero, skill)
+        return last.level_after if last else 0
+
+    def skill_summary(self, hero: str) -> dict[str, dict[str, Any]]:
+        """Per skill with a trial: ``{"level", "trials", "last_trial": TrialRecord}``."""
+        out: dict[str, dict[str, Any]] = {}
+        for r in self.query("SELECT skill, COUNT(*) AS n, MAX(id) AS last FROM trials WHERE hero=? "
+                            "GROUP BY skill ORDER BY skill", (hero,)):
+            last = TrialRecord.from_row(self.query("SELECT * FROM trials WHERE id=?", (r["last"],))[0])
+            out[r["skill"]] = {"level": last.level_after, "trials": r["n"], "last_trial": last}
+        return out
+
+    def forget_trials_after(self, global_step: int) -> int:
+        """Delete trials of weights after ``global_step`` (lost with a crash, like :meth:`rollback_to`'s
+        steps), so no level rests on weights that no longer exist. Returns the number removed."""
+        with self.transaction() as c:
+            return c.execute("DELETE FROM trials WHERE global_step > ?", (global_step,)).rowcount
+
+    def set_skill_load_errors(self, errors: list[dict[str, str]]) -> None:
+        """The problems of the last skill registry built (``[{"source", "message"}]``), and a
+        ``skill_error`` warning event for each one not stored before."""
+        before = {(e.get("source"), e.get("message")) for e in self.skill_load_errors()}
+        with self.transaction() as c:
+            c.execute("INSERT OR REPLACE INTO kv VALUES (?,?,?)", (SKILL_ERRORS_KEY, json.dumps(errors), time.time()))
+            for e in errors:
+                if (e.get("source"), e.get("message")) not in before:
+                    c.execute("INSERT INTO events(time, level, kind, message, data) VALUES (?,?,?,?,?)",
+                              (time.time(), "warning", "skill_error", f"skill {e['source']}: "
+                               f"{e['message'].strip().splitlines()[-1][:300]}", json.dumps(e)))
+
+    def skill_load_errors(self) -> list[dict[str, str]]:
+        return self.get_value(SKILL_ERRORS_KEY, []) or []
+
 
 STEP_METRIC_COLUMNS = ("global_step", "quest_id", "time", "loss", "learning_rate", "grad_norm", "tokens",
                        "tokens_per_second", "example_start", "example_end")
@@ -807,3 +915,44 @@ def _chunks(rows: Iterable[Any], size: int) -> Iterator[list[Any]]:
             chunk = []
     if chunk:
         yield chunk
+
+
+SKILL_ERRORS_KEY = "skills/load_errors"
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One promotion trial (a row of ``trials``). ``accuracy`` = correct / n; ``lower_bound``: Wilson 95%
+    lower bound (:func:`core.skills.stats.wilson_lower_bound`); ``samples``: a few answers as
+    ``{"prompt", "expected", "answer", "correct"}``; ``time``: Unix seconds (0: now, when recorded)."""
+
+    hero: str
+    skill: str
+    level: int
+    level_after: int
+    n: int
+    correct: int
+    accuracy: float
+    lower_bound: float
+    threshold: float
+    promoted: bool
+    global_step: int
+    checkpoint: str | None
+    seed: int
+    duration_seconds: float
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    time: float = 0.0
+    id: int | None = None
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> TrialRecord:
+        return cls(hero=row["hero"], skill=row["skill"], level=row["level"], level_after=row["level_after"],
+                   n=row["n"], correct=row["correct"], accuracy=row["accuracy"], lower_bound=row["lower_bound"],
+                   threshold=row["threshold"], promoted=bool(row["promoted"]), global_step=row["global_step"],
+                   checkpoint=row["checkpoint"], seed=row["seed"], duration_seconds=row["duration_seconds"],
+                   samples=json.loads(row["samples_json"]), time=row["time"], id=row["id"])
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)

@@ -20,7 +20,7 @@ from pathlib import Path
 from core.checkpoint_layout import EXAMPLE_NAME, parse_step_argument
 from core.config import ConfigError, RealmConfig, config_json_schema
 from core.realm import PRIORITIES, REALM_ENV, Realm, default_realm_root, init_realm
-from training import export_cli
+from training import export_cli, skills_cli
 
 
 class ExitCode(IntEnum):
@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, what in CONTROL_COMMANDS.items():
         sub.add_parser(name, help=f"{what} (sent to the daemon through the control channel)")
     export_cli.add_parsers(sub)  # export, chat
+    skills_cli.add_parsers(sub)  # trial, skills
     return p
 
 
@@ -544,4 +545,5 @@ COMMANDS = {
     "stop-all": cmd_stop_all, "status": cmd_status, "validate": cmd_validate, "eval": cmd_eval, "enqueue": cmd_enqueue,
     "new-hero": cmd_new_hero, "doctor": cmd_doctor, "supervise": cmd_supervise, "vault": cmd_vault, **{c: cmd_control for c in CONTROL_COMMANDS},
     "export": export_cli.cmd_export, "chat": export_cli.cmd_chat,
+    "trial": skills_cli.cmd_trial, "skills": skills_cli.cmd_skills,
 }

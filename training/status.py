@@ -31,7 +31,8 @@ def collect_status(realm: Realm, config: RealmConfig) -> dict[str, Any]:
                            "daemon": _daemon(read_daemon_status(None, None)),
                            "processes": {}, "queue": {s.value: 0 for s in QuestState}, "quests": [],
                            "current_quest": None, "last_checkpoint": _last_checkpoint(realm, config.hero.name),
-                           "supervisor": None, "crashes": [], "last_crash": None}
+                           "supervisor": None, "crashes": [], "last_crash": None,
+                           "skills": skills_status(config, None), "skill_errors": []}
     for role in (*ROLES, SUPERVISOR):
         info = process_info(realm, role)
         out["processes"][role] = {"state": info.state.value, "pid": info.pid}
@@ -60,6 +61,8 @@ def collect_status(realm: Realm, config: RealmConfig) -> dict[str, Any]:
             "examples_trained": q["examples_trained"], "steps": q["steps"], "attempts": q["attempts"],
             "note": q["note"], "error": q["error"],
         } for q in quests]
+        out["skills"] = skills_status(config, ledger)
+        out["skill_errors"] = ledger.skill_load_errors()
         current = [q for q in quests if q["state"] == QuestState.PROCESSING.value]
         if current:
             q = current[0]
@@ -80,6 +83,24 @@ def _daemon(d: DaemonStatus) -> dict[str, Any]:
     return {**{k: v for k, v in d.value.items() if k != "hero"}, "state": d.display_state,
             "reported_state": d.state, "alive": d.alive, "pid": d.pid,
             "heartbeat_age_seconds": d.heartbeat_age_seconds}
+
+
+def skills_status(config: RealmConfig, ledger: Ledger | None) -> list[dict[str, Any]]:
+    """``status --json`` ``skills``: the skills of ``skills.priorities`` and any other skill with a trial,
+    each ``{"name", "level", "trials", "priority", "last_trial": {"level", "n", "correct", "accuracy",
+    "lower_bound", "step"} | None}`` (levels and trials from the ledger's ``trials`` table)."""
+    summary = ledger.skill_summary(config.hero.name) if ledger is not None else {}
+    names = list(config.skills.priorities) + [n for n in summary if n not in config.skills.priorities]
+    out = []
+    for name in names:
+        info = summary.get(name) or {}
+        last = info.get("last_trial")
+        out.append({"name": name, "level": info.get("level", 0), "trials": info.get("trials", 0),
+                    "priority": config.skills.priorities.get(name, 0.0),
+                    "last_trial": None if last is None else {
+                        "level": last.level, "n": last.n, "correct": last.correct, "accuracy": last.accuracy,
+                        "lower_bound": last.lower_bound, "step": last.global_step}})
+    return out
 
 
 def _bar(done: int, total: int, width: int = 30) -> str:
@@ -139,6 +160,13 @@ def format_status(s: dict[str, Any]) -> str:
                      f"{crash.get('summary')} ({len(s.get('crashes') or [])} recent)")
     ck = s["last_checkpoint"]
     lines.append(f"checkpoint:   {ck['path']}" if ck else "checkpoint:   none yet")
+    for i, sk in enumerate(s.get("skills") or []):
+        last = sk["last_trial"]
+        tried = (f"last trial level {last['level']}: {last['correct']}/{last['n']}, lower bound "
+                 f"{last['lower_bound']:.3f}, step {last['step']}" if last else "no trial yet")
+        lines.append(f"{'skills:' if i == 0 else '':14}{sk['name']} level {sk['level']} ({sk['trials']} trials; {tried})")
+    for e in s.get("skill_errors") or []:
+        lines.append(f"skill error:  {e['source']}: {e['message'].strip().splitlines()[-1][:120]}")
     return "\n".join(lines)
 
 

@@ -38,7 +38,7 @@ def test_field_map_and_roundtrip(tmp_path):
 def test_schema_and_reference_cover_every_section():
     schema = config_json_schema()
     assert set(schema["properties"]) == {"hero", "training", "ingest", "validation", "tavern", "retention",
-                                         "backup", "supervisor", "sources", "webhooks"}
+                                         "backup", "supervisor", "sources", "webhooks", "skills"}
     ref = config_reference_markdown()
     for key in ("learning_rate", "max_length", "save_steps", "settle_seconds", "length_policy", "access_token",
                 "keep_last", "min_free_gb", "hang_minutes", "report_to", "max_download_bytes", "secret"):
@@ -96,3 +96,31 @@ def test_types_are_strict_but_ints_are_floats():
 def test_config_command_output_is_always_valid_json():
     out = json.dumps(parse_config({"training": {"learning_rate": 1}}).model_dump(), allow_nan=False)
     assert json.loads(out)["training"]["learning_rate"] == 1.0
+
+
+# --- skills (issue 10) -------------------------------------------------------------------------------------
+def test_skills_defaults_and_schema():
+    skills = parse_config({}).skills
+    assert skills.priorities == {"BIN": 1.0} and skills.trial_samples == 50 and skills.promotion_threshold == 0.8
+    props = config_json_schema()["$defs"]["SkillsConfig"]["properties"]
+    assert {"priorities", "trial_samples", "trial_every_steps", "promotion_threshold", "datasets"} <= set(props)
+    assert props["trial_samples"]["minimum"] == 30
+    ref = config_reference_markdown()
+    assert "#### `skills`" in ref and "`promotion_threshold`" in ref and "`trial_every_steps`" in ref
+
+
+def test_skills_errors_are_reported_at_once_by_key():
+    with pytest.raises(ConfigError) as info:
+        parse_config({"skills": {"trial_samples": 29, "priorities": {"BIN": -1, "bad name": 1},
+                                 "datasets": {"G": {"path": "g.jsonl", "verifier": "vibes", "extra": 1}, "9": {}}}})
+    errors = "\n".join(info.value.errors)
+    for needle in ("skills.trial_samples: Input should be greater than or equal to 30",
+                   "skills.priorities: Value error, skill name 'bad name'", "weight of 'BIN' must be a finite number",
+                   "skills.datasets.G.verifier", "skills.datasets.G.extra: unknown key", "skills.datasets.9.path"):
+        assert needle in errors, errors
+
+
+def test_a_threshold_no_trial_can_reach_is_refused():
+    with pytest.raises(ConfigError, match="skills.promotion_threshold: .*0.929"):
+        parse_config({"skills": {"promotion_threshold": 0.93}})
+    assert parse_config({"skills": {"promotion_threshold": 0.93, "trial_samples": 100}}).skills.trial_samples == 100

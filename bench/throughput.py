@@ -176,13 +176,14 @@ def lora_targets(model_dir: Path) -> list[str]:
 
 def run_engine(model_dir: Path, examples: list[dict], spec: dict, warmup: int, workdir: Path, cuda: bool,
                lora: bool = False) -> Run:
+    from core.chat import measure_batch
     from core.daemon import TRAINABLE_FORMATS  # noqa: F401  (the daemon's import path, as in production)
     from core.engine import Engine
-    from core.formats import iter_valid_records
     from core.ledger import Ledger
     from core.quest_queue import QuestQueue
     from core.realm import init_realm
-    from core.validation import length_action
+    from core.records import RecordVerdicts, trainable_records
+    from core.validation import validate_file
 
     root = Path(tempfile.mkdtemp(prefix="engine-", dir=workdir))
     training = {"max_length": spec["max_length"], "micro_batch_size": spec["rows"], "gradient_accumulation_steps": 1,
@@ -202,13 +203,13 @@ def run_engine(model_dir: Path, examples: list[dict], spec: dict, warmup: int, w
     engine = Engine(realm, config, ledger)
     engine.setup()
 
-    def records():  # as core.daemon.Daemon._trainable_records feeds the engine
-        for line, example in iter_valid_records(path, quest["name"], config.validation):
-            tokens, _ = engine.count_tokens(example)
-            if length_action(tokens, config.training.max_length, config.validation.length_policy) in ("drop",
-                                                                                                     "reject"):
-                continue
-            yield line, example
+    # as the daemon feeds the engine: validation's verdict (not timed), then the records it kept
+    verdicts = RecordVerdicts()
+    validate_file(path, display_name=quest["name"], config=config, verdicts=verdicts,
+                  count_tokens_batch=lambda exs: measure_batch(exs, engine.tokenizer, config.training.max_length))
+
+    def records():
+        return trainable_records(path, verdicts)
 
     stamps: list[float] = []
     total = warmup + spec["steps"]

@@ -8,7 +8,7 @@ The file: GSM8K records from ../shared/data as ``prompt``/``completion`` JSON li
 numbered so none is identical) up to the size asked for. Each measurement runs
 :func:`core.validation.validate_file` in a fresh process, as the daemon does: every line parsed and
 checked, the whole file hashed, token lengths measured with the hero's tokenizer in batches
-(:func:`core.chat.count_tokens_batch`) against ``max_length`` 512. Tokenizers: ``byte`` (the embedded
+(:func:`core.chat.measure_batch`, as the daemon does) against ``max_length`` 512. Tokenizers: ``byte`` (the embedded
 default hero's byte-level tokenizer) and ``stories260K`` (a real 512-token BPE vocabulary).
 
 Memory is flat when the peak RSS on the big file equals that on a small one (16 MB): both are reported,
@@ -65,7 +65,7 @@ def generate(path: Path, size_mb: int) -> int:
 def child(path: Path, tokenizer_name: str) -> None:
     """Validate ``path`` in this process and print one JSON line of measurements."""
     sys.path.insert(0, str(ROOT))
-    from core.chat import count_tokens, count_tokens_batch
+    from core.chat import count_tokens, measure_batch
     from core.config import HeroConfig, parse_config
     from core.hero import EMBEDDED_TOKENIZER, load_tokenizer
     from core.validation import validate_file
@@ -76,7 +76,7 @@ def child(path: Path, tokenizer_name: str) -> None:
     baseline = peak_rss_mb()
     started = time.perf_counter()
     report = validate_file(path, config=config, count_tokens=lambda e: count_tokens(e, tokenizer),
-                           count_tokens_batch=lambda es: count_tokens_batch(es, tokenizer))
+                           count_tokens_batch=lambda es: measure_batch(es, tokenizer, 512))
     seconds = time.perf_counter() - started
     print(json.dumps({"seconds": seconds, "bytes": report.size_bytes, "lines": report.lines,
                       "accepted": report.accepted, "tokens": report.tokens.model_dump() if report.tokens else None,

@@ -1,7 +1,9 @@
 """The realm's ``config.json``, loaded into pydantic models.
 
-Every section rejects unknown keys. :func:`load_config` reports *all* problems at once, each naming its
-dotted key (``training.learning_rate: Input should be greater than 0``), by raising :class:`ConfigError`.
+Every section rejects unknown keys, and types are strict: ``true`` is not an integer, ``"5"`` not a number
+(an integer is a float), ``NaN``/``Infinity`` are refused. :func:`load_config` reports *all* problems at
+once, each naming its dotted key (``training.learning_rate: Input should be greater than 0``), by raising
+:class:`ConfigError`; a file that cannot be read as a JSON object is one too (``(file): ...``).
 ``python -m training config --schema`` prints :func:`config_json_schema`; the README's config reference is
 generated from the same schema by :func:`config_reference_markdown`.
 """
@@ -9,16 +11,19 @@ generated from the same schema by :func:`config_reference_markdown`.
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 CONFIG_FILENAME = "config.json"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: `true` is no integer and "5" no number (a JSON integer is still a float); finite floats only
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
 class HeroConfig(_Section):
@@ -51,6 +56,10 @@ class LoraSettings(_Section):
         None, description="Names (last component) of the linear layers that get an adapter, e.g. "
         '["q_proj", "v_proj"]. null: every nn.Linear inside the decoder layers (attention and MLP '
         "projections), found from the model; never the LM head or the embeddings.")
+
+
+ReportTo = Literal["tensorboard", "wandb", "mlflow", "trackio"]
+"""Trackers ``training.report_to`` accepts (accelerate's names)."""
 
 
 class TrainingConfig(_Section):
@@ -102,6 +111,11 @@ class TrainingConfig(_Section):
     min_trainable_token_ratio: float = Field(
         0.01, ge=0, le=1, description="Sanity check: a quest whose completion tokens are fewer than this share "
         "of all tokens is flagged in its report (the loss mask is probably wrong).")
+    report_to: list[ReportTo] | None = Field(
+        None, description="Experiment trackers (accelerate's) that receive loss, learning_rate, grad_norm, "
+        "tokens_per_second and eval_loss at each global step, logged under <realm>/runs/<hero>/ where they "
+        "write locally. null: tensorboard when it is installed, else none; []: none. A named tracker that is "
+        "not installed is skipped with a warning event.")
 
 
 class IngestConfig(_Section):
@@ -195,6 +209,133 @@ class SupervisorConfig(_Section):
     poll_interval_seconds: float = Field(1.0, gt=0, description="How often the watchdog checks its children.")
 
 
+class SourcesConfig(_Section):
+    """Downloads into the inbox: ``python -m training enqueue URL`` and the Tavern's "post a quest by URL"
+    (https/http, ``hf://datasets/...``, ``s3://``, ``gs://``)."""
+
+    max_download_bytes: int = Field(4 * 1024**3, ge=1, description="Largest download accepted (bytes); a "
+                                    "larger announced size is refused before anything is written, a larger "
+                                    "stream is cut and removed.")
+    timeout_seconds: float = Field(60.0, gt=0, description="Network timeout of each connect and read.")
+
+
+WebhookEvent = Literal["quest_completed", "quest_failed", "level_up", "promotion", "checkpoint_saved", "crash",
+                       "disk_full_pause"]
+"""Events a webhook can subscribe to (see :data:`core.webhooks.EVENT_KINDS` for the ledger kinds behind each)."""
+
+
+class WebhookConfig(_Section):
+    """One receiver of ``webhooks``: events POSTed as JSON, signed with HMAC-SHA256 of the raw body under
+    ``secret`` (header ``X-Realm-Signature-256: sha256=<hex>``), retried with exponential backoff."""
+
+    url: str = Field(description="http:// or https:// address the events are POSTed to.")
+    events: list[WebhookEvent] = Field(
+        default_factory=lambda: list(WebhookEvent.__args__), min_length=1,  # type: ignore[attr-defined]
+        description="Events to send: quest_completed, quest_failed, level_up, promotion, checkpoint_saved, "
+        "crash, disk_full_pause (default: all).")
+    secret: str = Field(min_length=1, description="Shared secret of the HMAC-SHA256 signature.")
+    timeout_seconds: float = Field(10.0, gt=0, description="Timeout of one delivery attempt.")
+    max_retry_hours: float = Field(24.0, gt=0, description="Retry a failing delivery (the delay doubling from "
+                                   "1 s up to backoff_max_seconds) for this long, then record it failed and go "
+                                   "on.")
+    backoff_max_seconds: float = Field(300.0, ge=1, description="Longest delay between two attempts of a "
+                                       "delivery.")
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// address with a host")
+        return value
+
+
+# --- skills (issue 10) -------------------------------------------------------------------------------
+SKILL_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_.-]{0,31}$"
+
+
+class DatasetSkillConfig(_Section):
+    """A skill made of a prompt/completion file: the hero answers its prompts, a verifier from the reward
+    library checks the answer against the completion (see core/skills/dataset.py)."""
+
+    path: str = Field(..., min_length=1, description="The .jsonl or .jsonl.gz file, relative to the realm or "
+                      "absolute (read in place, never copied).")
+    field_map: dict[str, str] = Field(default_factory=dict, description="Rename fields so records have "
+                                      'prompt and completion strings, e.g. {"question": "prompt", '
+                                      '"answer": "completion"}.')
+    verifier: Literal["exact_match", "numeric_answer"] = Field(
+        "exact_match", description="Reward that decides whether an answer is right against the completion: "
+        "exact_match (normalized text), numeric_answer (the final number, GSM8K `#### N`).")
+    level_key: str | None = Field(None, description="Field holding each record's level (a non-negative "
+                                  "integer); null: every record is level 0.")
+    holdout_every: int = Field(10, ge=2, le=1000, description="About one record in N (by a hash of its "
+                               "prompt) is held out of training for trials; the others are training items.")
+
+
+class SkillsConfig(_Section):
+    """Skills with levels, earned in promotion trials (see the README's Skills section)."""
+
+    priorities: dict[str, float] = Field(
+        default_factory=lambda: {"BIN": 1.0},
+        description="Skill name -> weight (>= 0) of the skills the hero practises: built-in BIN and LETTERS, "
+        "the datasets below, and custom skills from the realm's skills/ folder.")
+    trial_samples: int = Field(50, ge=30, le=10000, description="Fresh items per promotion trial (never fewer "
+                               "than 30: fewer cannot support a promotion statistically).")
+    trial_every_steps: int = Field(200, ge=0, description="The daemon's skill loop tries a skill after this many "
+                                   "optimizer steps of training on it (0: only on demand, `python -m training "
+                                   "trial`).")
+    promotion_threshold: float = Field(0.8, gt=0, lt=1, description="Promote when the Wilson 95% lower bound "
+                                       "of the trial's accuracy is at least this.")
+    max_new_tokens: int = Field(64, ge=1, le=8192, description="Longest answer generated in a trial (tokens); "
+                                "generation also stops a few tokens after the longest reference answer.")
+    trial_batch_size: int = Field(64, ge=1, le=4096, description="Prompts generated together (greedy, left "
+                                  "padded) in a trial.")
+    sample_answers: int = Field(6, ge=0, le=100, description="Answers kept in the ledger per trial (prompt, "
+                                "expected, answer, right or wrong).")
+    datasets: dict[str, DatasetSkillConfig] = Field(
+        default_factory=dict, description="Dataset skills by name, e.g. {\"GSM8K\": {\"path\": "
+        "\"../shared/data/gsm8k_train.jsonl\", \"field_map\": {\"question\": \"prompt\", \"answer\": "
+        "\"completion\"}, \"verifier\": \"numeric_answer\"}}.")
+
+    @field_validator("priorities")
+    @classmethod
+    def _priorities(cls, value: dict[str, float]) -> dict[str, float]:
+        problems = [_skill_name_problem(name) for name in value if _skill_name_problem(name)]
+        problems += [f"weight of {name!r} must be a finite number >= 0, got {weight}"
+                     for name, weight in value.items() if not math.isfinite(weight) or weight < 0]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
+
+    @field_validator("datasets")
+    @classmethod
+    def _dataset_names(cls, value: dict[str, DatasetSkillConfig]) -> dict[str, DatasetSkillConfig]:
+        problems = [_skill_name_problem(name) for name in value if _skill_name_problem(name)]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
+
+    @field_validator("promotion_threshold")
+    @classmethod
+    def _reachable(cls, value: float, info) -> float:
+        from core.skills.stats import wilson_lower_bound
+
+        n = info.data.get("trial_samples")
+        if n is not None and value > wilson_lower_bound(n, n):
+            raise ValueError(f"{value} can never be reached with trial_samples {n}: even all right gives a "
+                             f"Wilson lower bound of {wilson_lower_bound(n, n):.3f}; lower the threshold or "
+                             "raise trial_samples")
+        return value
+
+
+def _skill_name_problem(name: str) -> str | None:
+    if re.fullmatch(SKILL_NAME_PATTERN, name):
+        return None
+    return f"skill name {name!r}: letters, digits, '_', '.', '-', a letter first, at most 32 characters"
+
+
 class RealmConfig(_Section):
     """The whole ``config.json`` of a realm."""
 
@@ -206,6 +347,9 @@ class RealmConfig(_Section):
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
     backup: BackupConfig = Field(default_factory=BackupConfig)
     supervisor: SupervisorConfig = Field(default_factory=SupervisorConfig)
+    sources: SourcesConfig = Field(default_factory=SourcesConfig)
+    webhooks: list[WebhookConfig] = Field(default_factory=list, description="Receivers of training events.")
+    skills: SkillsConfig = Field(default_factory=SkillsConfig)
 
 
 class ConfigError(ValueError):
@@ -237,21 +381,43 @@ def parse_config(data: dict, source: str = "<dict>") -> RealmConfig:
         raise ConfigError(source, _format_errors(exc)) from None
 
 
+def read_config_data(path: Path | str) -> dict | None:
+    """The JSON object in ``config.json`` (a leading UTF-8 byte order mark is allowed), or None when
+    there is no such file. ``NaN``/``Infinity`` are read as floats, for validation to refuse by key.
+
+    Raises :class:`ConfigError` when the file cannot be read (a directory, no permission), is not UTF-8,
+    is not JSON (naming line and column), is nested too deeply to parse, or is not a JSON object.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ConfigError(path, [f"(file): cannot be read: {exc.strerror or exc}"]) from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, [f"(file): not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 1]!r})"]) \
+            from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(path, [f"(file): invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"]) from None
+    except RecursionError:
+        raise ConfigError(path, ["(file): JSON nested too deeply to read"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError(path, ["(root): must be a JSON object"])
+    return data
+
+
 def load_config(path: Path | str) -> RealmConfig:
     """Load ``config.json``; a missing file means all defaults.
 
-    Raises :class:`ConfigError` on invalid JSON (naming line and column) or invalid values.
+    Raises :class:`ConfigError` (see :func:`read_config_data`), listing every invalid value by dotted key.
     """
-    path = Path(path)
-    if not path.exists():
-        return RealmConfig()
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ConfigError(path, [f"(file): invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"]) from None
-    if not isinstance(data, dict):
-        raise ConfigError(path, ["(root): must be a JSON object"])
-    return parse_config(data, str(path))
+    data = read_config_data(path)
+    return RealmConfig() if data is None else parse_config(data, str(path))
 
 
 def config_json_schema() -> dict:
@@ -259,15 +425,51 @@ def config_json_schema() -> dict:
     return RealmConfig.model_json_schema()
 
 
+def type_name(annotation) -> str:
+    """A field's type as a reader writes it: ``str``, ``int | None``, ``Literal['a', 'b']``,
+    ``dict[str, list[str]]``, a section's class name (never ``<class 'str'>``)."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is type(None):
+        return "None"
+    if origin is typing.Literal:
+        return f"Literal[{', '.join(repr(a) for a in args)}]"
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_name(a) for a in args)
+    if origin is typing.Annotated:
+        return type_name(args[0])
+    if origin is not None:
+        name = getattr(origin, "__name__", str(origin).replace("typing.", ""))
+        return f"{name}[{', '.join(type_name(a) for a in args)}]" if args else name
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def config_sections() -> list[tuple[str, type[BaseModel]]]:
+    """``(name, model)`` of every section of ``config.json``, in order; a list of sections (``webhooks``)
+    is named ``webhooks[]`` with the model of one item."""
+    out: list[tuple[str, type[BaseModel]]] = []
+    for name, field in RealmConfig.model_fields.items():
+        model = field.default_factory().__class__  # type: ignore[misc]
+        if model is list:
+            out.append((f"{name}[]", field.annotation.__args__[0]))  # type: ignore[union-attr]
+        else:
+            out.append((name, model))
+    return out
+
+
 def config_reference_markdown() -> str:
     """A Markdown table per section: key, type, default, description (for the README)."""
     lines: list[str] = []
-    for section_name, field in RealmConfig.model_fields.items():
-        model = field.default_factory().__class__  # type: ignore[misc]
+    for section_name, model in config_sections():
         lines += [f"#### `{section_name}`", "", (model.__doc__ or "").strip(), "",
                   "| key | type | default | description |", "|---|---|---|---|"]
         lines += _reference_rows(model)
         lines.append("")
+        lines += _nested_reference(section_name, model)
     return "\n".join(lines)
 
 
@@ -279,7 +481,23 @@ def _reference_rows(model: type[BaseModel], prefix: str = "") -> list[str]:
         if isinstance(default, BaseModel):
             rows += _reference_rows(type(default), f"{prefix}{key}.")
             continue
-        ann = str(f.annotation).replace("typing.", "").replace("|", "\\|")
+        ann = type_name(f.annotation).replace("|", "\\|")
         desc = (f.description or "").replace("|", "\\|")
-        rows.append(f"| `{prefix}{key}` | `{ann}` | `{json.dumps(default)}` | {desc} |")
+        shown = "required" if f.is_required() else f"`{json.dumps(default)}`"
+        rows.append(f"| `{prefix}{key}` | `{ann}` | {shown} | {desc} |")
     return rows
+
+
+def _nested_reference(section_name: str, model: type[BaseModel]) -> list[str]:
+    """A table for each ``dict[str, <section model>]`` field (e.g. ``skills.datasets.<name>``)."""
+    from typing import get_args
+
+    lines: list[str] = []
+    for key, f in model.model_fields.items():
+        nested = [a for a in get_args(f.annotation) if isinstance(a, type) and issubclass(a, _Section)]
+        for sub in nested:
+            lines += [f"##### `{section_name}.{key}.<name>`", "", (sub.__doc__ or "").strip(), "",
+                      "| key | type | default | description |", "|---|---|---|---|"]
+            lines += _reference_rows(sub)
+            lines.append("")
+    return lines

@@ -2,71 +2,85 @@
 
 Two threads in one process:
 
-- the **ingest thread** waits for inbox changes (:class:`core.ingest.InboxWatcher`), takes settled files
-  into the queue (:meth:`core.quest_queue.QuestQueue.admit`), validates them with the hero's tokenizer and
-  moves each to ``queue/<priority>/`` or ``queue/failed/`` with its report;
-- the **main thread** trains quests one after another with one persistent :class:`core.engine.Engine`
-  and obeys the control channel (ledger ``commands``: pause, resume, skip, stop).
+- the **admission thread** (:class:`core.admission.Admission`) takes settled files from the inbox,
+  validates them with the hero's tokenizer and moves each to ``queue/<priority>/`` or ``queue/failed/``
+  with its report and per-record verdict;
+- the **main thread** (this module: lifecycle, the training loop, the control channel) trains quests one
+  after another with one persistent :class:`core.engine.Engine`, feeding it exactly the records validation
+  kept (:func:`core.records.trainable_records`, after :func:`core.records.verify_unchanged`: a file that
+  changed since it was validated goes back to validation, never trains in part), and obeys the control
+  channel (ledger ``commands``: pause, resume, skip, stop).
 
-The daemon state (:class:`DaemonState`) is written to the ledger key ``daemon`` by :meth:`Daemon._set_state`
-only; its ``updated_at`` is the heartbeat. SIGTERM/SIGINT stop warmly: the current step finishes and a
-checkpoint is saved.
+The daemon state (:class:`core.contract.DaemonState`) is published under :data:`core.contract.DAEMON_KEY`
+by :meth:`Daemon._set_state` only; its ``updated_at`` is the heartbeat. SIGTERM/SIGINT (or the ``stop``
+command) stop warmly: the state becomes ``stopping``, the current step finishes and a checkpoint is saved.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
-from enum import Enum
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from core.chat import count_tokens, count_tokens_batch
+from core.admission import Admission
 from core.checkpoint_layout import checkpoint_name
 from core.config import RealmConfig
-from core.engine import CheckpointSkipped, Engine, count_train_examples
+from core.contract import (
+    ETA_WINDOW_STEPS,
+    HEARTBEAT_INTERVAL_SECONDS,
+    DaemonState,
+    process_identity,
+    quest_eta,
+)
+from core.engine import CheckpointSkipped, Engine
 from core.faults import TrainingRolledBack
-from core.formats import PREFERENCE_FORMATS, SFT_FORMATS, iter_valid_records
-from core.fsutil import ExclusiveLock
-from core.ingest import InboxScanner, InboxWatcher
+from core.formats import SFT_FORMATS
+from core.fsutil import ExclusiveLock, sha256_file
 from core.ledger import CommandState, Ledger, QuestState
 from core.quest_queue import QuestQueue, QuestStateError
 from core.realm import DAEMON_LOCK, Realm
-from core.validation import length_action, validate_file, write_report
+from core.records import (
+    QuestChanged,
+    VerdictsError,
+    load_verdicts,
+    trainable_records,
+)
 
 log = logging.getLogger("realm.daemon")
 
-DAEMON_KEY = "daemon"
 TRAINABLE_FORMATS = set(SFT_FORMATS)
-HEARTBEAT_INTERVAL_SECONDS = 1.0
-
-
-class DaemonState(str, Enum):
-    STARTING = "starting"
-    IDLE = "idle"
-    TRAINING = "training"
-    PAUSED = "paused"
-    STOPPING = "stopping"
-    STOPPED = "stopped"
 
 
 class AlreadyRunning(RuntimeError):
     """Raised when another daemon holds the realm's lock."""
 
 
+class CheckpointHooks(Protocol):
+    """What the daemon calls around each checkpoint save (``management.hooks.CheckpointHooks``, the disk
+    guard and retention, implements it; the CLI passes one in)."""
+
+    def before_save(self, *, parameters: int | None = None, should_stop: Callable[[], bool] = ...,
+                    on_wait: Callable[[Any], None] = ...) -> bool:
+        """True when the checkpoint fits; may block while the disk is short (calling ``on_wait(result)``),
+        and returns False when ``should_stop()`` becomes true meanwhile (the save is then skipped)."""
+        ...
+
+    def after_save(self, path: Path | None = None) -> None:
+        """Called with the new checkpoint's folder (e.g. prune by the retention policy)."""
+        ...
+
+
 class Daemon:
     """One realm's long-running trainer. ``run()`` returns when stopped (or idle, with ``until_idle``)."""
 
     def __init__(self, realm: Realm, config: RealmConfig, *, until_idle: bool = False,
-                 checkpoint_hooks: Any = None):
-        """``checkpoint_hooks``: an object with ``before_save(parameters=, should_stop=, on_wait=) -> bool``
-        and ``after_save(path)`` (the disk guard and retention of ``management.hooks.CheckpointHooks``,
-        passed in by the CLI), or None."""
+                 checkpoint_hooks: CheckpointHooks | None = None):
+        """``checkpoint_hooks``: see :class:`CheckpointHooks` (passed in by the CLI), or None."""
         self.realm = realm
         self.checkpoint_hooks = checkpoint_hooks
         self.config = config
@@ -81,10 +95,8 @@ class Daemon:
         self._instance_lock = ExclusiveLock(realm.lock_file(DAEMON_LOCK))
         self._status: dict[str, Any] = {}
         self._last_heartbeat = 0.0
-        self._ingest_thread: threading.Thread | None = None
-        self._watcher: InboxWatcher | None = None
-        self._ingest_error: BaseException | None = None
-        self._untakeable: dict[Path, tuple[int, int]] = {}  # inbox files admit failed on: (size, mtime_ns)
+        self.admission: Admission | None = None
+        self._identity = process_identity()  # pid and its start time: readers tell a reused pid
 
     # lifecycle -------------------------------------------------------------------
     def run(self) -> int:
@@ -122,13 +134,8 @@ class Daemon:
             self.ledger.event("newborn_hero", msg, level="warning")
         self.ledger.event("daemon_started", f"daemon started at global step {self.engine.global_step}",
                           pid=os.getpid(), global_step=self.engine.global_step)
-        # the ingest thread measures token lengths with its own tokenizer copy (fast tokenizers are not
-        # safe to share between threads)
-        self._ingest_tokenizer = copy.deepcopy(self.engine.tokenizer)
-        self._watcher = InboxWatcher(self.realm, self.config.ingest)
-        self._watcher.start()
-        self._ingest_thread = threading.Thread(target=self._ingest_loop, name="ingest", daemon=True)
-        self._ingest_thread.start()
+        self.admission = Admission(self.realm, self.config, self.ledger, self.queue, self.engine.tokenizer)
+        self.admission.start()
 
     def _before_save(self) -> bool:
         """The disk guard: True when the checkpoint fits; while the disk is short it waits (state paused,
@@ -140,11 +147,11 @@ class Daemon:
 
     def cleanup(self) -> None:
         self._stop.set()
-        if self._watcher is not None:
-            self._watcher.wake.set()
-            self._watcher.stop()
-        if self._ingest_thread is not None:
-            self._ingest_thread.join(timeout=30)
+        if self.ledger is not None:
+            self._set_state(DaemonState.STOPPING)
+        if self.admission is not None:
+            self.admission.stop()
+            self.admission.join(timeout=30)
         if self.engine is not None:
             try:
                 if self.engine.global_step > self.engine.last_saved_step:
@@ -163,8 +170,8 @@ class Daemon:
 
     def request_stop(self) -> None:
         self._stop.set()
-        if self._watcher is not None:
-            self._watcher.wake.set()
+        if self.admission is not None:
+            self.admission.stop()
 
     # main loop --------------------------------------------------------------------
     def _loop(self) -> None:
@@ -173,8 +180,8 @@ class Daemon:
             self._handle_commands()
             if self._stop.is_set():
                 break
-            if self._ingest_error is not None:
-                raise RuntimeError("ingest thread died") from self._ingest_error
+            if self.admission is not None and self.admission.error is not None:
+                raise RuntimeError("admission thread died") from self.admission.error
             if self.paused:
                 self._set_state(DaemonState.PAUSED)
                 self._stop.wait(0.2)
@@ -182,7 +189,8 @@ class Daemon:
             quest = self.queue.next_trainable(TRAINABLE_FORMATS)
             if quest is None:
                 # re-checked after: a validation may have queued a quest since next_trainable() looked
-                if self.until_idle and self._ingest_idle() and self.queue.next_trainable(TRAINABLE_FORMATS) is None:
+                if self.until_idle and self.admission is not None and self.admission.idle() \
+                        and self.queue.next_trainable(TRAINABLE_FORMATS) is None:
                     log.info("nothing trainable left: exiting (--until-idle)")
                     break
                 self._set_state(DaemonState.IDLE, quest_id=None)
@@ -190,28 +198,26 @@ class Daemon:
                 continue
             self._train(quest)
 
-    def _ingest_idle(self) -> bool:
-        """True when the inbox holds no file and no quest is being validated."""
-        assert self.ledger is not None
-        scanner = InboxScanner(self.realm, self.config.ingest)
-        return scanner.pending() == 0 and not self.ledger.list_quests([QuestState.VALIDATING])
-
     def _train(self, quest: dict[str, Any]) -> None:
         assert self.queue is not None and self.ledger is not None and self.engine is not None
         qid = quest["id"]
-        if quest["state"] == QuestState.QUEUED.value:
+        starting = quest["state"] == QuestState.QUEUED.value
+        if starting:
             try:
                 quest = self.queue.transition(qid, QuestState.PROCESSING, expect=QuestState.QUEUED, deferred=0)
             except QuestStateError as exc:  # removed or re-prioritised from the Tavern meanwhile
                 log.info("quest %s changed before it started: %s", qid, exc)
                 return
+        records = self._verified_records(quest)
+        if records is None:
+            return
+        if starting:
             self.ledger.event("quest_started", f"quest {quest['name']} started", quest_id=qid)
         else:
             self.ledger.event("quest_resumed", f"quest {quest['name']} resumed at example "
                               f"{quest['examples_trained']}", quest_id=qid)
         self._skip = False
         self._set_state(DaemonState.TRAINING, quest_id=qid)
-        records = self._trainable_records(quest)
         completed = self._completed_steps()
         try:
             result = self.engine.train_quest(qid, records, examples_done=quest["examples_trained"] or 0,
@@ -223,6 +229,9 @@ class Daemon:
             return  # still processing: the loop resumes it at examples_trained (rolled back)
         except CheckpointSkipped as exc:  # disk full and a stop was requested: not the quest's fault
             log.error("%s; quest %s stays in processing", exc, qid)
+            return
+        except QuestChanged as exc:  # its file changed while it trained
+            self._file_changed(self.ledger.get_quest(qid) or quest, str(exc))
             return
         except Exception as exc:  # a failing quest must not kill the daemon
             self._quest_raised(quest, exc)
@@ -292,21 +301,56 @@ class Daemon:
                               f"{attempts + 1} of {self.config.training.max_attempts}", level="warning",
                               quest_id=quest["id"])
 
-    def _trainable_records(self, quest: dict[str, Any]) -> Iterator[tuple[int, dict]]:
-        """The quest's records as validation accepted them: valid lines, minus those the length policy
-        drops or rejects and those the tokenizer cannot encode (both are listed in the report)."""
-        assert self.queue is not None and self.engine is not None
-        max_length = self.config.training.max_length
-        policy = self.config.validation.length_policy
-        for line, example in iter_valid_records(self.queue.path_of(quest), quest["name"],
-                                                self.config.validation):
-            try:
-                tokens, _ = self.engine.count_tokens(example)
-            except Exception:  # noqa: BLE001 - a bad line in the report; never trained
-                continue
-            if length_action(tokens, max_length, policy) in ("drop", "reject"):
-                continue
-            yield line, example
+    def _verified_records(self, quest: dict[str, Any]) -> Iterator[tuple[int, dict]] | None:
+        """The quest's records exactly as validation kept them (:func:`core.records.trainable_records`),
+        after checking that its file is the one validated (SHA-256). None when it is not, or when its
+        verdict is missing (a quest queued before verdicts existed): it goes back to validation."""
+        assert self.queue is not None
+        path = self.queue.path_of(quest)
+        try:
+            verdicts = load_verdicts(self.queue.verdicts_path_of(quest))
+        except VerdictsError as exc:
+            verdicts, problem = None, str(exc)
+        validated = verdicts.content_hash if verdicts is not None else quest["content_hash"]
+        try:
+            digest = sha256_file(path)
+        except OSError as exc:  # counted as a failed attempt, like any quest that raises
+            self._quest_raised(quest, exc)
+            return None
+        if digest != validated:
+            self._file_changed(quest, f"{quest['name']} changed after it was validated (SHA-256 {digest[:12]}..., "
+                               f"validated {str(validated)[:12]}...)")
+            return None
+        if verdicts is None:
+            self._validate_again(quest, f"the record verdicts of {quest['name']} cannot be used ({problem})",
+                                 kind="quest_verdicts_missing")
+            return None
+        return trainable_records(path, verdicts)
+
+    def _file_changed(self, quest: dict[str, Any], why: str) -> None:
+        """A quest's file is not what validation read: validate it again -- unless examples of it were
+        trained already (they came from the validated content; the rest cannot be trained in part):
+        then it fails, and the file can be dropped again as a new quest."""
+        assert self.queue is not None and self.ledger is not None
+        done = quest["examples_trained"] or 0
+        if done == 0:
+            self._validate_again(quest, why)
+            return
+        error = (f"{why}, after {done} of its examples were trained: the rest is not trained from a file "
+                 "that differs from the one validated; drop the file into the inbox again as a new quest")
+        self.queue.transition(quest["id"], QuestState.FAILED, error=error)
+        self.ledger.event("quest_changed", error, level="error", quest_id=quest["id"])
+
+    def _validate_again(self, quest: dict[str, Any], why: str, kind: str = "quest_changed") -> None:
+        assert self.queue is not None and self.ledger is not None and self.admission is not None
+        try:
+            self.queue.transition(quest["id"], QuestState.VALIDATING, expect=QuestState(quest["state"]))
+        except QuestStateError as exc:  # removed or re-prioritised from the Tavern meanwhile
+            log.info("quest %s changed before it was validated again: %s", quest["id"], exc)
+            return
+        self.ledger.event(kind, f"{why}: validated again before it trains", level="warning",
+                          quest_id=quest["id"])
+        self.admission.request_validation(quest["id"])
 
     def _should_interrupt(self) -> bool:
         """Called by the engine between optimizer steps: handle commands, honour pause, report progress."""
@@ -315,7 +359,9 @@ class Daemon:
             self._set_state(DaemonState.PAUSED)
             self._stop.wait(0.2)
             self._handle_commands()
-        if self.state == DaemonState.PAUSED:
+        if self._stop.is_set():
+            self._set_state(DaemonState.STOPPING)  # the quest's checkpoint comes next: no hang verdict
+        elif self.state == DaemonState.PAUSED:
             self._set_state(DaemonState.TRAINING)
         self._heartbeat()
         return self._stop.is_set() or self._skip
@@ -346,100 +392,6 @@ class Daemon:
             self.ledger.finish_command(cmd["id"], CommandState.DONE, result)
             self.ledger.event(f"command_{name}", result)
 
-    # ingest thread ----------------------------------------------------------------------
-    def _count_tokens(self, example: dict) -> tuple[int, int]:
-        return count_tokens(example, self._ingest_tokenizer)
-
-    def _count_tokens_batch(self, examples: list[dict]) -> list:
-        return count_tokens_batch(examples, self._ingest_tokenizer)
-
-    def _ingest_loop(self) -> None:
-        assert self._watcher is not None and self.queue is not None
-        scanner = InboxScanner(self.realm, self.config.ingest, closed_at=self._watcher.closed_at)
-        try:
-            for quest in self.ledger.list_quests([QuestState.VALIDATING]):  # interrupted validations
-                self._validate(quest["id"])
-            while not self._stop.is_set():
-                for path, priority in scanner.scan():
-                    if self._stop.is_set():
-                        break
-                    self._take(path, priority)
-                    scanner.forget(path)
-                pending = scanner.pending()
-                timeout = self.config.ingest.settle_seconds / 2 if pending else \
-                    self.config.ingest.poll_interval_seconds
-                self._watcher.wait(max(0.05, timeout))
-        except BaseException as exc:  # surfaced by the main loop
-            log.exception("ingest thread failed")
-            self._ingest_error = exc
-
-    def _take(self, path: Path, priority: str) -> None:
-        assert self.queue is not None and self.ledger is not None
-        try:
-            st = path.lstat()
-            if self._untakeable.get(path) == (st.st_size, st.st_mtime_ns):
-                return  # failed before and unchanged since: not retried every scan
-            qid = self.queue.admit(path, priority)
-        except FileNotFoundError:
-            return  # gone before we took it
-        except OSError as exc:  # e.g. no permission to move it: one alert, retried once the file changes
-            self._untakeable[path] = (st.st_size, st.st_mtime_ns)
-            log.error("cannot take %s from the inbox: %s", path, exc)
-            self.ledger.event("ingest_error", f"cannot take {path.name} from the inbox: {exc}", level="error",
-                              path=str(path))
-            return
-        self._untakeable.pop(path, None)
-        self._validate(qid)
-
-    def _validate(self, quest_id: int) -> None:
-        assert self.queue is not None and self.ledger is not None and self.engine is not None
-        quest = self.ledger.get_quest(quest_id)
-        path = self.queue.path_of(quest)
-        try:
-            if path.is_symlink():
-                raise ValueError("symbolic links are not accepted: drop the file itself")
-            report = validate_file(path, display_name=quest["name"], config=self.config,
-                                   count_tokens=self._count_tokens, count_tokens_batch=self._count_tokens_batch)
-        except (OSError, ValueError) as exc:
-            self.queue.transition(quest_id, QuestState.FAILED, error=f"{type(exc).__name__}: {exc}")
-            self.ledger.event("quest_rejected", f"{quest['name']} rejected: {exc}", level="error",
-                              quest_id=quest_id)
-            return
-        report_path = self.queue.report_path_of(quest)
-        write_report(report, report_path)
-        info = report.to_dict()
-        fields = dict(format=info.get("format"), content_hash=info.get("content_hash"),
-                      records=info.get("lines"), bad_records=info.get("records_bad"),
-                      tokens=(info.get("tokens") or {}).get("total"), report_path=str(report_path.name))
-        if not info["accepted"]:
-            self.queue.transition(quest_id, QuestState.FAILED, error=info.get("reason"), **fields)
-            self.ledger.event("quest_rejected", f"{quest['name']} rejected: {info.get('reason')}",
-                              level="error", quest_id=quest_id)
-            return
-        duplicate = self._duplicate_of(quest_id, info.get("content_hash"))
-        if duplicate is not None:
-            note = f"identical to quest {duplicate['id']} ({duplicate['name']}, {duplicate['state']}): skipped"
-            self.queue.transition(quest_id, QuestState.SKIPPED, note=note, **fields)
-            self.ledger.event("quest_skipped_duplicate", f"{quest['name']}: {note}", quest_id=quest_id)
-            return
-        fields["examples_total"] = count_train_examples(info.get("examples") or 0,
-                                                        self.config.training.eval_holdout_every)
-        note = None
-        if info.get("format") in PREFERENCE_FORMATS:
-            note = "preference data: waits in the queue for the DPO school"
-        self.queue.transition(quest_id, QuestState.QUEUED, note=note, **fields)
-        self.ledger.event("quest_queued", f"{quest['name']} queued ({quest['priority']}, {info.get('format')}, "
-                          f"{info.get('records_valid')} records)", quest_id=quest_id)
-
-    def _duplicate_of(self, quest_id: int, content_hash: str | None) -> dict[str, Any] | None:
-        if not content_hash or not self.config.ingest.skip_duplicates:
-            return None
-        rows = self.ledger.query(
-            "SELECT * FROM quests WHERE content_hash=? AND id<>? AND state IN (?,?,?) ORDER BY id LIMIT 1",
-            (content_hash, quest_id, QuestState.COMPLETED.value, QuestState.QUEUED.value,
-             QuestState.PROCESSING.value))
-        return rows[0] if rows else None
-
     # state and heartbeat ------------------------------------------------------------------
     def _set_state(self, state: DaemonState, **fields: Any) -> None:
         """The one place that changes the daemon state (written to the ledger key ``daemon``)."""
@@ -457,30 +409,26 @@ class Daemon:
         if not force and time.monotonic() - self._last_heartbeat < HEARTBEAT_INTERVAL_SECONDS:
             return
         self._last_heartbeat = time.monotonic()
-        status = {"state": self.state.value, "pid": os.getpid(), "quest_id": self._status.get("quest_id"),
+        status = {"state": self.state.value, **self._identity, "quest_id": self._status.get("quest_id"),
                   "hero": self._status.get("hero"), "paused": self.paused,
                   "trainable_formats": sorted(TRAINABLE_FORMATS)}
         if self.engine is not None:
             status.update(self._progress())
-        self.ledger.set_value(DAEMON_KEY, status)
+        self.ledger.publish_daemon_status(status)
 
     def _progress(self) -> dict[str, Any]:
         """global_step, tokens/s and the current quest's ETA (seconds) from the last steps' metrics."""
         assert self.ledger is not None and self.engine is not None
         out: dict[str, Any] = {"global_step": self.engine.global_step, "tokens_per_second": None,
                                "eta_seconds": None, "last_checkpoint": self._status.get("last_checkpoint")}
-        recent = self.ledger.query("SELECT * FROM steps ORDER BY global_step DESC LIMIT 20")
-        if recent:
-            out["tokens_per_second"] = recent[0]["tokens_per_second"]
+        last = self.ledger.last_step()
+        if last:
+            out["tokens_per_second"] = last["tokens_per_second"]
             qid = self._status.get("quest_id")
             quest = self.ledger.get_quest(qid) if qid else None
-            same = [r for r in recent if r["quest_id"] == qid]
-            if quest and len(same) >= 2 and quest["examples_total"]:
-                seconds = same[0]["time"] - same[-1]["time"]
-                examples = same[0]["example_end"] - same[-1]["example_end"]
-                if seconds > 0 and examples > 0:
-                    remaining = max(0, quest["examples_total"] - (quest["examples_trained"] or 0))
-                    out["eta_seconds"] = remaining * seconds / examples
+            if quest:
+                out["eta_seconds"] = quest_eta(self.ledger.recent_steps(ETA_WINDOW_STEPS, quest_id=qid),
+                                               quest["examples_total"], quest["examples_trained"]).eta_seconds
         latest = self.engine.latest_checkpoint_info()
         if latest is not None:
             out["last_checkpoint"] = latest

@@ -8,9 +8,11 @@ Lifecycle (torchtune/litgpt style)::
     engine.save_checkpoint("sigterm")   # when the caller stops it
     engine.cleanup()
 
-**Resume is exact.** A quest's records stream in file order; record ``i`` (0-based) is held out for
-evaluation when ``eval_holdout_every = N > 0`` and ``i % N == N - 1`` (the first ``eval_max_examples``
-of them form the eval set); the others are the quest's *train examples* 0, 1, 2, ... Each optimizer step
+**Resume is exact.** A quest's records stream in file order -- the records validation kept,
+:func:`core.records.trainable_records` --; record ``i`` (0-based) is held out for evaluation when
+``eval_holdout_every = N > 0`` and ``i % N == N - 1`` (:func:`core.records.is_held_out`; the first
+``eval_max_examples`` of them form the eval set, the records ``python -m training eval --every N``
+reads); the others are the quest's *train examples* 0, 1, 2, ... Each optimizer step
 takes the next train examples, packed into ``micro_batch_size`` x ``gradient_accumulation_steps`` rows
 (:func:`core.packing.iter_steps`), so step boundaries depend only on where the cursor starts. Each step's
 examples ``[example_start, example_end)`` and line numbers go to the ledger with its metrics, in one
@@ -50,10 +52,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from core import adapters, memory
+from core import adapters, memory, trackers
 from core import checkpoint as ckpt
 from core.chat import TokenizedExample, count_tokens, tokenize_example
 from core.config import RealmConfig
+from core.config_diff import config_changes, format_changes
 from core.faults import NonFiniteLossError, TrainingRolledBack, free_memory, load_lr_scale, store_lr_scale
 from core.hero import NEWBORN_HINT, describe_model, load_tokenizer
 from core.ledger import Ledger
@@ -69,19 +72,10 @@ from core.packing import (
     register_packed_sdpa,
 )
 from core.realm import Realm
+from core.records import count_train_examples, is_held_out  # noqa: F401 - re-exported
 
 EVAL_READAHEAD_RECORDS = 20_000
 """Records read ahead (kept as raw dicts) to fill the eval set before training a quest."""
-
-
-def is_held_out(index: int, holdout_every: int) -> bool:
-    """Whether record ``index`` (0-based, file order among valid records) is held out for evaluation."""
-    return holdout_every > 0 and index % holdout_every == holdout_every - 1
-
-
-def count_train_examples(n_records: int, holdout_every: int) -> int:
-    """Train examples among ``n_records`` valid records (the held-out ones excluded)."""
-    return n_records - (n_records // holdout_every if holdout_every > 0 else 0)
 
 
 def resolve_mixed_precision(setting: str) -> str:
@@ -223,7 +217,8 @@ class Engine:
         if self.mixed_precision == "no" and t.mixed_precision in ("bf16", "fp16"):
             self._warn("precision_fallback", f"mixed_precision={t.mixed_precision} needs a CUDA GPU; using fp32")
         adapters.check_environment(self.config)  # e.g. QLoRA without CUDA: ConfigError before any loading
-        self.accelerator = Accelerator(mixed_precision=self.mixed_precision)
+        self.accelerator = Accelerator(mixed_precision=self.mixed_precision,
+                                       **trackers.accelerator_kwargs(self.realm, self.config))
 
         state, path, loaded = self._load_latest_checkpoint()
         if path is None:
@@ -236,6 +231,7 @@ class Engine:
                 self._warn("base_model_changed", f"checkpoints of hero {hero.name!r} started from {ckpt_base!r} "
                            f"but hero.base_model is {hero.base_model!r}: resuming from the checkpoint; use a new "
                            "hero.name to start over from the new base model")
+            self._warn_config_changes(state.get(ckpt.KEY_CONFIG), path)
         for kind, message in loaded.notes:
             self._warn(kind, message)
         # on its device before the optimizer holds its params (core.adapters.load_for_training put it there)
@@ -272,6 +268,8 @@ class Engine:
         if removed:
             self._warn("rollback", f"forgot {removed} step(s) after global step {self.global_step}: their "
                        "weights were never checkpointed; those examples will be trained again", removed=removed)
+        for warning in trackers.start(self.accelerator, self.config, self.global_step):  # training.report_to
+            self._warn("report_to", warning)
         self.hero_info = {"name": hero.name, "base_model": hero.base_model, **describe_model(self._raw_model),
                           "adapter": t.adapter, "newborn": newborn, "checkpoint": str(path) if path else None}
         where = f"checkpoint {path.name}" if path else (hero.base_model or "the embedded default hero")
@@ -284,6 +282,14 @@ class Engine:
         if newborn:  # the daemon records the ledger event; the log says it for any caller
             self.log.warning(NEWBORN_HINT)
         self._last_save = time.monotonic()
+
+    def _warn_config_changes(self, saved: dict | None, path: Path) -> None:
+        """Each key of the config that differs from the snapshot saved in the checkpoint resumed from
+        (:func:`core.config_diff.config_changes`): a warning in the log and a ``config_changed`` event."""
+        changes = config_changes(saved, self.config.model_dump()) if isinstance(saved, dict) else []
+        if changes:
+            self._warn("config_changed", f"config changed since checkpoint {path.name}: {format_changes(changes)}",
+                       changes=[{"key": k, "old": a, "new": b} for k, a, b in changes])
 
     def _load_latest_checkpoint(self) -> tuple[dict | None, Path | None, adapters.LoadedHero | None]:
         """Newest checkpoint that verifies (:func:`core.checkpoint.load_trainer_state`: files whole and
@@ -362,8 +368,9 @@ class Engine:
                     should_stop: Callable[[], bool] = lambda: False) -> QuestResult:
         """Train one quest from its cursor to its end (see the module doc for the exact semantics).
 
-        ``records``: ``(line, normalized example)`` in file order, valid records only (the whole quest,
-        also when resuming: held-out records are picked by position). ``examples_done``: train examples
+        ``records``: ``(line, normalized example)`` in file order, the records validation kept
+        (:func:`core.records.trainable_records`; the whole quest, also when resuming: held-out records are
+        picked by position). ``examples_done``: train examples
         already consumed (the ledger's ``examples_trained``). ``should_stop`` is called before each
         optimizer step; when it returns True the call returns ``status="interrupted"`` without saving.
         At the end: evaluation, a checkpoint with ``quest_done=True``, ``status="completed"``.
@@ -395,6 +402,7 @@ class Engine:
                 evaluated_at = self.global_step
                 if math.isfinite(self.last_eval_loss):
                     self.ledger.record_eval(self.global_step, quest_id, self.last_eval_loss, len(eval_set))
+                    trackers.log(self.accelerator, {"eval_loss": self.last_eval_loss}, self.global_step)
 
         def result(status: str) -> QuestResult:
             return QuestResult(status, quest_id, cursor, steps, base_steps + steps, self.global_step,
@@ -428,6 +436,8 @@ class Engine:
                 grad_norm=grad_norm, tokens=n_tokens, tokens_per_second=tokens_per_second,
                 example_start=start, example_end=end, example_lines=[e.line for e in examples],
                 quest_steps=base_steps + steps)
+            trackers.log(self.accelerator, {"loss": loss, "learning_rate": learning_rate, "grad_norm": grad_norm,
+                                            "tokens_per_second": tokens_per_second}, self.global_step)
             level = logging.INFO if self.global_step % 10 == 0 or steps == 1 else logging.DEBUG
             self.log.log(level, "step %d quest %d loss %.4f lr %.3g grad_norm %.3f %.0f tokens/s examples %d-%d",
                          self.global_step, quest_id, loss, learning_rate, grad_norm, tokens_per_second,
@@ -658,6 +668,7 @@ class Engine:
         from accelerate.state import AcceleratorState, GradientState
 
         if self.accelerator is not None:
+            trackers.finish(self.accelerator)
             self.accelerator.free_memory()
         self.model = self._raw_model = self.optimizer = self.scheduler = self.accelerator = None
         AcceleratorState._reset_state(True)

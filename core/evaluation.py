@@ -1,7 +1,12 @@
 """Held-out loss of any model folder (a checkpoint, the base model) on a quest file.
 
 Used by ``python -m training eval FILE [--checkpoint NAME]``: the same records, tokenization and loss mask
-as training (:mod:`core.formats`, :mod:`core.chat`), one example per row (no packing), fp32.
+as training (:mod:`core.records`, :mod:`core.chat`), one example per row (no packing), fp32.
+
+Which records: those validation kept, read through :func:`core.records.held_out_records` -- the stream the
+engine's held-out split indexes. For a file the realm has validated (any quest with the same SHA-256, in
+any state) its stored verdict is used; for another file validation runs now, with the model's tokenizer
+and the realm's config, exactly as the daemon would.
 """
 
 from __future__ import annotations
@@ -12,11 +17,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from core.chat import TokenizedExample, tokenize_example
+from core.chat import TokenizedExample, measure_batch, tokenize_example
 from core.config import RealmConfig
-from core.formats import iter_valid_records
+from core.fsutil import sha256_file
 from core.hero import load_model, load_tokenizer
+from core.ledger import Ledger
 from core.packing import collate, model_attention_mask
+from core.quest_queue import QuestQueue
+from core.realm import Realm
+from core.records import RecordVerdicts, VerdictsError, held_out_records, load_verdicts
+from core.validation import validate_file
 
 EVAL_BATCH_ROWS = 8
 
@@ -38,24 +48,49 @@ def mean_token_loss(model, tokenizer, examples: list[TokenizedExample], batch_ro
     return total / n if n else math.nan
 
 
-def evaluate_file(model_dir: Path | str, path: Path, config: RealmConfig, *, max_examples: int = 256,
-                  every: int = 1) -> tuple[float, int]:
-    """``(mean token loss, examples)`` of the model in ``model_dir`` on the valid records of ``path``,
-    truncated to ``training.max_length``: records ``every-1, 2*every-1, ...`` (at most ``max_examples``).
-    With ``every`` = ``training.eval_holdout_every`` these are exactly the records training held out.
+def stored_verdicts(realm: Realm, path: Path) -> RecordVerdicts | None:
+    """The verdict stored with the realm's quest whose file has the same SHA-256 as ``path``, if any
+    (the newest such quest with a readable verdict). Raises ``OSError`` when ``path`` cannot be read."""
+    if not realm.ledger_path.exists():
+        return None
+    digest = sha256_file(path)
+    ledger = Ledger(realm.ledger_path)
+    try:
+        queue = QuestQueue(realm, ledger)
+        for quest in reversed(ledger.query("SELECT * FROM quests WHERE content_hash=? ORDER BY id", (digest,))):
+            try:
+                verdicts = load_verdicts(queue.verdicts_path_of(quest))
+            except VerdictsError:
+                continue
+            if verdicts.content_hash == digest:
+                return verdicts
+    finally:
+        ledger.close()
+    return None
 
-    Raises :class:`core.hero.HeroError` when the model or tokenizer cannot be loaded.
+
+def evaluate_file(model_dir: Path | str, path: Path, config: RealmConfig, *, max_examples: int = 256,
+                  every: int = 1, realm: Realm | None = None) -> tuple[float, int]:
+    """``(mean token loss, examples)`` of the model in ``model_dir`` on the records of ``path`` that
+    validation keeps (see the module doc; ``realm``: where to look for a stored verdict), truncated to
+    ``training.max_length`` as training truncates them: records ``every-1, 2*every-1, ...`` of that stream
+    (at most ``max_examples``). With ``every`` = ``training.eval_holdout_every`` and ``max_examples`` =
+    ``training.eval_max_examples`` these are exactly the records training held out and evaluated.
+
+    Raises :class:`core.hero.HeroError` when the model or tokenizer cannot be loaded, ``OSError`` when the
+    file cannot be read.
     """
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     tokenizer = load_tokenizer(model_dir, config.hero)
+    max_length = config.training.max_length
+    verdicts = stored_verdicts(realm, path) if realm is not None else None
+    if verdicts is None:
+        verdicts = RecordVerdicts()
+        validate_file(path, display_name=path.name, config=config, verdicts=verdicts,
+                      count_tokens_batch=lambda exs: measure_batch(exs, tokenizer, max_length))
+    examples = [tokenize_example(ex, tokenizer, max_length, line)
+                for line, ex in held_out_records(path, verdicts, every, max_examples)]
     model = load_model(model_dir, config.hero)
-    examples = []
-    for i, (line, ex) in enumerate(iter_valid_records(path, path.name, config.validation)):
-        if i % every != every - 1:
-            continue
-        examples.append(tokenize_example(ex, tokenizer, config.training.max_length, line))
-        if len(examples) >= max_examples:
-            break
     return mean_token_loss(model, tokenizer, examples), len(examples)

@@ -18,6 +18,16 @@ before the watch began, only the settle interval applies. A writer that closes a
 append, pausing longer than the grace between appends, should write under a temporary name (e.g.
 ``.part``) and rename it when done, as downloaders and ``rsync`` do.
 
+Whatever the timing, a file that some process holds open for writing is not taken
+(:func:`open_for_writing`: the open file table, through psutil) -- the writer that pauses longer than
+``settle_seconds`` with the file still open. Where that table cannot be read (another user's process),
+the settle interval applies, and :func:`core.records.verify_unchanged` still catches a file that changed
+after validation before a line of it trains.
+
+Entries that are not files -- a directory (other than the priority folders), a FIFO, a socket, a device
+-- are never opened; :meth:`InboxScanner.strays` reports them once settled, and the daemon rejects them
+with a report.
+
 Priority: ``inbox/high/``, ``inbox/normal/``, ``inbox/low/`` subfolders, or a ``high_`` / ``low_`` file
 name prefix; default ``normal``.
 """
@@ -26,12 +36,14 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
@@ -68,6 +80,44 @@ def priority_for(path: Path, inbox: Path) -> str:
     return "normal"
 
 
+def open_for_writing(paths: Iterable[Path]) -> set[Path]:
+    """The ``paths`` that some process has open for writing (``w``/``a``/``r+``...), from the open file
+    table of every process this one may inspect (psutil: ``/proc/<pid>/fd`` and ``fdinfo`` on Linux;
+    processes of other users are skipped unless we are root). Costs a few milliseconds per call."""
+    by_path: dict[str, Path] = {}
+    for p in paths:
+        by_path[os.path.realpath(p)] = p
+    found: set[Path] = set()
+    if not by_path:
+        return found
+    for proc in psutil.process_iter():
+        try:
+            files = proc.open_files()
+        except (psutil.Error, OSError):  # gone, or not ours to inspect
+            continue
+        for f in files:
+            p = by_path.get(f.path)
+            if p is not None and getattr(f, "mode", "w") != "r":  # no mode on some platforms: assume writing
+                found.add(p)
+    return found
+
+
+def entry_kind(st: os.stat_result) -> str:
+    """``"file"``, ``"directory"``, ``"FIFO"``, ``"socket"``, ``"device"``, ``"symbolic link"``."""
+    mode = st.st_mode
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISLNK(mode):
+        return "symbolic link"
+    if stat.S_ISDIR(mode):
+        return "directory"
+    if stat.S_ISFIFO(mode):
+        return "FIFO"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    return "device"
+
+
 @dataclass
 class _Seen:
     size: int
@@ -82,33 +132,72 @@ class InboxScanner:
     """
 
     def __init__(self, realm: Realm, config: IngestConfig, clock=time.monotonic,
-                 closed_at: Callable[[Path], float | None] | None = None):
+                 closed_at: Callable[[Path], float | None] | None = None,
+                 writers: Callable[[list[Path]], set[Path]] = open_for_writing):
         """``closed_at(path)``: when the file was last closed after writing with nobody holding it open
-        since (``clock`` time), else None -- e.g. :meth:`InboxWatcher.closed_at`; None: settle time only."""
+        since (``clock`` time), else None -- e.g. :meth:`InboxWatcher.closed_at`; None: settle time only.
+        ``writers(paths)``: those of ``paths`` a process holds open for writing (never taken)."""
         self.realm = realm
         self.config = config
         self.clock = clock
         self.closed_at = closed_at
+        self.writers = writers
         self._seen: dict[Path, _Seen] = {}
+        self._strays: dict[Path, _Seen] = {}
+
+    def _entries(self) -> list[tuple[os.DirEntry, bool]]:
+        """``(entry, in a priority folder)`` for every visible entry of inbox/ and its priority folders."""
+        out = []
+        for folder in (self.realm.inbox, *(self.realm.inbox / p for p in PRIORITIES)):
+            try:
+                entries = list(os.scandir(folder))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            out.extend((e, folder != self.realm.inbox) for e in entries if not is_temporary_name(e.name))
+        return out
 
     def candidates(self) -> list[Path]:
         """Files (or symlinks) directly in inbox/ or in its priority subfolders, temporary names excluded."""
         out: list[Path] = []
-        for folder in (self.realm.inbox, *(self.realm.inbox / p for p in PRIORITIES)):
+        for entry, _ in self._entries():
             try:
-                entries = list(os.scandir(folder))
-            except FileNotFoundError:
-                continue
-            for entry in entries:
-                if is_temporary_name(entry.name):
-                    continue
                 if entry.is_symlink() or entry.is_file(follow_symlinks=False):
                     out.append(Path(entry.path))
+            except OSError:
+                continue
         return sorted(out)
 
-    def scan(self) -> list[tuple[Path, str]]:
+    def strays(self) -> list[Path]:
+        """Entries that are neither files nor symlinks (directories other than the priority folders --
+        also one named ``*.jsonl`` --, FIFOs, sockets, devices) whose mtime has not changed for
+        ``settle_seconds``: quests are files, so each is rejected with a report. Never opens them."""
+        now = self.clock()
+        out: list[Path] = []
+        present = set()
+        for entry, nested in self._entries():
+            path = Path(entry.path)
+            try:
+                if entry.is_symlink() or entry.is_file(follow_symlinks=False):
+                    continue
+                if not nested and entry.name in PRIORITIES and entry.is_dir(follow_symlinks=False):
+                    continue
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            present.add(path)
+            seen = self._strays.get(path)
+            if seen is None or (seen.size, seen.mtime_ns) != (st.st_size, st.st_mtime_ns):
+                self._strays[path] = seen = _Seen(st.st_size, st.st_mtime_ns, now)
+            if now - seen.stable_since >= self.config.settle_seconds:
+                out.append(path)
+        for gone in set(self._strays) - present:
+            del self._strays[gone]
+        return sorted(out)
+
+    def scan(self, defer: Callable[[Path], bool] | None = None) -> list[tuple[Path, str]]:
         """Return ``(path, priority)`` for every settled file: high, normal, then low priority, each oldest
-        sighting (or close) first, so that of files settling together the urgent one is queued first."""
+        sighting (or close) first, so that of files settling together the urgent one is queued first.
+        ``defer(path)``: True leaves a settled file out this time (e.g. waiting to be retried)."""
         now = self.clock()
         settled: list[tuple[float, Path]] = []
         present = set()
@@ -133,16 +222,23 @@ class InboxScanner:
                 settled.append((seen.stable_since, path))
         for gone in set(self._seen) - present:
             del self._seen[gone]
+        if defer is not None:
+            settled = [(t, p) for t, p in settled if not defer(p)]
+        if settled:
+            busy = self.writers([p for _, p in settled])  # a writer that paused with the file open
+            settled = [(t, p) for t, p in settled if p not in busy]
         rank = {p: i for i, p in enumerate(PRIORITIES)}
         ordered = sorted((rank.get(priority_for(p, self.realm.inbox), len(rank)), t, p) for t, p in settled)
         return [(p, priority_for(p, self.realm.inbox)) for _, _, p in ordered]
 
     def forget(self, path: Path) -> None:
         self._seen.pop(path, None)
+        self._strays.pop(path, None)
 
     def pending(self) -> int:
-        """How many candidate files are in the inbox now (settled or not)."""
-        return len(self.candidates())
+        """How many entries wait in the inbox now (files settled or not, and entries that are not files)."""
+        return sum(1 for entry, nested in self._entries()
+                   if nested or entry.name not in PRIORITIES or not entry.is_dir(follow_symlinks=False))
 
 
 class CloseTracker:

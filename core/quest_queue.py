@@ -1,7 +1,8 @@
 """The durable quest queue: folders show state, the ledger records it, one method changes it.
 
 Every state change is one atomic step: a ledger transaction that updates the row and, inside it, a
-``rename`` of the data file (and its ``.report.json``) into the state's folder. If the rename fails the
+``rename`` of the data file (and its sidecars: ``.report.json``, and ``.records``, the per-record verdict of
+:mod:`core.records`) into the state's folder. If the rename fails the
 transaction rolls back; if the process dies between rename and commit, :meth:`QuestQueue.reconcile`
 trusts the folder at the next start.
 
@@ -18,11 +19,25 @@ from typing import Any
 
 from core.ledger import Ledger, QuestState
 from core.realm import PRIORITIES, Realm
+from core.records import RECORDS_SUFFIX
 
 REPORT_SUFFIX = ".report.json"
+SIDECAR_SUFFIXES = (REPORT_SUFFIX, RECORDS_SUFFIX)
+"""Files that live beside a quest's data file and move with it."""
 MAX_STORED_NAME_BYTES = 200
 """Longest stored name (UTF-8 bytes): with ``.report.json`` and a temporary-file suffix it stays within the
 filesystem's 255-byte name limit. Longer dropped names are shortened, keeping their extension."""
+
+
+def printable_name(name: str) -> str:
+    """``name`` as text that can be stored and shown anywhere: bytes that are not UTF-8 (a file name read
+    from disk carries them as lone surrogates, PEP 383) become ``\\xNN`` escapes, as ``ls -b`` shows them;
+    a valid name is returned unchanged."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def stored_name_for(quest_id: int, name: str) -> str:
@@ -39,8 +54,9 @@ def stored_name_for(quest_id: int, name: str) -> str:
 
 ALLOWED: dict[QuestState, set[QuestState]] = {
     QuestState.VALIDATING: {QuestState.QUEUED, QuestState.FAILED, QuestState.SKIPPED, QuestState.VALIDATING},
-    QuestState.QUEUED: {QuestState.PROCESSING, QuestState.QUEUED, QuestState.REMOVED},
-    QuestState.PROCESSING: {QuestState.COMPLETED, QuestState.QUEUED, QuestState.FAILED},
+    # queued/processing -> validating: the file changed after validation (core.records.verify_unchanged)
+    QuestState.QUEUED: {QuestState.PROCESSING, QuestState.QUEUED, QuestState.REMOVED, QuestState.VALIDATING},
+    QuestState.PROCESSING: {QuestState.COMPLETED, QuestState.QUEUED, QuestState.FAILED, QuestState.VALIDATING},
     QuestState.FAILED: {QuestState.QUEUED, QuestState.REMOVED},
     # completed -> queued: only when the checkpoint holding its last steps was lost (Daemon._reopen_lost_quests)
     QuestState.COMPLETED: {QuestState.REMOVED, QuestState.QUEUED},
@@ -82,16 +98,22 @@ class QuestQueue:
         p = self.path_of(quest)
         return p.with_name(p.name + REPORT_SUFFIX)
 
+    def verdicts_path_of(self, quest: dict[str, Any]) -> Path:
+        """The quest's per-record verdict (:mod:`core.records`), beside its data file."""
+        p = self.path_of(quest)
+        return p.with_name(p.name + RECORDS_SUFFIX)
+
     # admission -------------------------------------------------------------------
     def admit(self, source: Path, priority: str = "normal", name: str | None = None) -> int:
         """Take ``source`` (a settled file, e.g. in inbox/) into ``queue/validating/`` as a new quest.
 
         The file is renamed (same filesystem) or copied then removed, so the inbox never holds it twice.
-        Returns the quest id. Raises ``ValueError`` for an unknown priority.
+        ``name`` (default: the file's) is stored through :func:`printable_name`. Returns the quest id.
+        Raises ``ValueError`` for an unknown priority, ``OSError`` when the file cannot be moved.
         """
         if priority not in PRIORITIES:
             raise ValueError(f"priority must be one of {PRIORITIES}, got {priority!r}")
-        name = name or source.name
+        name = printable_name(name or source.name)
         now = time.time()
         try:
             size = source.stat().st_size
@@ -110,6 +132,7 @@ class QuestQueue:
             c.execute("UPDATE quests SET stored_name=? WHERE id=?", (stored, quest_id))
             dest = self.realm.queue_dir("validating") / stored
             _move(source, dest)
+        self.ledger.link_download(quest_id, str(source))  # a file enqueued from a URL: its source_url, sha256
         self.ledger.event("quest_admitted", f"{name} taken from the inbox as quest {quest_id}",
                           quest_id=quest_id, priority=priority)
         return quest_id
@@ -136,7 +159,6 @@ class QuestQueue:
             if to_state not in ALLOWED[current]:
                 raise QuestStateError(f"quest {quest_id}: {current.value} -> {to_state.value} is not allowed")
             src = self.path_of(quest)
-            src_report = src.with_name(src.name + REPORT_SUFFIX)
             updated = {**quest, **fields, "state": to_state.value, "priority": priority or quest["priority"],
                        "updated_at": now}
             if to_state == QuestState.PROCESSING and not quest["started_at"]:
@@ -149,8 +171,10 @@ class QuestQueue:
             dst = self.path_of(updated)
             if src != dst:
                 _move(src, dst)
-                if src_report.exists():
-                    _move(src_report, dst.with_name(dst.name + REPORT_SUFFIX))
+                for suffix in SIDECAR_SUFFIXES:
+                    side = src.with_name(src.name + suffix)
+                    if side.exists():
+                        _move(side, dst.with_name(dst.name + suffix))
         return updated
 
     # selection -----------------------------------------------------------------

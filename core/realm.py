@@ -8,7 +8,9 @@ Layout::
     <realm>/models/<hero>/base/           the embedded default hero, when one was created
     <realm>/models/<hero>/checkpoints/step-00001234/
     <realm>/logs/                         daemon.log, tavern.log
-    <realm>/run/                          pid files, lock files (DAEMON_LOCK, SUPERVISOR_LOCK, PRUNE_LOCK)
+    <realm>/run/                          pid files, lock files (DAEMON_LOCK, SUPERVISOR_LOCK, PRUNE_LOCK,
+                                          START_ALL_LOCK, WEBHOOKS_LOCK)
+    <realm>/runs/<hero>/                  experiment tracker logs (training.report_to, e.g. TensorBoard)
     <realm>/ledger.sqlite                 the SQLite ledger (WAL)
 
 The repository root is the default realm; ``--realm DIR`` or ``REALM_HOME`` selects another.
@@ -22,16 +24,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.config import CONFIG_FILENAME, RealmConfig, load_config
+from core.config import CONFIG_FILENAME, RealmConfig, load_config, parse_config, read_config_data
 
 PRIORITIES = ("high", "normal", "low")
 QUEUE_FOLDERS = ("validating", *PRIORITIES, "processing", "recently_completed", "failed", "trash")
 REALM_ENV = "REALM_HOME"
-# lock files under run/ (core.fsutil.ExclusiveLock): one daemon, one supervisor, one prune at a time;
-# a version restore holds DAEMON_LOCK so no daemon starts meanwhile
+# lock files under run/ (core.fsutil.ExclusiveLock): one daemon, one supervisor, one prune, one start-all
+# at a time; a version restore holds DAEMON_LOCK so no daemon starts meanwhile
 DAEMON_LOCK = "daemon.lock"
 SUPERVISOR_LOCK = "supervisor.lock"
 PRUNE_LOCK = "prune.lock"
+START_ALL_LOCK = "start-all.lock"
+WEBHOOKS_LOCK = "webhooks.lock"  # one webhook dispatcher per realm (core.webhooks)
 
 
 class RealmError(RuntimeError):
@@ -92,8 +96,9 @@ class Realm:
         return self.run_dir / f"{process_name}.pid"
 
     def lock_file(self, lock_name: str) -> Path:
-        """``run/<lock_name>``, one of :data:`DAEMON_LOCK`, :data:`SUPERVISOR_LOCK`, :data:`PRUNE_LOCK`."""
-        if lock_name not in (DAEMON_LOCK, SUPERVISOR_LOCK, PRUNE_LOCK):
+        """``run/<lock_name>``, one of :data:`DAEMON_LOCK`, :data:`SUPERVISOR_LOCK`, :data:`PRUNE_LOCK`,
+        :data:`START_ALL_LOCK`, :data:`WEBHOOKS_LOCK`."""
+        if lock_name not in (DAEMON_LOCK, SUPERVISOR_LOCK, PRUNE_LOCK, START_ALL_LOCK, WEBHOOKS_LOCK):
             raise ValueError(f"unknown lock {lock_name!r}")
         return self.run_dir / lock_name
 
@@ -140,17 +145,20 @@ def default_realm_root(environ: Mapping[str, str] | None = None) -> Path:
 
 def init_realm(root: Path | str, base_model: str | None = None, overrides: dict | None = None) -> Realm:
     """Create a realm folder with its layout and a ``config.json`` (an existing config is kept, with
-    ``hero.base_model`` updated when given). Returns the :class:`Realm`."""
+    ``hero.base_model`` updated when given). Returns the :class:`Realm`.
+
+    Raises :class:`core.config.ConfigError` when the existing or resulting config is invalid (nothing is
+    written then).
+    """
     realm = Realm.at(root)
-    realm.root.mkdir(parents=True, exist_ok=True)
-    realm.ensure_layout()
-    data: dict = {}
-    if realm.config_path.exists():
-        data = json.loads(realm.config_path.read_text(encoding="utf-8"))
+    data: dict = read_config_data(realm.config_path) or {}
+    parse_config(data, str(realm.config_path))  # an invalid config already there is not edited
     for section, values in (overrides or {}).items():
         data.setdefault(section, {}).update(values)
     if base_model is not None:
         data.setdefault("hero", {})["base_model"] = base_model
-    RealmConfig.model_validate(data)  # refuse to write an invalid config
+    parse_config(data, str(realm.config_path))  # refuse to write an invalid config
+    realm.root.mkdir(parents=True, exist_ok=True)
+    realm.ensure_layout()
     realm.config_path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     return realm

@@ -4,7 +4,9 @@
 same rules the trainer uses (:func:`core.formats.parse_line`, :func:`core.formats.iter_valid_records`),
 measures token lengths with a caller-supplied ``count_tokens`` or ``count_tokens_batch`` (the hero's
 tokenizer, batched in groups of :data:`TOKEN_BATCH_EXAMPLES`) against ``training.max_length`` under
-``validation.length_policy``, and decides whether the file is accepted:
+``validation.length_policy`` -- and, after truncation (:mod:`core.chat`: the prompt side is cut first),
+whether any token is left to learn from: an example with none is dropped (``length_policy`` truncate or
+drop) or a bad line (reject) -- and decides whether the file is accepted:
 
 - rejected: not ``.jsonl``/``.jsonl.gz`` (a JSON array, also one named .jsonl that is rejected, gets a
   ``jq -c '.[]'`` hint), gzip name/content
@@ -16,9 +18,9 @@ Memory stays flat: lines are streamed (each at most ``validation.max_line_bytes`
 as a ``Counter`` of lengths (exact percentiles), and at most :data:`MAX_LISTED_LINES` bad/dropped lines are
 stored (the rest only counted in ``bad_lines_truncated`` / ``dropped_lines_truncated``).
 
-The trainer reads the same file with :func:`core.formats.iter_valid_records`, which yields every
-*record-valid* line; it must apply :func:`length_action` with the same token count (and skip a record its
-tokenizer cannot encode) so that exactly ``examples`` records are trained.
+Each line's verdict is decided here once: the kept lines (``examples`` of them) are recorded in
+the caller's :class:`core.records.RecordVerdicts` (``validate_file(..., verdicts=)``), which the daemon stores beside the quest and
+everything that trains or evaluates reads through :func:`core.records.trainable_records`.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from core.formats import (
     preference_as_sft,
 )
 from core.fsutil import sha256_file, write_text_atomic
+from core.records import RecordVerdicts
 
 #: At most this many bad lines (and, separately, dropped lines) are stored in a report.
 MAX_LISTED_LINES = 10_000
@@ -61,8 +64,12 @@ PREFERENCE_NOTE = ("preference data: validated and accepted; waits in the queue 
 TOKEN_BATCH_EXAMPLES = 256
 TOKEN_BATCH_BYTES = 16 * 1024 * 1024
 
-CountTokens = Callable[[dict], "tuple[int, int]"]
-CountTokensBatch = Callable[[list], "list[tuple[int, int]]"]
+CountTokens = Callable[[dict], "tuple[int, ...]"]
+CountTokensBatch = Callable[[list], "list[tuple[int, ...]]"]
+"""A counter returns ``(tokens, trainable)`` as written, or ``(tokens, trainable, kept_tokens,
+kept_trainable)`` with the figures after truncation to ``max_length`` too (:class:`core.chat.TokenCount`,
+from :func:`core.chat.measure_batch`); from a 2-tuple the kept figures are derived as truncation keeps
+them for ``text`` and ``prompt``/``completion`` (:func:`kept_figures`)."""
 
 
 class LineIssue(BaseModel):
@@ -73,10 +80,14 @@ class LineIssue(BaseModel):
 
 
 class TokenStats(BaseModel):
-    """Token counts of the kept records (before truncation). Percentiles are nearest-rank, exact."""
+    """Token counts of the kept records. ``total`` and ``trainable``: what training gets, after truncation
+    (``cut`` and ``trainable_cut``: what truncation removes). ``min``..``max``: record lengths as written,
+    before truncation (to choose ``max_length``); percentiles are nearest-rank, exact."""
 
     total: int
     trainable: int
+    cut: int = 0
+    trainable_cut: int = 0
     min: int
     p50: int
     p95: int
@@ -88,8 +99,10 @@ class ValidationReport(BaseModel):
     """What :func:`validate_file` found. ``to_dict()`` / ``to_json()`` give the JSON report.
 
     Counts: ``lines`` (non-blank) = ``records_valid`` + ``records_bad``; ``records_dropped`` of the valid
-    records are too long (``length_policy: drop``) and ``examples`` = ``records_valid - records_dropped``
-    will be trained (``truncated`` of them cut to ``max_length``).
+    records are too long (``length_policy: drop``) or have no token left to learn from, and ``examples`` =
+    ``records_valid - records_dropped`` will be trained (``truncated`` of them cut to ``max_length``).
+    ``records_untrainable``: records with no trainable token after truncation (dropped, or bad lines under
+    ``length_policy: reject``).
     """
 
     file: str
@@ -102,6 +115,7 @@ class ValidationReport(BaseModel):
     records_valid: int = 0
     records_bad: int = 0
     records_dropped: int = 0
+    records_untrainable: int = 0
     examples: int = 0
     bad_line_ratio: float = 0.0
     max_bad_line_ratio: float = 0.0
@@ -130,6 +144,18 @@ def length_action(tokens: int, max_length: int, length_policy: str) -> str:
     the ``length_policy`` itself: ``"truncate"``, ``"drop"`` or ``"reject"``. The trainer uses this too,
     so validation and training agree on which records are trained."""
     return "keep" if tokens <= max_length else length_policy
+
+
+def kept_figures(count, max_length: int) -> tuple[int, int, int, int]:
+    """``(tokens, trainable, kept_tokens, kept_trainable)`` from a counter's result (see
+    :data:`CountTokensBatch`); a 2-tuple's kept figures follow :mod:`core.chat`'s truncation of ``text``
+    and ``prompt``/``completion`` (learned tokens are at the end and kept, at most ``max_length - 1``)."""
+    if len(count) >= 4:
+        return int(count[0]), int(count[1]), int(count[2]), int(count[3])
+    tokens, trainable = int(count[0]), int(count[1])
+    if tokens <= max_length:
+        return tokens, trainable, tokens, trainable
+    return tokens, trainable, max_length, min(trainable, max_length - 1)
 
 
 def measure_example(example: dict, fmt: str, count_tokens: CountTokens) -> tuple[int, int]:
@@ -213,7 +239,7 @@ class _Measurer:
         for owner, count in zip(owners, counts, strict=True):
             if not isinstance(count, Exception):
                 try:
-                    count = (int(count[0]), int(count[1]))
+                    count = kept_figures(count, self.max_length)
                 except Exception as exc:
                     count = exc
             previous = measured.get(owner)
@@ -229,20 +255,35 @@ class _Measurer:
             if isinstance(result, Exception):
                 tally.add_bad(line, f"could not tokenize: {type(result).__name__}: {result}"[:500])
                 continue
-            tokens, trainable = result
+            tokens, trainable, kept_tokens, kept_trainable = result
             action = length_action(tokens, max_length, self.policy)
             if action == "reject":
                 tally.add_bad(line, f"{tokens} tokens > max_length {max_length} (length_policy reject)")
                 continue
+            if action != "drop" and kept_trainable <= 0 and fmt_or_reason in SFT_FORMATS:
+                why = (f"no trainable token left after truncation to max_length {max_length} ({tokens} tokens, "
+                       f"{trainable} trainable)" if action == "truncate" else
+                       f"no trainable token ({tokens} tokens): nothing to learn from")
+                tally.untrainable += 1
+                if self.policy == "reject":
+                    tally.add_bad(line, f"{why} (length_policy reject)")
+                    continue
+                tally.valid += 1
+                tally.add_dropped(line, why)
+                continue
             tally.valid += 1
             if action == "drop":
+                tally.length_dropped += 1
                 tally.add_dropped(line, f"{tokens} tokens > max_length {max_length}")
                 continue
             if action == "truncate":
                 tally.truncated += 1
+            tally.keep(line)
             tally.lengths[tokens] += 1
-            tally.tokens_total += tokens
-            tally.tokens_trainable += trainable
+            tally.tokens_total += kept_tokens
+            tally.tokens_trainable += kept_trainable
+            tally.tokens_cut += tokens - kept_tokens
+            tally.trainable_cut += trainable - kept_trainable
         self.pending.clear()
         self.examples = self.bytes = 0
 
@@ -252,10 +293,17 @@ class _Tally:
 
     def __init__(self):
         self.lines = self.valid = self.bad = self.dropped = self.truncated = 0
+        self.untrainable = self.length_dropped = 0
+        self.last_line = 0  # the last physical line number read
         self.bad_lines: list[tuple[int, str]] = []
         self.dropped_lines: list[tuple[int, str]] = []
         self.lengths: Counter[int] = Counter()
-        self.tokens_total = self.tokens_trainable = 0
+        self.tokens_total = self.tokens_trainable = self.tokens_cut = self.trainable_cut = 0
+        self.verdicts = RecordVerdicts()  # replaced by the caller's, if any
+
+    def keep(self, line: int) -> None:
+        """``line`` trains (see :mod:`core.records`)."""
+        self.verdicts.keep(line)
 
     def add_bad(self, line: int, reason: str) -> None:
         self.bad += 1
@@ -280,7 +328,8 @@ class _Tally:
             for p, rank in wanted.items():
                 if p not in found and cumulative >= rank:
                     found[p] = k
-        return TokenStats(total=self.tokens_total, trainable=self.tokens_trainable, min=keys[0],
+        return TokenStats(total=self.tokens_total, trainable=self.tokens_trainable, cut=self.tokens_cut,
+                          trainable_cut=self.trainable_cut, min=keys[0],
                           p50=found[50], p95=found[95], p99=found[99], max=keys[-1])
 
 
@@ -347,7 +396,8 @@ def _first_bad(tally: _Tally) -> str:
 
 def validate_file(path: Path, *, display_name: str | None = None, config: RealmConfig,
                   count_tokens: CountTokens | None = None,
-                  count_tokens_batch: CountTokensBatch | None = None) -> ValidationReport:
+                  count_tokens_batch: CountTokensBatch | None = None,
+                  verdicts: RecordVerdicts | None = None) -> ValidationReport:
     """Validate the quest file at ``path`` and return its report (never raises for bad content).
 
     ``display_name``: the user's file name (default ``path.name``); it decides the accepted suffix and the
@@ -357,6 +407,10 @@ def validate_file(path: Path, *, display_name: str | None = None, config: RealmC
     does the same for a list (up to :data:`TOKEN_BATCH_EXAMPLES`; faster with a fast tokenizer's batch
     encoding) and wins when both are given. Neither: no token statistics, no length policy. An exception
     from the counter makes that line bad (a failing batch is retried one example at a time).
+
+    ``verdicts``: an empty :class:`core.records.RecordVerdicts`, filled with the lines that train (the
+    ``examples`` kept records) and how the file was read; left empty for a file rejected as a whole before
+    its lines are read (type, compression, encoding).
 
     Raises ``OSError`` only when the file itself cannot be opened, stat'ed or read (missing, permissions,
     I/O error); every problem with its content is reported in the returned :class:`ValidationReport`.
@@ -375,6 +429,8 @@ def validate_file(path: Path, *, display_name: str | None = None, config: RealmC
     mapping = field_map_for(name, vcfg.field_map)
     report.field_map = mapping
     tally = _Tally()
+    if verdicts is not None:
+        tally.verdicts = verdicts
     hasher = hashlib.sha256()
     fmt: str | None = None
     if count_tokens_batch is None and count_tokens is not None:
@@ -384,6 +440,7 @@ def validate_file(path: Path, *, display_name: str | None = None, config: RealmC
     try:
         for number, text, error in open_text_lines(path, max_line_bytes=vcfg.max_line_bytes, hasher=hasher):
             tally.lines += 1
+            tally.last_line = number
             if error is not None:
                 tally.add_bad(number, error) if measurer is None else measurer.add_bad(number, error)
                 continue
@@ -395,6 +452,7 @@ def validate_file(path: Path, *, display_name: str | None = None, config: RealmC
             fmt = line_fmt  # the first valid record fixes the file's format (as in iter_valid_records)
             if measurer is None:
                 tally.valid += 1
+                tally.keep(number)
             else:
                 measurer.add(number, example, fmt, len(text))
         if measurer is not None:
@@ -411,6 +469,11 @@ def validate_file(path: Path, *, display_name: str | None = None, config: RealmC
     report.format = fmt
     report.lines, report.records_valid = tally.lines, tally.valid
     report.records_bad, report.records_dropped, report.truncated = tally.bad, tally.dropped, tally.truncated
+    report.records_untrainable = tally.untrainable
+    if verdicts is not None:
+        verdicts.content_hash, verdicts.format, verdicts.field_map = content_hash, fmt, dict(mapping)
+        verdicts.max_line_bytes, verdicts.lines = vcfg.max_line_bytes, tally.last_line
+        verdicts.max_length, verdicts.length_policy = max_length, vcfg.length_policy
     report.examples = tally.valid - tally.dropped
     report.bad_line_ratio = tally.bad / tally.lines if tally.lines else 0.0
     report.bad_lines = [LineIssue(line=n, reason=r) for n, r in tally.bad_lines]
@@ -444,9 +507,17 @@ def _rejection_reason(tally: _Tally, report: ValidationReport, stream_error: str
     if tally.lines == 0:
         return "empty file: no non-blank lines"
     if tally.valid == tally.dropped:
-        if tally.valid:
+        if tally.valid and not tally.untrainable:
             return (f"every valid record is longer than max_length {report.max_length} tokens and length_policy "
                     "is drop: nothing left to train")
+        if tally.valid:
+            long = (f"{tally.length_dropped:,} longer than max_length {report.max_length} tokens "
+                    "(length_policy drop), " if tally.length_dropped else "")
+            return (f"no valid record has a token left to learn from: {long}{tally.untrainable:,} with no "
+                    "trainable token (after truncation): nothing left to train")
+        if tally.untrainable:
+            return (f"no valid records ({tally.bad:,} bad lines, {tally.untrainable:,} of them with no trainable "
+                    f"token): {_first_bad(tally)}")
         return f"no valid records ({tally.bad:,} bad lines): {_first_bad(tally)}"
     if report.bad_line_ratio > report.max_bad_line_ratio:
         return (f"{tally.bad:,} of {tally.lines:,} lines are bad ({report.bad_line_ratio:.2%} > "
@@ -486,11 +557,15 @@ def format_report_text(report: ValidationReport, max_listed: int = 20) -> str:
                    f"({report.bad_line_ratio:.2%}; max {report.max_bad_line_ratio:.2%}), dropped "
                    f"{report.records_dropped:,}, truncated {report.truncated:,}, examples {report.examples:,} "
                    f"(max_length {report.max_length}, length_policy {report.length_policy})")
+        if report.records_untrainable:
+            out.append(f"  {report.records_untrainable:,} records with no trainable token (after truncation): "
+                       + ("bad lines" if report.length_policy == "reject" else "dropped"))
     if report.tokens is not None:
         t = report.tokens
         ratio = f", trainable {report.trainable_token_ratio:.1%}" if report.trainable_token_ratio is not None else ""
-        out.append(f"  tokens {t.total:,}{ratio}; per record min {t.min} / p50 {t.p50} / p95 {t.p95} / "
-                   f"p99 {t.p99} / max {t.max}")
+        cut = f" (truncation cuts {t.cut:,}, {t.trainable_cut:,} of them trainable)" if t.cut else ""
+        out.append(f"  tokens trained {t.total:,}{ratio}{cut}; per record as written: min {t.min} / p50 {t.p50} / "
+                   f"p95 {t.p95} / p99 {t.p99} / max {t.max}")
     for title, issues, hidden in (("bad lines", report.bad_lines, report.bad_lines_truncated),
                                   ("dropped lines", report.dropped_lines, report.dropped_lines_truncated)):
         if not issues:

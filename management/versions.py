@@ -59,26 +59,21 @@ def versions_dir(realm: Realm, hero: str) -> Path:
     return realm.hero_dir(hero) / "versions"
 
 
-def _quests_seen(ledger: Ledger, global_step: int) -> list[dict[str, Any]]:
+def quests_seen(ledger: Ledger, global_step: int) -> list[dict[str, Any]]:
     """Quests trained into the weights at ``global_step``: ``{id, name, steps, examples_trained}``."""
-    rows = ledger.query(
-        "SELECT s.quest_id AS id, q.name AS name, COUNT(*) AS steps, MAX(s.example_end) AS examples_trained "
-        "FROM steps s LEFT JOIN quests q ON q.id = s.quest_id WHERE s.global_step <= ? AND s.quest_id IS NOT "
-        "NULL GROUP BY s.quest_id ORDER BY MIN(s.global_step)", (global_step,))
-    return rows
+    return ledger.quests_trained_until(global_step)
 
 
 def _metadata(name: str, source: Path, state: dict[str, Any], ledger: Ledger, hashes: dict[str, str],
               kind: str) -> dict[str, Any]:
     step = int(state.get(KEY_GLOBAL_STEP, 0))
     hero = state.get(KEY_HERO) or {}
-    evals = ledger.query("SELECT global_step, quest_id, eval_loss, examples FROM evals WHERE global_step <= ? "
-                         "ORDER BY global_step DESC LIMIT 20", (step,))
+    evals = ledger.evals_until(step, limit=20)
     return {"name": name, "kind": kind, "created_at": time.time(), "source_checkpoint": source.name,
             "global_step": step, "base_model": hero.get("base_model"), "hero": hero,
             "adapter": (state.get(KEY_ADAPTER) or {}).get(KEY_ADAPTER_TYPE),
             "metrics": {"loss": state.get(KEY_LOSS), "eval_loss": state.get(KEY_EVAL_LOSS), "recent_evals": evals},
-            "quests_seen": _quests_seen(ledger, step), "files": hashes}
+            "quests_seen": quests_seen(ledger, step), "files": hashes}
 
 
 def promote(realm: Realm, config: RealmConfig, ledger: Ledger, step: int, name: str) -> dict[str, Any]:

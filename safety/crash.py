@@ -171,15 +171,5 @@ def record_crash(ledger: Ledger, crash: CrashReport, **extra) -> None:
 def recent_crashes(ledger: Ledger, limit: int = 10) -> list[dict]:
     """The ``limit`` newest crash events, newest first: ``{"id", "time", "crash_class", "summary",
     "process", "returncode", "signal", "pid", ...}``."""
-    import json
-
-    rows = ledger.query("SELECT id, time, data FROM events WHERE kind=? ORDER BY id DESC LIMIT ?",
-                        (CRASH_EVENT, limit))
-    out = []
-    for r in rows:
-        try:
-            data = json.loads(r["data"]) if r["data"] else {}
-        except ValueError:
-            data = {}
-        out.append({"id": r["id"], "time": r["time"], **data})
-    return out
+    return [{"id": r["id"], "time": r["time"], **(r["data"] if isinstance(r["data"], dict) else {})}
+            for r in ledger.events_of_kind(CRASH_EVENT, limit)]

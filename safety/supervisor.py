@@ -6,10 +6,12 @@
   *stop* button stops the daemon, and is not restarted): the end is classified (:mod:`safety.crash`,
   ledger event ``crash``) and the child restarted after an exponential backoff
   (``backoff_initial_seconds`` x 2^restarts in the window, at most ``backoff_max_seconds``);
-- **hang** (daemon only): its heartbeat (ledger kv ``daemon``: ``updated_at``, ``pid``, ``state``,
-  ``global_step``) is older than ``hang_minutes``, it is ``training`` without a new ``global_step`` for
-  ``hang_minutes``, or it wrote no heartbeat for ``hang_minutes`` since it started: warm stop, hard kill
-  after ``stop_timeout_seconds``, crash class ``hang``, restart;
+- **hang** (daemon only): by the liveness rule of :mod:`core.contract` with ``hang_minutes`` as the
+  staleness limit (``Ledger.daemon_status``), it is ``not responding`` (heartbeat older than
+  ``hang_minutes``), or it is ``training`` without a new ``global_step`` for ``hang_minutes``, or it wrote no
+  heartbeat for ``hang_minutes`` since it started; never while it is ``stopping`` (a stop began: its last
+  checkpoint may take long) or ``stopped``: warm stop, hard kill after ``stop_timeout_seconds``, crash
+  class ``hang``, restart;
 - **give up**: a child needing more than ``max_restarts`` restarts within ``restart_window_minutes`` goes
   to ``fatal`` (ledger event ``supervisor_gave_up``, level error: an alert). The supervisor exits once no
   child is running or waiting for a restart (status 10 when one is fatal, else 0);
@@ -19,7 +21,8 @@
 Signals only ever go to the supervisor's own unreaped children (their pids cannot be reused before the
 supervisor reaps them). Child states are :class:`ChildState`, changed only by :meth:`Supervisor._set_state`
 against :data:`TRANSITIONS`; the supervisor's own state is :class:`SupervisorState`, changed only by
-:meth:`Supervisor._set_supervisor_state`. Both are published to the ledger kv ``supervisor``.
+:meth:`Supervisor._set_supervisor_state`. Both are published to the ledger kv ``supervisor``
+(``Ledger.publish_supervisor_status``).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from typing import Any
 import psutil
 
 from core.config import RealmConfig
+from core.contract import NOT_RESPONDING, DaemonState
 from core.fsutil import ExclusiveLock, write_json_atomic
 from core.ledger import Ledger
 from core.realm import SUPERVISOR_LOCK, Realm
@@ -47,8 +51,6 @@ from safety.crash import MemoryFacts, classify_exit, read_log_tail, read_oom_kil
 
 log = logging.getLogger("realm.supervisor")
 
-SUPERVISOR_KEY = "supervisor"
-DAEMON_KEY = "daemon"  # = core.daemon.DAEMON_KEY (not imported: it pulls in the training stack)
 FATAL_EXIT = 10
 SECONDS_PER_MINUTE = 60.0
 
@@ -170,7 +172,7 @@ class Supervisor:
         if self.ledger is None:
             return
         now = time.monotonic()
-        self.ledger.set_value(SUPERVISOR_KEY, {
+        self.ledger.publish_supervisor_status({
             "pid": os.getpid(), "state": self.state.value,
             "children": {c.role: {"state": c.state.value, "pid": c.pid if c.state in (ChildState.RUNNING,
                                                                                       ChildState.STOPPING) else None,
@@ -324,18 +326,17 @@ class Supervisor:
     def _hang_reason(self, child: Child, now: float) -> str | None:
         """Why the daemon child counts as hung, or None (see the module doc)."""
         limit = self.settings.hang_minutes * SECONDS_PER_MINUTE
-        heartbeat, updated = self.ledger.get_value_with_time(DAEMON_KEY)
-        if not isinstance(heartbeat, dict) or heartbeat.get("pid") != child.pid or updated is None:
+        daemon = self.ledger.daemon_status(stale_after_seconds=limit)
+        if daemon.pid != child.pid or daemon.updated_at is None:  # nothing yet from this child
             waited = now - child.started_at
             return f"no heartbeat {waited / 60:.1f} min after start" if waited > limit else None
-        state = heartbeat.get("state")
-        if state in ("stopping", "stopped"):
+        state = daemon.state
+        if state in (DaemonState.STOPPING.value, DaemonState.STOPPED.value):
             return None
-        age = time.time() - updated
-        if age > limit:
-            return f"no heartbeat for {age / 60:.1f} min (state {state})"
-        step = heartbeat.get("global_step")
-        if state != "training" or step != child.last_step:
+        if daemon.display_state == NOT_RESPONDING:
+            return f"no heartbeat for {daemon.heartbeat_age_seconds / 60:.1f} min (state {state})"
+        step = daemon.get("global_step")
+        if state != DaemonState.TRAINING.value or step != child.last_step:
             child.last_step, child.last_progress_at = step, now
             return None
         if now - child.last_progress_at > limit:
@@ -363,8 +364,8 @@ class Supervisor:
         crash = classify_exit(returncode, tail, memory=memory, hang_reason=child.hang_reason,
                               process=child.role, pid=child.pid)
         child.last_exit.update(crash_class=crash.crash_class, summary=crash.summary)
-        heartbeat = self.ledger.get_value(DAEMON_KEY) if child.role == "daemon" else None
-        record_crash(self.ledger, crash, global_step=(heartbeat or {}).get("global_step"))
+        step = self.ledger.daemon_status().get("global_step") if child.role == "daemon" else None
+        record_crash(self.ledger, crash, global_step=step)
         self._after_crash(child, f"{crash.crash_class}: {crash.summary}")
 
     def _after_crash(self, child: Child, what: str) -> None:

@@ -5,6 +5,9 @@
 - ``GET /api/history?max_points=N&from_step=A&to_step=B`` — training loss and learning_rate per global step,
   averaged into at most N buckets (default 1500, at most 10000) of ``bucket_steps`` consecutive steps, with
   each bucket's min/max loss; validation loss (``evals``) likewise. Whole history unless a range is given.
+  (:meth:`core.ledger.Ledger.history`): exact buckets counted from ``from_step`` for ranges up to 16,384
+  steps; longer ranges are read from the ledger's rollups, with ``bucket_steps`` rounded up to a power of two
+  and buckets aligned to multiples of it (between N/2 and N points, in bounded time at any history length).
 - ``GET /api/events?limit=N`` — the newest N (≤ 500) battle-log events, oldest first;
   ``?since_id=I`` — those after id I.
 - ``GET /api/schema`` — ``{"config": JSON Schema of config.json, "quest_record": JSON Schema of one line of
@@ -14,16 +17,14 @@
 
 from __future__ import annotations
 
-import math
-
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, jsonify
 
 from core.config import config_json_schema
 from tavern import game
 from tavern.context import current_config, current_ledger, current_realm
+from tavern.params import BadParameter, int_arg
 from tavern.push import event_payload
 from tavern.schemas import QUEST_RECORD_SCHEMA, QUEST_SCHEMA
-from tavern.security import refuse
 from tavern.status import build_status
 
 bp = Blueprint("api", __name__, url_prefix="/api")
@@ -33,74 +34,23 @@ MAX_HISTORY_POINTS = 10000
 MAX_EVENTS = 500
 
 
-class BadParameter(ValueError):
-    pass
-
-
-@bp.errorhandler(BadParameter)
-def _bad(exc: BadParameter):
-    return refuse(400, str(exc))
-
-
-def int_arg(name: str, default: int | None, lo: int, hi: int | None = None) -> int | None:
-    """An integer query parameter in [lo, hi]; raises :class:`BadParameter` (→ 400) otherwise."""
-    raw = request.args.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise BadParameter(f"{name} must be an integer, got {raw!r}") from None
-    if value < lo or (hi is not None and value > hi):
-        raise BadParameter(f"{name} must be in [{lo}, {hi if hi is not None else '∞'}], got {value}")
-    return value
-
-
 @bp.get("/status")
 def status():
     return jsonify(build_status(current_ledger(), current_realm(), current_config()))
-
-
-def _num(x):
-    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else x
-
-
-def downsample(table: str, value_sql: str, lo: int, hi: int, max_points: int) -> tuple[int, list[dict]]:
-    """Average rows of ``table`` with ``lo <= global_step <= hi`` into buckets of consecutive steps.
-
-    Returns ``(bucket_steps, rows)``; each row has ``global_step`` (mean step of the bucket) and the
-    columns of ``value_sql``.
-    """
-    span = max(1, hi - lo + 1)
-    bucket = max(1, math.ceil(span / max_points))
-    rows = current_ledger().query(
-        f"SELECT AVG(global_step) AS global_step, {value_sql} FROM {table} "
-        "WHERE global_step BETWEEN ? AND ? GROUP BY (global_step - ?) / ? ORDER BY 1",
-        (lo, hi, lo, bucket))
-    return bucket, rows
 
 
 @bp.get("/history")
 def history():
     max_points = int_arg("max_points", DEFAULT_HISTORY_POINTS, 10, MAX_HISTORY_POINTS)
     ledger = current_ledger()
-    bounds = ledger.query("SELECT MIN(global_step) AS lo, MAX(global_step) AS hi FROM steps")[0]
-    ebounds = ledger.query("SELECT MIN(global_step) AS lo, MAX(global_step) AS hi FROM evals")[0]
-    los = [b for b in (bounds["lo"], ebounds["lo"]) if b is not None]
-    his = [b for b in (bounds["hi"], ebounds["hi"]) if b is not None]
-    lo = int_arg("from_step", min(los) if los else 0, 0)
-    hi = int_arg("to_step", max(his) if his else 0, 0)
+    bounds = ledger.history_bounds()
+    lo = int_arg("from_step", bounds.first_step if bounds.first_step is not None else 0, 0)
+    hi = int_arg("to_step", bounds.last_step if bounds.last_step is not None else 0, 0)
     if hi < lo:
         raise BadParameter(f"to_step ({hi}) is below from_step ({lo})")
-    bucket, train = downsample("steps", "AVG(loss) AS loss, MIN(loss) AS loss_min, MAX(loss) AS loss_max, "
-                               "AVG(learning_rate) AS learning_rate", lo, hi, max_points)
-    _, evals = downsample("evals", "AVG(eval_loss) AS eval_loss", lo, hi, max_points)
-    cols = ("global_step", "loss", "loss_min", "loss_max", "learning_rate")
-    return jsonify(
-        from_step=lo, to_step=hi, bucket_steps=bucket, last_global_step=bounds["hi"],
-        train={c: [_num(r[c]) for r in train] for c in cols},
-        eval={c: [_num(r[c]) for r in evals] for c in ("global_step", "eval_loss")},
-    )
+    h = ledger.history(lo, hi, max_points)  # non-finite values come back as None
+    return jsonify(from_step=h.from_step, to_step=h.to_step, bucket_steps=h.bucket_steps,
+                   last_global_step=h.last_global_step, train=h.train, eval=h.eval)
 
 
 @bp.get("/events")
@@ -111,7 +61,7 @@ def events():
     if since_id is not None:
         rows = ledger.events(since_id=since_id, limit=limit)
     else:
-        rows = ledger.query("SELECT * FROM events ORDER BY id DESC LIMIT ?", (limit,))[::-1]
+        rows = ledger.latest_events(limit)
     return jsonify(events=[event_payload(r) for r in rows])
 
 

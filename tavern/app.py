@@ -1,8 +1,9 @@
 """The Tavern's Flask application factory.
 
 ``create_app(realm, config)`` builds the app: state (ledger, queue), security policy, one blueprint per
-page (``home``, ``quests``, ``vault``, ``oracle``, ``system``, plus ``controls`` and ``api``), Socket.IO and
-the ledger push poller. Serve it with :func:`tavern.server.run`; never import the training loop here.
+page (``home``, ``quests``, ``vault``, ``oracle``, ``system``, plus ``controls``, ``api``, ``downloads``
+(post a quest by URL) and ``metrics`` (Prometheus)), Socket.IO and the ledger push poller. Serve it with
+:func:`tavern.server.run`; never import the training loop here.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from werkzeug.exceptions import HTTPException
 
 from core.config import RealmConfig
 from core.realm import Realm, RealmError
-from tavern import push, security
+from tavern import params, push, security
 from tavern.context import init_state, tavern_state
 from tavern.extensions import socketio
 
 log = logging.getLogger(__name__)
+SOCKETIO_SERVER_KEY = "tavern.socketio_server"  # app.extensions: this app's own python-socketio Server
 
 NAV_ITEMS = (  # label, endpoint, path used when that blueprint is not installed
     ("Home", "home.index", "/"),
@@ -49,15 +51,16 @@ def create_app(realm: Realm, config: RealmConfig | None = None, *, testing: bool
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Strict",
     )
-    app.json.sort_keys = False  # type: ignore[attr-defined]
+    params.install(app)  # bounded <int:...> ids and JSON nesting; before any blueprint's rules
     init_state(app, realm, config)
     security.install(app, config.tavern.access_token)
 
     from tavern import api
-    from tavern.pages import controls, home, system
+    from tavern.pages import controls, downloads, home, metrics, system
 
-    for bp in (home.bp, system.bp, controls.bp, api.bp):
+    for bp in (home.bp, system.bp, controls.bp, api.bp, downloads.bp, metrics.bp):
         app.register_blueprint(bp)
+    downloads.init_downloads(app)
     for module_name, attr in OPTIONAL_BLUEPRINTS:
         module = _optional_import(module_name)
         if module is not None:
@@ -68,6 +71,8 @@ def create_app(realm: Realm, config: RealmConfig | None = None, *, testing: bool
 
     socketio.init_app(app, async_mode="threading", cors_allowed_origins=None, logger=False,
                       engineio_logger=False)
+    # the SocketIO object is shared by every app of the process; its .server is the latest app's
+    app.extensions[SOCKETIO_SERVER_KEY] = socketio.server
     push.init_push(app, socketio)
     oracle = _optional_import("tavern.oracle")
     if oracle is not None and hasattr(oracle, "init_oracle"):
@@ -77,10 +82,19 @@ def create_app(realm: Realm, config: RealmConfig | None = None, *, testing: bool
 
 
 def close_app(app: Flask) -> None:
-    """Stop the app's push poller, disconnect its Socket.IO clients (browsers then reconnect and resync)
-    and close its ledger (shutdown, tests)."""
+    """Stop the app's push poller and oracle worker, disconnect its Socket.IO clients (browsers then reconnect
+    and resync), stop Socket.IO's service thread and close its ledger (shutdown, tests)."""
     push.stop_push(app)
-    server = getattr(app.extensions.get("socketio"), "server", None)
+    exports = app.extensions.get("exports")  # tavern.pages.vault's background export jobs
+    if exports is not None:
+        exports.close()
+    oracle = _optional_import("tavern.oracle")
+    if oracle is not None and hasattr(oracle, "close_oracle"):
+        oracle.close_oracle(app)  # its worker process and the threads that talk to it
+    from tavern.pages.downloads import stop_downloads
+
+    stop_downloads(app)  # background downloads into the inbox end, removing their .part files
+    server = app.extensions.get(SOCKETIO_SERVER_KEY)
     eio = getattr(server, "eio", None)
     for client in list(getattr(eio, "sockets", {}).values()):
         try:  # wait=False: a polling client that never polls again must not block the shutdown
@@ -89,6 +103,7 @@ def close_app(app: Flask) -> None:
             log.exception("closing a Socket.IO client failed")
     if eio is not None:
         eio.sockets = {}
+        server.shutdown()  # ends engineio's client-timeout service thread (it would run forever)
     tavern_state(app).ledger.close()
 
 

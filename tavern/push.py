@@ -22,6 +22,7 @@ from flask import Flask
 from flask_socketio import SocketIO
 
 from core.checkpoint_layout import list_checkpoints
+from core.contract import DAEMON_KEY
 from core.ledger import CommandState, Ledger
 from tavern.context import tavern_state
 from tavern.status import build_status, checkpoint_view
@@ -33,8 +34,6 @@ STATUS_MIN_INTERVAL_SECONDS = 0.25  # at most 4 status events per second while t
 STATUS_IDLE_INTERVAL_SECONDS = 2.0  # and one every 2 s anyway (heartbeat age, daemon liveness)
 CHECKPOINT_SCAN_INTERVAL_SECONDS = 1.0
 QUEST_CLOCK_SLACK_SECONDS = 5.0  # re-read quests updated this long before the newest seen (commit order)
-STEP_FIELDS = ("global_step", "quest_id", "time", "loss", "learning_rate", "grad_norm", "tokens",
-               "tokens_per_second", "example_start", "example_end")
 EXTENSION_KEY = "tavern_push"
 
 
@@ -54,13 +53,12 @@ class LedgerPoller:
         self.ledger = Ledger(self.realm.ledger_path)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        q = self.ledger.query
-        self.last_step = q("SELECT COALESCE(MAX(global_step), 0) AS m FROM steps")[0]["m"]
-        self.last_eval_rowid = q("SELECT COALESCE(MAX(rowid), 0) AS m FROM evals")[0]["m"]
-        self.last_event_id = q("SELECT COALESCE(MAX(id), 0) AS m FROM events")[0]["m"]
-        self.quests = {r["id"]: (r["state"], r["priority"]) for r in q("SELECT id, state, priority FROM quests")}
-        self.quest_clock = q("SELECT COALESCE(MAX(updated_at), 0) AS m FROM quests")[0]["m"]
-        self.commands = {r["id"]: r["state"] for r in q("SELECT id, state FROM commands")}
+        self.last_step = self.ledger.step_bounds()[1] or 0
+        self.last_eval_seq = self.ledger.last_eval_seq()
+        self.last_event_id = self.ledger.last_event_id()
+        self.quests = self.ledger.quest_states()
+        self.quest_clock = self.ledger.last_quest_update()
+        self.commands = self.ledger.command_states()
         self.kv_clock = self._daemon_clock()
         self.checkpoints = self._scan_checkpoints()
         self._last_scan = time.monotonic()
@@ -108,13 +106,12 @@ class LedgerPoller:
         self.socketio.emit(event, payload)
 
     def _steps(self) -> int:
-        top = self.ledger.query("SELECT COALESCE(MAX(global_step), 0) AS m FROM steps")[0]["m"]
+        top = self.ledger.step_bounds()[1] or 0
         if top < self.last_step:  # the daemon rolled back to its last checkpoint after a crash
             self.last_step = top
             self._emit("history_reset", {"global_step": top})
             return 1
-        rows = self.ledger.query(f"SELECT {', '.join(STEP_FIELDS)} FROM steps WHERE global_step > ? "
-                                 "ORDER BY global_step LIMIT 1000", (self.last_step,))
+        rows = self.ledger.steps(self.last_step, limit=1000, with_examples=False)
         for r in rows:
             self._emit("step", clean(r))
         if rows:
@@ -122,10 +119,9 @@ class LedgerPoller:
         return len(rows)
 
     def _evals(self) -> int:
-        rows = self.ledger.query("SELECT rowid AS rid, * FROM evals WHERE rowid > ? ORDER BY rowid",
-                                 (self.last_eval_rowid,))
+        rows = self.ledger.evals_written_after(self.last_eval_seq)
         for r in rows:
-            self.last_eval_rowid = r.pop("rid")
+            self.last_eval_seq = r.pop("seq")
             self._emit("eval", clean(r))
         return len(rows)
 
@@ -137,8 +133,7 @@ class LedgerPoller:
         return len(rows)
 
     def _quests(self) -> int:
-        rows = self.ledger.query("SELECT * FROM quests WHERE updated_at > ? ORDER BY id",
-                                 (self.quest_clock - QUEST_CLOCK_SLACK_SECONDS,))
+        rows = self.ledger.quests_updated_since(self.quest_clock - QUEST_CLOCK_SLACK_SECONDS)
         n = 0
         for r in rows:
             self.quest_clock = max(self.quest_clock, r["updated_at"])
@@ -151,10 +146,7 @@ class LedgerPoller:
 
     def _commands(self) -> int:
         pending = [i for i, s in self.commands.items() if s == CommandState.PENDING.value]
-        top = max(self.commands, default=0)
-        marks = ",".join("?" * len(pending)) or "NULL"
-        rows = self.ledger.query(f"SELECT * FROM commands WHERE id > ? OR id IN ({marks}) ORDER BY id",
-                                 (top, *pending))
+        rows = self.ledger.commands_since(max(self.commands, default=0), also=pending)
         n = 0
         for r in rows:
             if self.commands.get(r["id"]) != r["state"]:
@@ -178,12 +170,11 @@ class LedgerPoller:
 
     # helpers ----------------------------------------------------------------------------------------
     def _daemon_clock(self) -> float | None:
-        return self.ledger.get_value_with_time("daemon")[1]
+        return self.ledger.value_updated_at(DAEMON_KEY)
 
     def _hero_name(self) -> str:
-        kv = self.ledger.get_value("daemon") or {}
-        hero = kv.get("hero") if isinstance(kv, dict) else None
-        return (hero or {}).get("name") or self.config.hero.name
+        hero = self.ledger.daemon_status().get("hero")
+        return (hero if isinstance(hero, dict) else {}).get("name") or self.config.hero.name
 
     def _scan_checkpoints(self) -> dict[str, dict[str, Any]]:
         folder = self.realm.checkpoints_dir(self._hero_name())

@@ -78,5 +78,7 @@ QUEST_SCHEMA: dict = {
         "updated_at": {"type": "number", "description": "Unix time, seconds"},
         "started_at": _NUM_OR_NULL,
         "finished_at": _NUM_OR_NULL,
+        "source_url": {**_STR_OR_NULL, "description": "the address it was downloaded from (enqueue URL)"},
+        "source_sha256": {**_STR_OR_NULL, "description": "SHA-256 of the downloaded bytes, hex"},
     },
 }

@@ -5,13 +5,19 @@
   ``127.x.x.x``, ``[::1]``), so a DNS-rebinding page cannot reach the Tavern through its own domain name.
 - **Access token** (when configured, on *every* request, Socket.IO included): ``Authorization: Bearer
   <token>``, or the ``tavern_token`` cookie set after opening any page once with ``?token=<token>``
-  (the token is then stripped from the address by a redirect). Compared in constant time.
+  (the token is then stripped from the address by a redirect). Compared in constant time, as bytes (a
+  token may be any UTF-8 text; a header carrying other bytes is simply wrong: 401).
 - **Cross-origin writes.** Every method but GET/HEAD/OPTIONS must come from our own origin: an ``Origin``
-  (or, without one, ``Referer``) header naming this host, else a valid ``X-CSRF-Token`` header or
+  (or, without one, ``Referer``) header naming this scheme and host, else a valid ``X-CSRF-Token`` header or
   ``csrf_token`` form field, else an ``Authorization`` header (API clients such as ``openai``; browsers never
   add one by themselves). Browsers send ``Origin`` on every POST (Fetch standard), so a cross-site form or
   ``fetch`` is refused with 403. Socket.IO connections are limited to the same origin by python-engineio
   (``cors_allowed_origins`` left at its same-origin default).
+- **Plain API clients on loopback** (:func:`plain_api_client`). Without an access token, a request to the
+  OpenAI-compatible API (``/v1/...``) that carries neither ``Origin`` nor ``Referer`` -- curl, scripts,
+  SDKs, as llama.cpp, vLLM and Ollama serve them -- from a loopback address is served without the CSRF
+  token. A browser always sends ``Origin`` with a POST, so a cross-origin page is still refused; the
+  Tavern's own pages and ``/api`` keep the rule above.
 - **Headers.** A Content-Security-Policy without ``'unsafe-inline'`` (all JS and CSS are files under
   ``/static``; page data comes from ``/api`` or ``data-*`` attributes), ``frame-ancestors 'none'``,
   ``X-Content-Type-Options: nosniff``, ``Referrer-Policy: same-origin``; ``Cache-Control: no-store`` on
@@ -37,6 +43,7 @@ CSRF_HEADER = "X-CSRF-Token"
 CSRF_FORM_FIELD = "csrf_token"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 SOCKETIO_PATH = "/socket.io"
+OPENAI_API_PREFIX = "/v1/"
 
 CONTENT_SECURITY_POLICY = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
@@ -85,14 +92,30 @@ def csrf_token(secret_key: bytes | str) -> str:
     return hmac.new(key, b"tavern-csrf", hashlib.sha256).hexdigest()
 
 
+def wire_bytes(value: str) -> bytes:
+    """The bytes a client sent for a header or cookie value. WSGI hands them over as latin-1 code points
+    (PEP 3333), so a UTF-8 token typed by curl arrives as mojibake that this turns back into its bytes;
+    anything else (a decoded query string) is encoded as UTF-8."""
+    try:
+        return value.encode("latin-1")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogateescape")
+
+
+def same_secret(given: bytes, expected: bytes) -> bool:
+    """Constant-time comparison of two byte strings (``hmac.compare_digest`` refuses non-ASCII ``str``)."""
+    return hmac.compare_digest(given, expected)
+
+
 def _token_ok(access_token: str, headers, cookies, query_token: str | None = None) -> bool:
+    expected = access_token.encode("utf-8", "surrogateescape")
     auth = headers.get("Authorization", "")
-    if auth.lower().startswith("bearer ") and hmac.compare_digest(auth[7:].strip(), access_token):
+    if auth[:7].lower() == "bearer " and same_secret(wire_bytes(auth[7:].strip()), expected):
         return True
     cookie = cookies.get(TOKEN_COOKIE, "")
-    if cookie and hmac.compare_digest(cookie, cookie_value(access_token)):
+    if cookie and same_secret(wire_bytes(cookie), cookie_value(access_token).encode("ascii")):
         return True
-    return bool(query_token) and hmac.compare_digest(query_token, access_token)
+    return bool(query_token) and same_secret(query_token.encode("utf-8", "surrogateescape"), expected)
 
 
 def host_allowed(host_header: str, access_token: str | None) -> bool:
@@ -122,16 +145,24 @@ def same_origin_reason(method: str, headers, host: str, scheme: str, expected_cs
     referer = headers.get("Referer")
     if referer:
         parts = urlsplit(referer)
-        if parts.netloc.lower() != host.lower():
-            return "cross-origin request refused (Referer names another host)"
+        if parts.netloc.lower() != host.lower() or parts.scheme != scheme:
+            return f"cross-origin request refused (Referer is not on {scheme}://{host})"
         return None
     given = headers.get(CSRF_HEADER) or form_token() or ""
-    if given and hmac.compare_digest(given, expected_csrf):
+    if given and same_secret(wire_bytes(given), expected_csrf.encode("ascii")):
         return None
     if headers.get("Authorization"):
         return None
     return (f"request refused: no Origin or Referer header; send the {CSRF_HEADER} header (see the "
             "csrf-token meta tag) or an Authorization header")
+
+
+def plain_api_client(rule: str | None, headers, remote_addr: str | None, access_token: str | None) -> bool:
+    """True for a non-browser client of the OpenAI-compatible API on loopback with no access token
+    configured: the request matched a ``/v1/`` route (``rule``: the URL rule Flask matched, not the raw
+    path), it has no ``Origin`` and no ``Referer`` header, and its peer address is loopback."""
+    return (not access_token and (rule or "").startswith(OPENAI_API_PREFIX) and headers.get("Origin") is None
+            and not headers.get("Referer") and is_loopback(remote_addr or ""))
 
 
 # responses -------------------------------------------------------------------------------------
@@ -180,7 +211,8 @@ def install(app: Flask, access_token: str | None) -> None:
                 return resp
         reason = same_origin_reason(request.method, request.headers, request.host, request.scheme,
                                     app.config["TAVERN_CSRF_TOKEN"], _form_token)
-        if reason:
+        rule = request.url_rule.rule if request.url_rule is not None else None
+        if reason and not plain_api_client(rule, request.headers, request.remote_addr, token):
             return refuse(403, reason)
         return None
 

@@ -1,7 +1,8 @@
 """``/api/status``: the whole battle state in one JSON object, rebuilt from the ledger on every call.
 
-Sources: the ``daemon`` kv (state, hero, heartbeat = its ``updated_at``), the latest ``steps`` rows, the
-latest ``evals`` row, the current quest row, queue counts. Game stats come from :mod:`tavern.game` only.
+Sources: the daemon's published status (``Ledger.daemon_status``: state, hero, heartbeat, and the one
+liveness rule of :mod:`core.contract`), the latest ``steps`` rows, the latest ``evals`` row, the current
+quest row, queue counts. Game stats come from :mod:`tavern.game` only.
 """
 
 from __future__ import annotations
@@ -11,39 +12,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from core.checkpoint_layout import latest_checkpoint as latest_checkpoint_path
 from core.checkpoint_layout import step_of
 from core.config import RealmConfig
+from core.contract import ETA_WINDOW_STEPS, DaemonState, quest_eta
 from core.ledger import Ledger, QuestState
 from core.realm import Realm
 from tavern import game
 
-HEARTBEAT_STALE_SECONDS = 30.0  # a daemon whose heartbeat is older is shown as "not responding"
-ETA_WINDOW_STEPS = 50  # steps of the current quest used to estimate examples/second
-
 
 def daemon_view(ledger: Ledger, now: float) -> dict[str, Any]:
-    """The daemon's kv plus ``display_state`` ("not running" / "not responding" / its state),
-    ``heartbeat_age_seconds`` and ``alive``."""
-    value, updated_at = ledger.get_value_with_time("daemon")
-    value = value if isinstance(value, dict) else {}
-    state = value.get("state")
-    age = None if updated_at is None else max(0.0, now - updated_at)
-    pid = value.get("pid")
-    if not value:
-        display = "not running"
-    elif state == "stopped":
-        display = "stopped"
-    elif isinstance(pid, int) and pid > 0 and not psutil.pid_exists(pid):
-        display = "not running"
-    elif age is not None and age > HEARTBEAT_STALE_SECONDS:
-        display = "not responding"
-    else:
-        display = state or "unknown"
-    return {"state": state, "display_state": display, "pid": pid, "heartbeat_age_seconds": age,
-            "alive": display not in ("not running", "not responding", "stopped"), "kv": value}
+    """The daemon's kv plus ``display_state`` ("not running" / "not responding" / its state: the liveness
+    rule of :func:`core.contract.read_daemon_status`), ``heartbeat_age_seconds`` and ``alive``."""
+    d = ledger.daemon_status(now)
+    return {"state": d.state, "display_state": d.display_state, "pid": d.pid,
+            "heartbeat_age_seconds": d.heartbeat_age_seconds, "alive": d.alive, "kv": d.value}
 
 
 def current_quest(ledger: Ledger, daemon_kv: dict[str, Any], eta_from_daemon: float | None) -> dict | None:
@@ -58,14 +41,9 @@ def current_quest(ledger: Ledger, daemon_kv: dict[str, Any], eta_from_daemon: fl
     if quest is None:
         return None
     total, done = quest.get("examples_total"), quest.get("examples_trained") or 0
-    rows = ledger.query("SELECT time, example_end FROM steps WHERE quest_id=? ORDER BY global_step DESC "
-                        "LIMIT ?", (quest["id"], ETA_WINDOW_STEPS))
-    rate = None
-    if len(rows) >= 2 and rows[0]["time"] > rows[-1]["time"] and rows[0]["example_end"] is not None:
-        rate = (rows[0]["example_end"] - (rows[-1]["example_end"] or 0)) / (rows[0]["time"] - rows[-1]["time"])
-    eta = eta_from_daemon
-    if eta is None and rate and rate > 0 and total:
-        eta = max(0, total - done) / rate
+    estimate = quest_eta(ledger.recent_steps(ETA_WINDOW_STEPS, quest_id=quest["id"]), total, done)
+    rate = estimate.examples_per_second
+    eta = eta_from_daemon if eta_from_daemon is not None else estimate.eta_seconds
     keep = ("id", "name", "state", "priority", "format", "attempts", "examples_total", "examples_trained",
             "steps", "first_global_step", "last_global_step", "started_at")
     out = {k: quest.get(k) for k in keep}
@@ -92,12 +70,9 @@ def build_status(ledger: Ledger, realm: Realm, config: RealmConfig, now: float |
     now = time.time() if now is None else now
     daemon = daemon_view(ledger, now)
     kv = daemon.pop("kv")
-    recent = ledger.query("SELECT global_step, loss, learning_rate, grad_norm, tokens_per_second FROM steps "
-                          "ORDER BY global_step DESC LIMIT ?", (game.ATK_LOSS_WINDOW_STEPS,))[::-1]
+    recent = ledger.recent_steps(game.ATK_LOSS_WINDOW_STEPS)[::-1]
     last = recent[-1] if recent else {}
-    evals = ledger.query("SELECT global_step, eval_loss FROM evals ORDER BY global_step DESC, time DESC "
-                         "LIMIT 1")
-    last_eval = evals[0] if evals else {}
+    last_eval = ledger.latest_eval() or {}
     global_step = max(int(last.get("global_step") or 0), int(kv.get("global_step") or 0))
     losses = [r["loss"] for r in recent]
     stats = game.hero_stats(global_step, losses, last_eval.get("eval_loss"), last.get("grad_norm"),
@@ -108,7 +83,8 @@ def build_status(ledger: Ledger, realm: Realm, config: RealmConfig, now: float |
             "architecture": hero_kv.get("architecture"), "parameters": hero_kv.get("parameters"),
             "newborn": hero_kv.get("newborn", config.hero.base_model is None), **stats.to_dict()}
     finite = [x for x in losses if x is not None and math.isfinite(x)]
-    tokens_per_second = kv.get("tokens_per_second") if daemon["state"] == "training" else None
+    training = daemon["display_state"] == DaemonState.TRAINING.value  # alive and training: its figures are fresh
+    tokens_per_second = kv.get("tokens_per_second") if training else None
     metrics = {
         "global_step": global_step,
         "loss": last.get("loss"),
@@ -121,7 +97,7 @@ def build_status(ledger: Ledger, realm: Realm, config: RealmConfig, now: float |
         "tokens_per_second": tokens_per_second if tokens_per_second is not None
         else last.get("tokens_per_second"),
     }
-    eta = kv.get("eta_seconds") if daemon["state"] == "training" else None
+    eta = kv.get("eta_seconds") if training else None
     return {
         "time": now,
         "daemon": daemon,

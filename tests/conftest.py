@@ -7,7 +7,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -39,6 +41,111 @@ def deep_update(base: dict, extra: dict) -> dict:
         else:
             out[k] = v
     return out
+
+
+# --- threads: a test ends with the threads it started ended -----------------------------------------------
+THREAD_GRACE_SECONDS = 5.0
+"""How long a test's threads get to finish after its teardown (a stopped server's last request, a watcher's
+emitter noticing its stop flag) before they count as leaked."""
+
+KNOWN_LIBRARY_THREADS: dict[str, str] = {
+    # thread target ("module.qualname") or name prefix -> why it may outlive the test that started it
+    "engineio.socket.Socket._send_ping":
+        "engineio's per-connection ping timer is a plain time.sleep(ping_interval) (25 s) that nothing can "
+        "interrupt; once its socket is closed it sends nothing and ends",
+    "tqdm_monitor":
+        "tqdm starts one monitor thread per process with its first progress bar (e.g. transformers' 'Loading "
+        "weights' in a test that runs before anything disabled HF's bars) and never stops it",
+    "asyncio_":
+        "workers of the default executor of the event loop that Playwright's sync API drives: the loop "
+        "starts them in whichever browser test first needs one and they live as long as the session-wide "
+        "Playwright (tests/tavern/conftest.py), which ends them when it stops",
+}
+
+
+def thread_key(thread: threading.Thread) -> str:
+    """``module.qualname`` of the thread's target (its name once it has run)."""
+    target = getattr(thread, "_target", None)  # None once run() has returned
+    if target is None:
+        return thread.name
+    return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', '?')}"
+
+
+def _known_library_thread(thread: threading.Thread) -> bool:
+    key = thread_key(thread)
+    return any(key == known or thread.name.startswith(known) for known in KNOWN_LIBRARY_THREADS)
+
+
+_CLAIMS: dict[str, tuple[set[threading.Thread], Callable[[threading.Thread], bool]]] = {}
+"""Threads that a module/session-scoped fixture owns (see :func:`claim_threads`), by fixture name: the threads
+it started while being set up, and a predicate for the ones it starts later, during some test."""
+
+
+def claim_threads(request, predicate: Callable[[threading.Thread], bool], why: str) -> None:
+    """Inside a module/session-scoped fixture: the threads matching ``predicate`` belong to this fixture, not
+    to the test that happens to make it start them (``why`` says why they outlive it, for the reader); they
+    must have ended when the fixture is torn down."""
+    assert request.scope != "function" and why
+    started, _ = _CLAIMS.get(request.fixturename, (set(), None))
+    _CLAIMS[request.fixturename] = (started, predicate)
+
+
+def _claimed(thread: threading.Thread) -> bool:
+    return any(thread in started or predicate(thread) for started, predicate in _CLAIMS.values())
+
+
+def _left_running(before: set[threading.Thread], grace_seconds: float, *,
+                  only: Callable[[threading.Thread], bool] | None = None) -> list[threading.Thread]:
+    """Threads alive now that were not in ``before`` (and are not known library threads, and match ``only``
+    when given), after waiting up to ``grace_seconds`` for them to end."""
+    deadline = time.monotonic() + grace_seconds
+    while True:
+        left = [t for t in threading.enumerate() if t not in before and t.is_alive()
+                and not _known_library_thread(t) and (only is None or only(t))]
+        if not left or time.monotonic() >= deadline:
+            return left
+        left[0].join(timeout=max(0.0, min(0.1, deadline - time.monotonic())))
+
+
+def _describe(threads: list[threading.Thread]) -> str:
+    return ", ".join(f"{t.name!r} (target {thread_key(t)}, daemon={t.daemon})" for t in threads)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_fixture_setup(fixturedef, request):
+    """Threads a module/session-scoped fixture starts while it is set up are its own (checked at its end)."""
+    if fixturedef.scope == "function":
+        yield
+        return
+    before = set(threading.enumerate())
+    yield
+    started = set(threading.enumerate()) - before
+    if started:
+        claimed, predicate = _CLAIMS.get(fixturedef.argname, (set(), lambda t: False))
+        _CLAIMS[fixturedef.argname] = (claimed | started, predicate)
+
+
+def pytest_fixture_post_finalizer(fixturedef, request):
+    if fixturedef.scope == "function" or fixturedef.argname not in _CLAIMS:
+        return
+    started, predicate = _CLAIMS.pop(fixturedef.argname)
+    left = _left_running(set(), THREAD_GRACE_SECONDS, only=lambda t: t in started or predicate(t))
+    if left:
+        pytest.fail(f"fixture {fixturedef.argname!r} left threads running after its teardown: "
+                    f"{_describe(left)}", pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads():
+    """Fail a test that leaves a thread running: every thread it (or its function-scoped fixtures) started
+    must have ended within ``THREAD_GRACE_SECONDS`` of its teardown. Autouse, so set up before and torn
+    down after the test's other function-scoped fixtures. Exceptions: :data:`KNOWN_LIBRARY_THREADS`, and
+    threads owned by a wider-scoped fixture (:func:`claim_threads`), checked when that fixture ends."""
+    before = set(threading.enumerate())
+    yield
+    left = _left_running(before, THREAD_GRACE_SECONDS, only=lambda t: not _claimed(t))
+    if left:
+        pytest.fail(f"the test left threads running: {_describe(left)}", pytrace=False)
 
 
 @pytest.fixture(autouse=True)

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from core.checkpoint_layout import EXAMPLE_NAME, parse_step_argument
 from core.config import ConfigError, RealmConfig, config_json_schema
-from core.realm import PRIORITIES, Realm, default_realm_root, init_realm
+from core.realm import PRIORITIES, REALM_ENV, Realm, default_realm_root, init_realm
+from training import export_cli, skills_cli
 
 
 class ExitCode(IntEnum):
@@ -30,10 +31,25 @@ class ExitCode(IntEnum):
     CONFIG = 3            # config.json invalid
     ALREADY_RUNNING = 4   # a daemon already runs on this realm
     NOT_FOUND = 5         # a file, model or process that was named does not exist
-    ERROR = 10            # anything else (see the log)
+    ERROR = 10            # anything else: an unexpected error (one line on stderr, the traceback in the log)
+    INTERRUPTED = 130     # Ctrl-C (128 + SIGINT, as shells report it)
 
 
-CONTROL_COMMANDS = ("pause", "resume", "skip")
+CONTROL_COMMANDS = {
+    "pause": "pause training after the current optimizer step (the quest stays where it is)",
+    "resume": "resume paused training",
+    "skip": "put the current quest back in the queue (nothing lost) and train the next one",
+    "stop": "stop the daemon warmly: checkpoint, then exit (a supervisor does not restart it)",
+}
+LOGGING_COMMANDS = ("daemon", "tavern", "supervise")
+"""Long-running commands: their stderr is their log (``logs/<role>.log`` under ``start-all``), where the
+supervisor's crash classifier (:mod:`safety.crash`) reads the traceback of an unexpected error."""
+CLI_LOG = "cli.log"
+"""``logs/cli.log``: tracebacks of unexpected errors in the other commands (stderr shows one line)."""
+
+log = logging.getLogger("training.cli")
+REALM_READERS = ("status", "stop-all", "vault", *CONTROL_COMMANDS)
+"""Commands that only read or act on an existing realm: a realm folder that does not exist is NOT_FOUND."""
 PRESET_NAMES = ("cpu", "8gb", "16gb", "24gb", "80gb")  # core.presets.PRESETS (a test keeps them equal)
 # commands that train or print the training setup: a config this machine cannot train (e.g. QLoRA without
 # CUDA) is refused there with exit 3 (core.adapters.check_environment)
@@ -90,8 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-examples", type=int, default=256)
     s.add_argument("--every", type=int, default=1, help="use records N-1, 2N-1, ... (N = training.eval_holdout_every: the ones training held out)")
     s.add_argument("--json", action="store_true")
-    s = sub.add_parser("enqueue", help="copy a file into the inbox (the daemon validates and queues it)")
-    s.add_argument("file")
+    s = sub.add_parser("enqueue", help="copy a file, or download a URL (https, hf://datasets/..., s3://, gs://), "
+                       "into the inbox (the daemon validates and queues it)")
+    s.add_argument("file", metavar="FILE|URL")
     s.add_argument("--priority", choices=PRIORITIES, default="normal")
     s = sub.add_parser("init", help="create a realm folder")
     s.add_argument("dir")
@@ -103,8 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="replace an existing default hero")
     s = sub.add_parser("config", help="show the config or its JSON Schema")
     s.add_argument("--schema", action="store_true", help="print the JSON Schema of config.json")
-    for name in CONTROL_COMMANDS:
-        sub.add_parser(name, help=f"{name} training (sent to the daemon through the control channel)")
+    for name, what in CONTROL_COMMANDS.items():
+        sub.add_parser(name, help=f"{what} (sent to the daemon through the control channel)")
+    export_cli.add_parsers(sub)  # export, chat
+    skills_cli.add_parsers(sub)  # trial, skills
     return p
 
 
@@ -124,12 +143,61 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     except SystemExit as exc:
         return int(exc.code or 0) and ExitCode.USAGE
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return _run(args, environ)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return ExitCode.INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - the last resort: one line, the traceback in the log
+        _report_unexpected(exc, args, environ)
+        return ExitCode.ERROR
+
+
+def _report_unexpected(exc: Exception, args: argparse.Namespace, environ: Mapping[str, str]) -> None:
+    """An error no command expected: the long-running commands log it with its traceback (their stderr is
+    their log); the others print one line and append the traceback to ``logs/cli.log`` of the realm (with
+    ``--log-level DEBUG`` they log it on stderr instead)."""
+    summary = (f"{type(exc).__name__}: {exc}".strip().splitlines() or [type(exc).__name__])[0][:500]
+    if args.command in LOGGING_COMMANDS or args.log_level == "DEBUG":
+        log.error("unexpected error in `%s`: %s", args.command, summary, exc_info=exc)
+        return
+    where = _append_traceback(exc, args, environ)
+    print(f"error: unexpected {summary} (the traceback is in {where or 'no log: the realm has no logs/ folder'}; "
+          "--log-level DEBUG prints it here)", file=sys.stderr)
+
+
+def _append_traceback(exc: Exception, args: argparse.Namespace, environ: Mapping[str, str]) -> Path | None:
+    """Append ``exc``'s traceback to the realm's ``logs/cli.log``; its path, or None when there is no such
+    folder (no realm there) or it cannot be written."""
+    import traceback
+
+    try:
+        realm = Realm.at(args.realm) if args.realm else Realm.at(default_realm_root(environ))
+        path = realm.logs / CLI_LOG
+        if not realm.logs.is_dir():
+            return None
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} `python -m training {args.command}` (pid "
+                    f"{os.getpid()}) failed:\n{''.join(traceback.format_exception(exc))}\n")
+        return path
+    except Exception:  # noqa: BLE001 - never hide the original error behind this one
+        return None
+
+
+def _run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     if args.command == "init":
         return cmd_init(args)
     realm = Realm.at(args.realm) if args.realm else Realm.at(default_realm_root(environ))
     if args.command == "config" and args.schema:
         print(json.dumps(config_json_schema(), indent=2))
         return ExitCode.OK
+    if not realm.root.is_dir():
+        missing = f"no realm at {realm.root} (from {'--realm' if args.realm else '$' + REALM_ENV}); " \
+                  f"`python -m training init {realm.root}` creates one"
+        if args.command in REALM_READERS:
+            print(f"error: {missing}", file=sys.stderr)
+            return ExitCode.NOT_FOUND
+        print(f"warning: {missing}; going on with the default config", file=sys.stderr)
     try:
         config = realm.load_config()
         if args.command in TRAINING_COMMANDS:
@@ -176,7 +244,11 @@ def cmd_init(args) -> int:
     from core.presets import PRESETS, preset_overrides
 
     overrides = preset_overrides(args.preset) if args.preset else None
-    realm = init_realm(args.dir, base_model=args.base_model, overrides=overrides)
+    try:
+        realm = init_realm(args.dir, base_model=args.base_model, overrides=overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG
     print(f"realm created at {realm.root}")
     if not args.preset:
         return ExitCode.OK
@@ -204,14 +276,19 @@ def cmd_init(args) -> int:
 def cmd_daemon(args, realm: Realm, config: RealmConfig, environ) -> int:
     from core.daemon import AlreadyRunning, Daemon
     from management.hooks import CheckpointHooks
+    from training.webhooks import start_webhooks
 
     realm.ensure_layout()
     hooks = CheckpointHooks(realm, config)  # disk guard before each save, retention after it
+    webhooks = start_webhooks(realm, config)  # delivers unless the supervisor does
     try:
         return Daemon(realm, config, until_idle=args.until_idle, checkpoint_hooks=hooks).run()
     except AlreadyRunning as exc:
         print(f"error: {exc}", file=sys.stderr)
         return ExitCode.ALREADY_RUNNING
+    finally:
+        if webhooks is not None:
+            webhooks.stop()
 
 
 def cmd_tavern(args, realm: Realm, config: RealmConfig, environ) -> int:
@@ -226,17 +303,54 @@ def cmd_tavern(args, realm: Realm, config: RealmConfig, environ) -> int:
 
 
 def cmd_start_all(args, realm: Realm, config: RealmConfig, environ) -> int:
-    from training.processes import SUPERVISOR, ProcessState, process_info, start_detached
+    """One start-all at a time per realm (``run/start-all.lock``): a second one started meanwhile waits,
+    then finds the first one's supervisor and exits ALREADY_RUNNING."""
+    from core.fsutil import ExclusiveLock
+    from core.realm import START_ALL_LOCK
+
+    realm.ensure_layout()
+    lock = ExclusiveLock(realm.lock_file(START_ALL_LOCK))
+    deadline = time.monotonic() + START_LOCK_WAIT_SECONDS
+    while not lock.acquire():
+        if time.monotonic() >= deadline:
+            print(f"error: another start-all is still starting on {realm.root}", file=sys.stderr)
+            return ExitCode.ALREADY_RUNNING
+        time.sleep(0.1)
+    try:
+        return _start_all(args, realm, config, environ)
+    finally:
+        lock.release()
+
+
+START_LOCK_WAIT_SECONDS = 60.0
+
+
+def _start_all(args, realm: Realm, config: RealmConfig, environ) -> int:
+    from training.processes import (
+        SUPERVISOR,
+        ProcessState,
+        daemon_finished_under,
+        process_info,
+        start_detached,
+        stop,
+    )
 
     for role in (SUPERVISOR, "daemon"):
         info = process_info(realm, role)
-        if info.state == ProcessState.RUNNING:
+        if info.state == ProcessState.RUNNING and role == SUPERVISOR and daemon_finished_under(realm, info.pid):
+            print(f"the supervisor (pid {info.pid}) runs without a daemon (stopped from the Tavern or given "
+                  "up): restarting it")
+            print(stop(realm, SUPERVISOR, timeout_seconds=config.supervisor.stop_timeout_seconds + 30))
+        elif info.state == ProcessState.RUNNING:
             print(f"error: a {role} already runs on {realm.root} (pid {info.pid}); "
                   "`python -m training stop-all` stops it", file=sys.stderr)
             return ExitCode.ALREADY_RUNNING
-    realm.ensure_layout()
     tavern = not args.no_tavern and _tavern_available()
-    pid = start_detached(realm, SUPERVISOR, [] if tavern else ["--no-tavern"], environ=environ)
+    try:
+        pid = start_detached(realm, SUPERVISOR, [] if tavern else ["--no-tavern"], environ=environ)
+    except RuntimeError as exc:  # a supervisor appeared meanwhile (one run by hand)
+        print(f"error: {exc}", file=sys.stderr)
+        return ExitCode.ALREADY_RUNNING
     children = _wait_for_children(realm, pid, ("daemon", "tavern") if tavern else ("daemon",))
     if children is None:
         print(f"error: the supervisor (pid {pid}) ended at once; see {realm.logs / 'supervisor.log'}",
@@ -255,7 +369,6 @@ def _wait_for_children(realm: Realm, pid: int, roles: tuple[str, ...], timeout_s
     """The supervisor's published children once it has started them all (None if it died first)."""
     from core.ledger import Ledger
     from safety.processes import alive
-    from safety.supervisor import SUPERVISOR_KEY
 
     deadline = time.monotonic() + timeout_seconds
     children: dict = {}
@@ -263,7 +376,7 @@ def _wait_for_children(realm: Realm, pid: int, roles: tuple[str, ...], timeout_s
         if realm.ledger_path.exists():
             ledger = Ledger(realm.ledger_path)
             try:
-                value = ledger.get_value(SUPERVISOR_KEY) or {}
+                value = ledger.supervisor_status() or {}
             finally:
                 ledger.close()
             if value.get("pid") == pid:
@@ -313,7 +426,7 @@ def cmd_status(args, realm: Realm, config: RealmConfig, environ) -> int:
 
 
 def cmd_validate(args, realm: Realm, config: RealmConfig, environ) -> int:
-    from core.chat import count_tokens
+    from core.chat import measure_batch
     from core.validation import format_report_text, validate_file
     from training.hero_tokenizer import hero_tokenizer
 
@@ -322,7 +435,7 @@ def cmd_validate(args, realm: Realm, config: RealmConfig, environ) -> int:
         raise FileNotFoundError(f"no such file: {path}")
     tokenizer = hero_tokenizer(realm, config)
     report = validate_file(path, display_name=path.name, config=config,
-                           count_tokens=lambda ex: count_tokens(ex, tokenizer))
+                           count_tokens_batch=lambda exs: measure_batch(exs, tokenizer, config.training.max_length))
     print(json.dumps(report.to_dict(), indent=2) if args.json else format_report_text(report))
     return ExitCode.OK if report.accepted else ExitCode.REJECTED
 
@@ -346,13 +459,19 @@ def cmd_eval(args, realm: Realm, config: RealmConfig, environ) -> int:
         if not matches:
             raise FileNotFoundError(f"no checkpoint named {args.checkpoint!r}")
         model_dir = matches[0]
-    loss, n = evaluate_file(model_dir, path, config, max_examples=args.max_examples, every=args.every)
+    loss, n = evaluate_file(model_dir, path, config, max_examples=args.max_examples, every=args.every, realm=realm)
     result = {"checkpoint": model_dir.name, "file": str(path), "examples": n, "loss": loss}
     print(json.dumps(result) if args.json else f"{model_dir.name}: loss {loss:.4f} nats/token on {n} examples")
     return ExitCode.OK
 
 
 def cmd_enqueue(args, realm: Realm, config: RealmConfig, environ) -> int:
+    from core.sources import is_url
+
+    if is_url(args.file):
+        from training.fetch import enqueue_url
+
+        return enqueue_url(args.file, args.priority, realm, config)
     src = Path(args.file)
     if not src.is_file():
         raise FileNotFoundError(f"no such file: {src}")
@@ -388,23 +507,51 @@ def cmd_new_hero(args, realm: Realm, config: RealmConfig, environ) -> int:
 
 
 def cmd_control(args, realm: Realm, config: RealmConfig, environ) -> int:
-    from core.ledger import Ledger
+    from core.ledger import CommandState, Ledger
 
     realm.ensure_layout()
     ledger = Ledger(realm.ledger_path)
     try:
+        if (down := _daemon_down(ledger)) is not None:  # a command left pending would fire at the next start
+            print(f"error: the training daemon is {down}: nothing to {args.command}; "
+                  "`python -m training start-all` starts it", file=sys.stderr)
+            return ExitCode.NOT_FOUND
         command_id = ledger.send_command(args.command)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            row = ledger.query("SELECT * FROM commands WHERE id=?", (command_id,))[0]
-            if row["state"] != "pending":
+            row = ledger.command(command_id)
+            if row["state"] != CommandState.PENDING.value:
                 print(f"{args.command}: {row['result']}")
+                if args.command == "stop":
+                    return _wait_for_daemon_stop(ledger, config.supervisor.stop_timeout_seconds)
                 return ExitCode.OK
             time.sleep(0.1)
         print(f"{args.command}: sent; the daemon has not answered yet (is it running?)")
         return ExitCode.OK
     finally:
         ledger.close()
+
+
+def _daemon_down(ledger) -> str | None:
+    """How the daemon is down ("not running", "stopped"), None when it runs (the Tavern's rule)."""
+    from tavern.status import daemon_view
+
+    display = daemon_view(ledger, time.time())["display_state"]
+    return display if display in ("not running", "stopped") else None
+
+
+def _wait_for_daemon_stop(ledger, timeout_seconds: float) -> int:
+    """After ``stop`` was accepted: wait until the daemon has saved its checkpoint and exited."""
+    deadline = time.monotonic() + timeout_seconds
+    while time.monotonic() < deadline:
+        if _daemon_down(ledger) is not None:
+            step = ledger.daemon_status().get("global_step")
+            print(f"daemon stopped at global step {step}")
+            return ExitCode.OK
+        time.sleep(0.2)
+    print(f"the daemon is still stopping after {timeout_seconds:.0f} s (saving a checkpoint?); "
+          "`python -m training status` shows when it has stopped")
+    return ExitCode.OK
 
 
 def cmd_doctor(args, realm: Realm, config: RealmConfig, environ) -> int:
@@ -425,8 +572,10 @@ def cmd_supervise(args, realm: Realm, config: RealmConfig, environ) -> int:
     from safety.processes import remove_pid
     from safety.supervisor import AlreadySupervised, Supervisor
     from training.processes import SUPERVISOR
+    from training.webhooks import start_webhooks
 
     scheduler = start_prune_scheduler(realm, config) if config.retention.enabled else None
+    webhooks = start_webhooks(realm, config)
     try:
         roles = ("daemon",) if args.no_tavern else ("daemon", "tavern")
         return Supervisor(realm, config, roles=roles, environ=environ).run()
@@ -436,6 +585,8 @@ def cmd_supervise(args, realm: Realm, config: RealmConfig, environ) -> int:
     finally:
         if scheduler is not None:
             scheduler.shutdown(wait=False)
+        if webhooks is not None:
+            webhooks.stop()
         remove_pid(realm, SUPERVISOR, os.getpid())  # start-all wrote it; nothing if run in the foreground
 
 
@@ -449,4 +600,6 @@ COMMANDS = {
     "config": cmd_config, "daemon": cmd_daemon, "tavern": cmd_tavern, "start-all": cmd_start_all,
     "stop-all": cmd_stop_all, "status": cmd_status, "validate": cmd_validate, "eval": cmd_eval, "enqueue": cmd_enqueue,
     "new-hero": cmd_new_hero, "doctor": cmd_doctor, "supervise": cmd_supervise, "vault": cmd_vault, **{c: cmd_control for c in CONTROL_COMMANDS},
+    "export": export_cli.cmd_export, "chat": export_cli.cmd_chat,
+    "trial": skills_cli.cmd_trial, "skills": skills_cli.cmd_skills,
 }

@@ -11,12 +11,11 @@ from typing import Any
 
 from core.checkpoint_layout import latest_checkpoint, step_of
 from core.config import RealmConfig
+from core.contract import ETA_WINDOW_STEPS, DaemonState, DaemonStatus, quest_eta, read_daemon_status
 from core.ledger import Ledger, QuestState
 from core.realm import Realm
 from safety.crash import recent_crashes
 from training.processes import ROLES, SUPERVISOR, process_info
-
-HEARTBEAT_STALE_SECONDS = 120.0
 
 
 def _last_checkpoint(realm: Realm, hero: str) -> dict[str, Any] | None:
@@ -30,10 +29,11 @@ def collect_status(realm: Realm, config: RealmConfig) -> dict[str, Any]:
                            "hero": {"name": config.hero.name, "base_model": config.hero.base_model,
                                     "parameters": None, "architecture": None, "newborn": None,
                                     "adapter": config.training.adapter, "trainable_parameters": None},
-                           "daemon": {"state": "stopped", "pid": None, "heartbeat_age_seconds": None},
+                           "daemon": _daemon(read_daemon_status(None, None)),
                            "processes": {}, "queue": {s.value: 0 for s in QuestState}, "quests": [],
                            "current_quest": None, "last_checkpoint": _last_checkpoint(realm, config.hero.name),
-                           "supervisor": None, "crashes": [], "last_crash": None}
+                           "supervisor": None, "crashes": [], "last_crash": None,
+                           "skills": skills_status(config, None), "skill_errors": []}
     for role in (*ROLES, SUPERVISOR):
         info = process_info(realm, role)
         out["processes"][role] = {"state": info.state.value, "pid": info.pid}
@@ -41,16 +41,11 @@ def collect_status(realm: Realm, config: RealmConfig) -> dict[str, Any]:
         return out
     ledger = Ledger(realm.ledger_path)
     try:
-        daemon, updated = ledger.get_value_with_time("daemon")
-        if daemon:
-            age = time.time() - updated if updated else None
-            out["daemon"] = {**{k: v for k, v in daemon.items() if k != "hero"}, "heartbeat_age_seconds": age}
-            if daemon.get("state") not in ("stopped",) and age is not None and age > HEARTBEAT_STALE_SECONDS \
-                    and out["processes"]["daemon"]["state"] != "running":
-                out["daemon"]["state"] = "dead"
-            if daemon.get("hero"):
-                out["hero"].update(daemon["hero"])
-        supervisor = ledger.get_value("supervisor")
+        daemon = ledger.daemon_status()
+        out["daemon"] = _daemon(daemon)
+        if isinstance(daemon.get("hero"), dict):
+            out["hero"].update(daemon.get("hero"))
+        supervisor = ledger.supervisor_status()
         if isinstance(supervisor, dict):
             running = out["processes"][SUPERVISOR]["state"] == "running"
             out["supervisor"] = {**supervisor, "state": supervisor.get("state") if running else "stopped"}
@@ -67,14 +62,45 @@ def collect_status(realm: Realm, config: RealmConfig) -> dict[str, Any]:
             "examples_trained": q["examples_trained"], "steps": q["steps"], "attempts": q["attempts"],
             "note": q["note"], "error": q["error"],
         } for q in quests]
+        out["skills"] = skills_status(config, ledger)
+        out["skill_errors"] = ledger.skill_load_errors()
         current = [q for q in quests if q["state"] == QuestState.PROCESSING.value]
         if current:
             q = current[0]
+            eta = daemon.get("eta_seconds") if daemon.display_state == DaemonState.TRAINING.value else \
+                quest_eta(ledger.recent_steps(ETA_WINDOW_STEPS, quest_id=q["id"]), q["examples_total"],
+                          q["examples_trained"]).eta_seconds
             out["current_quest"] = {"id": q["id"], "name": q["name"], "examples_trained": q["examples_trained"],
-                                    "examples_total": q["examples_total"],
-                                    "eta_seconds": (daemon or {}).get("eta_seconds")}
+                                    "examples_total": q["examples_total"], "eta_seconds": eta}
     finally:
         ledger.close()
+    return out
+
+
+def _daemon(d: DaemonStatus) -> dict[str, Any]:
+    """The ``daemon`` object of ``status --json``: what the daemon published (but its hero), with ``state``
+    = the liveness verdict of :func:`core.contract.read_daemon_status` (the Tavern shows the same), the
+    state it published as ``reported_state``, ``alive`` and ``heartbeat_age_seconds``."""
+    return {**{k: v for k, v in d.value.items() if k != "hero"}, "state": d.display_state,
+            "reported_state": d.state, "alive": d.alive, "pid": d.pid,
+            "heartbeat_age_seconds": d.heartbeat_age_seconds}
+
+
+def skills_status(config: RealmConfig, ledger: Ledger | None) -> list[dict[str, Any]]:
+    """``status --json`` ``skills``: the skills of ``skills.priorities`` and any other skill with a trial,
+    each ``{"name", "level", "trials", "priority", "last_trial": {"level", "n", "correct", "accuracy",
+    "lower_bound", "step"} | None}`` (levels and trials from the ledger's ``trials`` table)."""
+    summary = ledger.skill_summary(config.hero.name) if ledger is not None else {}
+    names = list(config.skills.priorities) + [n for n in summary if n not in config.skills.priorities]
+    out = []
+    for name in names:
+        info = summary.get(name) or {}
+        last = info.get("last_trial")
+        out.append({"name": name, "level": info.get("level", 0), "trials": info.get("trials", 0),
+                    "priority": config.skills.priorities.get(name, 0.0),
+                    "last_trial": None if last is None else {
+                        "level": last.level, "n": last.n, "correct": last.correct, "accuracy": last.accuracy,
+                        "lower_bound": last.lower_bound, "step": last.global_step}})
     return out
 
 
@@ -117,7 +143,7 @@ def format_status(s: dict[str, Any]) -> str:
     else:
         lines.append("supervisor:   not running")
     lines.append(f"global step:  {s['global_step']}")
-    if d.get("tokens_per_second"):
+    if d.get("alive") and d.get("tokens_per_second"):
         lines.append(f"tokens/s:     {d['tokens_per_second']:.0f}")
     q = s["current_quest"]
     if q:
@@ -138,6 +164,13 @@ def format_status(s: dict[str, Any]) -> str:
                      f"{crash.get('summary')} ({len(s.get('crashes') or [])} recent)")
     ck = s["last_checkpoint"]
     lines.append(f"checkpoint:   {ck['path']}" if ck else "checkpoint:   none yet")
+    for i, sk in enumerate(s.get("skills") or []):
+        last = sk["last_trial"]
+        tried = (f"last trial level {last['level']}: {last['correct']}/{last['n']}, lower bound "
+                 f"{last['lower_bound']:.3f}, step {last['step']}" if last else "no trial yet")
+        lines.append(f"{'skills:' if i == 0 else '':14}{sk['name']} level {sk['level']} ({sk['trials']} trials; {tried})")
+    for e in s.get("skill_errors") or []:
+        lines.append(f"skill error:  {e['source']}: {e['message'].strip().splitlines()[-1][:120]}")
     return "\n".join(lines)
 
 

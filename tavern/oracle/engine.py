@@ -154,9 +154,21 @@ class Engine:
         self.cache_size = max(1, cache_size)
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         self._cache: OrderedDict[tuple, tuple[Any, Any]] = OrderedDict()
+        self._longest: dict[int, int] = {}  # id(tokenizer) -> characters of its longest token
 
     def cached_models(self) -> list[str]:
         return [key[0] for key in self._cache]
+
+    def _longest_token_chars(self, tokenizer) -> int:
+        """Characters of the longest vocabulary entry: no token covers more text, so a conversation of
+        ``c`` characters is at least ``c / this`` tokens (byte-level vocabularies spell one byte per
+        character; added control tokens are left out, since typed ones are encoded as text; a normalizer
+        that deletes text would break the bound, and chat tokenizers have none)."""
+        key = id(tokenizer)
+        if key not in self._longest:  # added (control) tokens typed by a user are encoded as plain text
+            added = set(tokenizer.get_added_vocab())
+            self._longest[key] = max((len(t) for t in tokenizer.get_vocab() if t not in added), default=1) or 1
+        return self._longest[key]
 
     def _dtype(self):
         torch = self.torch
@@ -203,7 +215,8 @@ class Engine:
             raise OracleError(f"cannot load {job.model_name}: {exc}", status=500, code="model_load_failed") from exc
         model.to(self.device).eval()
         while len(self._cache) >= self.cache_size:
-            self._cache.popitem(last=False)
+            _, (_, evicted) = self._cache.popitem(last=False)
+            self._longest.pop(id(evicted), None)
             gc.collect()
             if self.device == "cuda":
                 self.torch.cuda.empty_cache()
@@ -223,11 +236,17 @@ class Engine:
 
         model, tokenizer = self.load(job, on_loading)
         template = tokenizer.chat_template or ""
+        context = getattr(model.config, "max_position_embeddings", None) or 1 << 30
+        chars = sum(len(m["content"]) for m in job.messages)
+        at_least = -(-chars // self._longest_token_chars(tokenizer))
+        if at_least >= context - 1:  # certainly too long: refused without tokenizing megabytes
+            raise OracleError(f"the conversation is at least {at_least} tokens ({chars} characters) and "
+                              f"{job.model_name} reads at most {context}: start a new chat or remove earlier "
+                              "messages", status=400, code="context_length_exceeded")
         enc = tokenizer.apply_chat_template(job.messages, add_generation_prompt=True, tokenize=True,
                                             return_dict=True, sanitize_control_tokens=True)
         input_ids = torch.tensor([list(enc["input_ids"])], dtype=torch.long, device=self.device)
         prompt_tokens = int(input_ids.shape[1])
-        context = getattr(model.config, "max_position_embeddings", None) or 1 << 30
         if prompt_tokens >= context - 1:
             raise OracleError(f"the conversation is {prompt_tokens} tokens and {job.model_name} reads at most "
                               f"{context}: start a new chat or remove earlier messages", status=400,

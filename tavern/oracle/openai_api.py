@@ -2,11 +2,13 @@
 
 ``POST /v1/chat/completions``: ``model`` (``hero``, ``base`` or a checkpoint name such as
 ``step-00001200``; default ``hero``), ``messages`` (roles ``system``/``developer``/``user``/``assistant``;
-content a string or a list of ``{"type": "text", "text"}`` parts), ``temperature`` (0-2, default 1; 0 is
+content a string or a list of ``{"type": "text", "text"}`` parts), ``temperature`` (0.01-2, default 1; 0 is
 greedy), ``top_p`` (default 1), ``max_tokens`` or ``max_completion_tokens`` (tokens, 1-512, default 256),
-``stop`` (a string or up to 4), ``seed``, ``n`` (1 only), ``stream`` and ``stream_options.include_usage``.
+``stop`` (a string or up to 4), ``seed``, ``n`` (1 only), ``stream`` and ``stream_options.include_usage``
+(booleans). Types are strict, as OpenAI's API is (``"5"`` or ``true`` is no integer, ``"false"`` no boolean).
 Other OpenAI fields (``user``, penalties, ...) are accepted and ignored. ``stream: false`` answers a
-``chat.completion`` object with ``usage`` token counts; ``stream: true`` answers Server-Sent Events,
+``chat.completion`` object with ``usage`` token counts (a client that closes its connection meanwhile
+cancels the generation); ``stream: true`` answers Server-Sent Events,
 ``data: {chat.completion.chunk}`` lines, then ``data: [DONE]`` (an error after the stream began arrives as
 ``data: {"error": {...}}``). ``system_fingerprint`` names the checkpoint that answered (what ``hero`` meant
 at that moment).
@@ -20,6 +22,8 @@ waiting requests, 503 worker or GPU unavailable. Authentication is the Tavern's 
 from __future__ import annotations
 
 import json
+import select
+import socket
 import time
 import uuid
 from typing import Any
@@ -58,12 +62,25 @@ def _content(value: Any, index: int) -> str:
     raise OracleInputError(f"messages.{index}.content: must be a string or a list of text parts")
 
 
+def _optional_bool(value: Any, name: str) -> bool:
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    raise OracleInputError(f"{name}: must be true or false, got {type(value).__name__} {str(value)[:40]!r}")
+
+
 def to_chat_params(body: Any) -> tuple[ChatParams, bool, bool]:
-    """``(params, stream, include_usage)`` from an OpenAI request body. Raises :class:`OracleInputError`."""
+    """``(params, stream, include_usage)`` from an OpenAI request body. Types are strict, as OpenAI's are
+    (``"5"``/``true`` are not integers, ``"false"`` is not a boolean). Raises :class:`OracleInputError`."""
     if not isinstance(body, dict):
         raise OracleInputError("the request body must be a JSON object")
-    if body.get("n") not in (None, 1):
+    n = body.get("n")
+    if n is not None and (type(n) is not int or n != 1):
         raise OracleInputError("n: only n=1 is supported")
+    stream = _optional_bool(body.get("stream"), "stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise OracleInputError("stream_options: must be an object")
+    include_usage = _optional_bool((options or {}).get("include_usage"), "stream_options.include_usage")
     messages = body.get("messages")
     if not isinstance(messages, list):
         raise OracleInputError("messages: a list of messages is required")
@@ -86,8 +103,7 @@ def to_chat_params(body: Any) -> tuple[ChatParams, bool, bool]:
         "max_new_tokens": DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens,
         "stop": stop, "seed": body.get("seed"),
     })
-    options = body.get("stream_options") or {}
-    return params, bool(body.get("stream", False)), bool(isinstance(options, dict) and options.get("include_usage"))
+    return params, stream, include_usage
 
 
 def _usage(summary: dict[str, Any]) -> dict[str, int]:
@@ -114,10 +130,23 @@ def chat_completions():
     return _complete(req, meta)
 
 
+def client_left(sock: socket.socket | None) -> bool:
+    """True when the HTTP client closed its end of ``sock`` (readable, with nothing left to read): a client
+    that half-closes after its request counts as gone too. False without a socket (the test client)."""
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):  # reset, or already closed
+        return True
+
+
 def _complete(req: OracleRequest, meta: dict[str, Any]) -> Response:
     pieces: list[str] = []
+    sock = request.environ.get("werkzeug.socket")
     try:
-        for event in req.events():
+        for event in req.events(abandoned=lambda: client_left(sock)):  # nobody waits: stop generating
             if event.kind == "token":
                 pieces.append(event.payload)
             elif event.kind == "error":

@@ -42,6 +42,7 @@ from tavern.oracle.service import (
 )
 from tavern.oracle.store import ModelNotFound
 from tavern.oracle.worker import MAX_NEW_TOKENS_LIMIT, OracleBusy, OracleRequest
+from tavern.params import int_arg, json_int
 from tavern.security import refuse
 
 bp = Blueprint("oracle", __name__)
@@ -74,11 +75,7 @@ def models():
 
 def _replaces(data: dict[str, Any]) -> int | None:
     value = data.get("replaces")
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise preferences.PreferenceError("replaces must be the id (integer) of an earlier preference")
-    return value
+    return None if value is None else json_int(value, "replaces (the id of an earlier preference)", lo=1)
 
 
 @bp.post("/api/oracle/ratings")
@@ -110,12 +107,8 @@ def _kind_arg() -> str | None:
 
 @bp.get("/api/oracle/preferences")
 def list_preferences():
-    try:
-        limit = min(int(request.args.get("limit", 100)), MAX_LIST_LIMIT)
-        before = request.args.get("before_id")
-        before_id = int(before) if before else None
-    except ValueError:
-        return refuse(400, "limit and before_id must be integers")
+    limit = min(int_arg("limit", 100, lo=1), MAX_LIST_LIMIT)
+    before_id = int_arg("before_id", None)
     ledger = current_ledger()
     return jsonify(preferences=preferences.list_preferences(ledger, _kind_arg(), limit, before_id),
                    counts=preferences.preference_counts(ledger))

@@ -2,8 +2,11 @@
 
 Both the Socket.IO chat (:mod:`tavern.oracle.routes`) and the OpenAI-compatible API
 (:mod:`tavern.oracle.openai_api`) go through :meth:`OracleService.start`, so both obey the same limits:
-at most :data:`~tavern.oracle.worker.MAX_NEW_TOKENS_LIMIT` new tokens, ``temperature`` in [0, 2]
-(0 = greedy), ``top_p`` in (0, 1], and the worker's bound on waiting requests.
+at most :data:`~tavern.oracle.worker.MAX_NEW_TOKENS_LIMIT` new tokens, ``temperature`` 0 (greedy) or in
+[0.01, 2] (below 0.01 the logits divided by it overflow float32 into inf/nan probabilities; vLLM clamps at
+the same value), ``top_p`` in (0, 1], ``seed`` within ``torch.manual_seed``'s range, at most
+:data:`MAX_CONVERSATION_CHARS` characters of conversation, and the worker's bound on waiting requests.
+Types are strict, as OpenAI's API is: ``"5"`` or ``true`` is not an integer (a float field takes an integer).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import threading
 from typing import Literal
 
 from flask import Flask
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tavern.context import TavernState, tavern_state
 from tavern.oracle.engine import GenerationJob
@@ -22,6 +25,9 @@ from tavern.oracle.worker import MAX_NEW_TOKENS_LIMIT, OracleRequest, OracleWork
 EXTENSION_KEY = "oracle"
 MAX_MESSAGES = 256
 MAX_MESSAGE_CHARS = 100_000
+MAX_CONVERSATION_CHARS = 1_000_000  # no small hero reads more; the worker also checks the model's context
+MIN_TEMPERATURE = 0.01  # the smallest sampling temperature above 0 (greedy)
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # torch.manual_seed's range
 
 
 class OracleInputError(ValueError):
@@ -29,7 +35,7 @@ class OracleInputError(ValueError):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "user", "assistant"]
     content: str = Field(max_length=MAX_MESSAGE_CHARS)
@@ -39,7 +45,7 @@ class ChatParams(BaseModel):
     """One chat request. ``max_new_tokens`` in tokens; ``stop``: extra stop strings; ``seed``: makes
     sampling repeatable."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     model: str = Field("hero", min_length=1, max_length=200)
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
@@ -47,7 +53,23 @@ class ChatParams(BaseModel):
     top_p: float = Field(0.95, gt=0, le=1)
     max_new_tokens: int = Field(128, ge=1, le=MAX_NEW_TOKENS_LIMIT)
     stop: list[str] = Field(default_factory=list, max_length=4)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, value: float) -> float:
+        if 0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}: a smaller temperature "
+                             "overflows the sampling probabilities")
+        return value
+
+    @field_validator("messages")
+    @classmethod
+    def _conversation_size(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        chars = sum(len(m.content) for m in messages)
+        if chars > MAX_CONVERSATION_CHARS:
+            raise ValueError(f"the conversation is {chars} characters; at most {MAX_CONVERSATION_CHARS}")
+        return messages
 
 
 def parse_chat_params(data: object) -> ChatParams:
@@ -60,7 +82,8 @@ def parse_chat_params(data: object) -> ChatParams:
         problems = []
         for err in exc.errors():
             key = ".".join(str(p) for p in err["loc"]) or "(body)"
-            problems.append(f"{key}: {'unknown field' if err['type'] == 'extra_forbidden' else err['msg']}")
+            msg = err["msg"].removeprefix("Value error, ")
+            problems.append(f"{key}: {'unknown field' if err['type'] == 'extra_forbidden' else msg}")
         raise OracleInputError("; ".join(problems)) from None
 
 

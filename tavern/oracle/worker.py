@@ -32,7 +32,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +46,7 @@ DEFAULT_CACHE_SIZE = 2
 DEFAULT_IDLE_SECONDS = 600.0
 WORKER_NICE = 10  # scheduling priority increment of the worker process (POSIX nice)
 EVENT_TIMEOUT_SECONDS = 300.0  # longest silence while waiting for the next message of a request
+ABANDON_POLL_SECONDS = 0.25  # how often a waiting caller is asked whether its client is still there
 
 
 class OracleBusy(OracleError):
@@ -69,17 +70,28 @@ class OracleRequest:
     def __init__(self, worker: OracleWorker, request_id: str, inbox: queue.Queue):
         self.worker, self.request_id, self._inbox = worker, request_id, inbox
 
-    def events(self, timeout_seconds: float = EVENT_TIMEOUT_SECONDS) -> Iterator[OracleEvent]:
+    def events(self, timeout_seconds: float = EVENT_TIMEOUT_SECONDS,
+               abandoned: Callable[[], bool] | None = None) -> Iterator[OracleEvent]:
         """Yield events until ``done`` or ``error`` (included). A silence longer than ``timeout_seconds``
-        cancels the request and ends with an ``error`` event."""
+        cancels the request and ends with an ``error`` event. ``abandoned`` (e.g. "the HTTP client closed
+        its connection") is asked every :data:`ABANDON_POLL_SECONDS` while waiting; once it says True the
+        request is cancelled (its worker slot freed at once) and ends with ``done``/``cancelled``."""
+        deadline = time.monotonic() + timeout_seconds
         while True:
+            wait = deadline - time.monotonic()
             try:
-                event = self._inbox.get(timeout=timeout_seconds)
+                event = self._inbox.get(timeout=max(0.0, min(wait, ABANDON_POLL_SECONDS) if abandoned else wait))
             except queue.Empty:
+                if abandoned is not None and time.monotonic() < deadline:
+                    if abandoned():
+                        abandoned = None
+                        self.cancel()  # puts the done/cancelled event this loop then yields
+                    continue
                 self.cancel()
                 yield OracleEvent("error", OracleError(
                     f"no answer from the oracle worker in {timeout_seconds:.0f} s", 504, "timeout").to_payload())
                 return
+            deadline = time.monotonic() + timeout_seconds
             yield event
             if event.kind in ("done", "error"):
                 return
@@ -149,6 +161,14 @@ class _Session:
                                    args=(self.jobs, self.events, self.cancels, cache_size, num_threads, device))
         self.process.start()
         self.closing = False
+        self.dispatcher: threading.Thread | None = None  # OracleWorker._dispatch, for this session
+
+    def release(self) -> None:
+        """Close this side of the queues once the process has exited: each queue this side put to has a
+        feeder thread, which ends only when its queue is closed (never blocking on a pipe nobody reads)."""
+        for q in (self.jobs, self.cancels, self.events):
+            q.cancel_join_thread()
+            q.close()
 
 
 class OracleWorker:
@@ -216,6 +236,8 @@ class OracleWorker:
             session, self._session = self._session, None
         if session is not None:
             self._stop_session(session, timeout_seconds)
+            if session.dispatcher is not None:  # it notices the exit within 0.5 s and releases the queues
+                session.dispatcher.join(timeout_seconds)
         self._fail_pending("the oracle was shut down")
 
     # internals -----------------------------------------------------------------------------------------
@@ -228,8 +250,9 @@ class OracleWorker:
         if self._session is None:
             self._session = _Session(self._ctx, self.cache_size, self.num_threads, self.device)
             self._starts += 1
-            threading.Thread(target=self._dispatch, args=(self._session,), name="oracle-dispatch",
-                             daemon=True).start()
+            self._session.dispatcher = threading.Thread(target=self._dispatch, args=(self._session,),
+                                                        name="oracle-dispatch", daemon=True)
+            self._session.dispatcher.start()
             log.info("oracle worker started (pid %s)", self._session.process.pid)
         return self._session
 
@@ -249,6 +272,7 @@ class OracleWorker:
                         log.warning("oracle worker exited with code %s", code)
                         self._fail_pending(f"the oracle worker process exited (code {code}); "
                                            "send the message again to restart it")
+                    session.release()
                     return
                 self._maybe_idle_stop(session)
                 continue

@@ -2,7 +2,9 @@
 
 - ``POST /api/controls/<command>`` (``pause`` | ``resume`` | ``skip`` | ``stop``) — queues the command
   (``Ledger.send_command``) and answers 202 ``{"id", "command", "state": "pending", ...}``. 409 when the
-  daemon is not running (a queued command would otherwise act at its next start); 404 for another name.
+  daemon is not running (a queued command would otherwise act at its next start), naming the command that
+  starts it on this realm (``python -m training --realm R start-all``, which also replaces a supervisor
+  left without its daemon by the *stop* button); 404 for another name.
 - ``GET /api/controls/<id>`` — that command's row: ``state`` pending → done | failed, ``result`` text.
 - ``GET /api/controls`` — the 20 latest commands, newest first.
 
@@ -13,11 +15,12 @@ quest goes back to the queue (nothing lost); stop: checkpoint first, then exit.
 
 from __future__ import annotations
 
+import shlex
 import time
 
 from flask import Blueprint, jsonify
 
-from tavern.context import current_ledger
+from tavern.context import current_ledger, current_realm
 from tavern.push import command_payload
 from tavern.security import refuse
 from tavern.status import daemon_view
@@ -41,22 +44,28 @@ def send(command: str):
 
     daemon = daemon_view(ledger, time.time())
     if daemon["display_state"] in ("not running", "stopped"):
-        return jsonify(error=f"the training daemon is {daemon['display_state']}: start it with "
-                       "`python -m training start-all`", daemon=daemon["display_state"]), 409
+        start = f"python -m training --realm {shlex.quote(str(current_realm().root))} start-all"
+        return jsonify(error=f"the training daemon is {daemon['display_state']}: start it with `{start}`",
+                       daemon=daemon["display_state"]), 409
     command_id = ledger.send_command(command)
-    row = ledger.query("SELECT * FROM commands WHERE id=?", (command_id,))[0]
-    return jsonify(command_payload(row)), 202
+    return jsonify(command_payload(ledger.command(command_id))), 202
 
 
 @bp.get("/<int:command_id>")
 def get(command_id: int):
-    rows = current_ledger().query("SELECT * FROM commands WHERE id=?", (command_id,))
-    if not rows:
+    row = current_ledger().command(command_id)
+    if row is None:
         return refuse(404, f"no command {command_id}")
-    return jsonify(command_payload(rows[0]))
+    return jsonify(command_payload(row))
+
+
+@bp.get("/<name>")
+def get_other(name: str):
+    """Not a command id (not ASCII digits, or past SQLite's int64): no such command (rather than 405)."""
+    return jsonify(error=f"no command {name[:40]!r}"), 404
 
 
 @bp.get("")
 def recent():
-    rows = current_ledger().query("SELECT * FROM commands ORDER BY id DESC LIMIT ?", (RECENT_COMMANDS,))
+    rows = current_ledger().recent_commands(RECENT_COMMANDS)
     return jsonify(commands=[command_payload(r) for r in rows])

@@ -16,12 +16,14 @@ import errno
 import gzip
 import json
 import os
+import stat
 import uuid
 from pathlib import Path
 from typing import IO, Any
 
 from core.ingest import is_temporary_name, priority_for
 from core.realm import PRIORITIES
+from core.sources import publish_new
 
 ACCEPTED_SUFFIXES = (".jsonl.gz", ".jsonl")
 MAX_NAME_BYTES = 200
@@ -69,38 +71,6 @@ def check_upload_name(name: str | None) -> str:
     return name
 
 
-def _split_suffix(name: str) -> tuple[str, str]:
-    lower = name.lower()
-    for suffix in ACCEPTED_SUFFIXES:
-        if lower.endswith(suffix):
-            return name[: -len(suffix)], name[-len(suffix):]
-    return name, ""
-
-
-def _publish(tmp: Path, folder: Path, name: str) -> Path:
-    """Give ``tmp`` its final name in ``folder``: ``name``, else ``stem-2.jsonl``, ``stem-3.jsonl``...
-
-    ``os.link`` fails when the target exists, so two uploads of one name never overwrite each other.
-    """
-    stem, suffix = _split_suffix(name)
-    for n in range(1, 10_000):
-        candidate = folder / (name if n == 1 else f"{stem}-{n}{suffix}")
-        try:
-            os.link(tmp, candidate)
-        except FileExistsError:
-            continue
-        except OSError as exc:  # filesystems without hard links: check, then rename
-            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
-                raise
-            if candidate.exists():
-                continue
-            os.rename(tmp, candidate)
-            return candidate
-        tmp.unlink()
-        return candidate
-    raise UploadError(f"too many files named like {name!r} in the inbox", status=409)
-
-
 def save_upload(stream: IO[bytes], name: str, priority: str, inbox: Path, max_bytes: int) -> Path:
     """Copy ``stream`` into ``inbox/<priority>/`` under ``name`` (or a suffixed name); return the path.
 
@@ -125,7 +95,10 @@ def save_upload(stream: IO[bytes], name: str, priority: str, inbox: Path, max_by
                 out.write(chunk)
             out.flush()
             os.fsync(out.fileno())
-        return _publish(tmp, folder, name)
+        try:  # never overwrites: an existing data.jsonl makes data-2.jsonl
+            return publish_new(tmp, folder, name)
+        except FileExistsError as exc:
+            raise UploadError(str(exc), status=409) from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -154,10 +127,14 @@ def list_inbox(inbox: Path) -> list[dict[str, Any]]:
 
 
 def _open_binary(path: Path) -> IO[bytes]:
-    raw = open(path, "rb")  # noqa: SIM115 (closed by the caller, or wrapped by GzipFile below)
-    head = raw.read(2)
-    raw.seek(0)
-    return gzip.GzipFile(fileobj=raw, mode="rb") if head == _GZIP_MAGIC else raw
+    """``path`` opened for reading, decompressed when it starts with the gzip magic; closed by the caller
+    (``gzip.open`` owns its file, where ``GzipFile(fileobj=...)`` would leave it open). Raises ``OSError``
+    for anything but a regular file (a FIFO would block ``open()``; a folder cannot be read)."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(errno.EINVAL, "not a regular file (the daemon rejected it as such)")
+    with open(path, "rb") as raw:
+        head = raw.read(2)
+    return gzip.open(path, "rb") if head == _GZIP_MAGIC else open(path, "rb")  # noqa: SIM115
 
 
 def read_preview(path: Path, lines: int = PREVIEW_LINES) -> dict[str, Any]:

@@ -37,13 +37,12 @@ from tavern.security import refuse
 bp = Blueprint("quests", __name__)
 
 RECENT_LIMIT = 100
-DAEMON_KEY = "daemon"  # ledger kv key of the daemon status (the Tavern never imports the daemon)
 #: The school a format waits for when the daemon does not train it yet.
 SCHOOL_OF_FORMAT = {fmt: "DPO" for fmt in PREFERENCE_FORMATS}
 PUBLIC_FIELDS = (
     "id", "name", "state", "priority", "attempts", "format", "size_bytes", "records", "bad_records",
     "examples_total", "examples_trained", "tokens", "steps", "first_global_step", "last_global_step", "note",
-    "error", "deferred", "created_at", "updated_at", "started_at", "finished_at",
+    "error", "deferred", "created_at", "updated_at", "started_at", "finished_at", "source_url", "source_sha256",
 )
 
 
@@ -64,8 +63,7 @@ def failure_kind(quest: dict[str, Any]) -> str | None:
 def trainable_formats() -> frozenset[str]:
     """Formats the daemon trains: ``trainable_formats`` of its ledger status when it publishes them, else
     the SFT formats (what the daemon trains until the DPO school exists)."""
-    status = current_ledger().get_value(DAEMON_KEY)
-    published = status.get("trainable_formats") if isinstance(status, dict) else None
+    published = current_ledger().daemon_status().get("trainable_formats")
     if isinstance(published, list) and all(isinstance(f, str) for f in published):
         return frozenset(published)
     return SFT_FORMATS
@@ -93,8 +91,7 @@ def _quest_rows() -> list[dict[str, Any]]:
     active = [QuestState.VALIDATING, QuestState.QUEUED, QuestState.PROCESSING, QuestState.FAILED]
     rows = ledger.list_quests(active, limit=100_000)
     for state in (QuestState.COMPLETED, QuestState.SKIPPED, QuestState.REMOVED):
-        rows += ledger.query("SELECT * FROM quests WHERE state=? ORDER BY updated_at DESC, id DESC LIMIT ?",
-                             (state.value, RECENT_LIMIT))
+        rows += ledger.recent_quests(state, RECENT_LIMIT)
     return rows
 
 
@@ -117,16 +114,16 @@ def _get(quest_id: int) -> dict[str, Any] | None:
 @bp.get("/quests")
 def index():
     return render_template("quests.html", priorities=PRIORITIES,
-                           max_upload_bytes=current_config().tavern.max_upload_bytes)
+                           max_upload_bytes=current_config().tavern.max_upload_bytes,
+                           max_download_bytes=current_config().sources.max_download_bytes)
 
 
 @bp.get("/api/quests")
 def api_list():
     ledger = current_ledger()
     counts: dict[str, int] = ledger.queue_counts()
-    for r in ledger.query("SELECT priority, COUNT(*) AS n FROM quests WHERE state=? GROUP BY priority",
-                          (QuestState.QUEUED.value,)):
-        counts[f"queued_{r['priority']}"] = r["n"]
+    for priority, n in ledger.queued_counts_by_priority().items():
+        counts[f"queued_{priority}"] = n
     for p in PRIORITIES:
         counts.setdefault(f"queued_{p}", 0)
     trainable = trainable_formats()

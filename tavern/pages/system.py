@@ -126,9 +126,9 @@ def system_info() -> dict:
     realm = current_realm()
     vm, sw = psutil.virtual_memory(), psutil.swap_memory()
     disk = psutil.disk_usage(str(realm.root))
-    daemon = current_ledger().get_value("daemon") or {}
+    daemon = current_ledger().daemon_status()
     procs = [_process("tavern", os.getpid()),
-             _process("daemon", daemon.get("pid") if isinstance(daemon, dict) else None)]
+             _process("daemon", daemon.pid if daemon.process_alive else None)]
     gpu = gpu_info()
     return {
         "time": time.time(),

@@ -8,6 +8,12 @@ Routes (state-changing ones are POST only; errors are ``{"error": message}``):
 - ``POST /api/vault/checkpoints/<name>/pin`` and ``.../unpin`` — 200 ``{"name", "pinned": bool}``.
 - ``POST /api/vault/checkpoints/<name>/delete`` — body ``{"confirm": "<the exact name>"}``; 200 with
   :func:`core.vault.delete_checkpoint`'s result.
+- ``POST /api/vault/checkpoints/<name>/export`` — body ``{"format": "hf"|"gguf"|"ollama", "quantization": null|
+  "f16"|"q8_0"|...}``; 202 with the job (:mod:`tavern.export_jobs`: the export runs as
+  ``python -m training export`` in a child process); 409 while another export runs.
+- ``GET /api/vault/exports`` — ``{"jobs": [...], "exports": [...] (:func:`core.exports.list_exports`),
+  "formats": [...], "quantizations": [...], "default_quantization": str}``. Each job change is pushed as an
+  ``export`` socket event carrying the job.
 
 Statuses: 400 for a name that is not ``step-`` and 8 digits (``..``, prefixes, anything else) or a missing
 confirmation, 404 for an unknown checkpoint, 409 for one that may not be deleted (latest, best, pinned).
@@ -16,8 +22,11 @@ After each change a ``vault`` socket event ``{"action", "name"}`` tells other op
 
 from __future__ import annotations
 
-from flask import Blueprint, jsonify, render_template, request
+import threading
 
+from flask import Blueprint, current_app, jsonify, render_template, request
+
+from core.exports import DEFAULT_QUANTIZATION, FORMATS, QUANTIZATIONS, list_exports
 from core.vault import (
     VaultError,
     delete_checkpoint,
@@ -29,10 +38,13 @@ from core.vault import (
     vault_disk_usage,
 )
 from tavern.context import current_config, current_ledger, current_realm
+from tavern.export_jobs import ExportBusy, ExportJobs
 from tavern.extensions import socketio
 from tavern.security import refuse
 
 bp = Blueprint("vault", __name__)
+EXPORTS_KEY = "exports"  # app.extensions key of the app's ExportJobs
+_jobs_lock = threading.Lock()
 
 
 def _hero() -> str:
@@ -105,3 +117,47 @@ def api_delete(name: str):
         return refuse(409, str(exc))
     _notify("deleted", name)
     return jsonify(result)
+
+
+# exports -------------------------------------------------------------------------------------------
+def export_jobs(app=None) -> ExportJobs:
+    """The app's :class:`ExportJobs` (created on first use; :func:`tavern.app.close_app` closes it)."""
+    app = app or current_app._get_current_object()  # type: ignore[attr-defined]
+    with _jobs_lock:
+        jobs = app.extensions.get(EXPORTS_KEY)
+        if jobs is None:
+            jobs = app.extensions[EXPORTS_KEY] = ExportJobs(current_realm(),
+                                                            on_change=lambda job: socketio.emit("export", job))
+    return jobs
+
+
+@bp.get("/api/vault/exports")
+def api_exports():
+    return jsonify(jobs=export_jobs().jobs(), exports=list_exports(current_realm()), formats=list(FORMATS),
+                   quantizations=list(QUANTIZATIONS), default_quantization=DEFAULT_QUANTIZATION)
+
+
+@bp.post("/api/vault/checkpoints/<name>/export")
+def api_export(name: str):
+    if (bad := _check_name(name)) is not None:
+        return bad
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        return refuse(400, "send a JSON object: {\"format\": \"hf\" | \"gguf\" | \"ollama\", \"quantization\": ...}")
+    fmt, quantization = body.get("format"), body.get("quantization")
+    if not isinstance(fmt, str) or fmt not in FORMATS:
+        return refuse(400, f"format must be one of {', '.join(FORMATS)}")
+    if quantization is not None and (not isinstance(quantization, str) or quantization not in QUANTIZATIONS):
+        return refuse(400, f"quantization must be null or one of {', '.join(QUANTIZATIONS)}")
+    if fmt == "hf" and quantization is not None:
+        return refuse(400, "quantization applies to gguf and ollama exports only")
+    if not _known(name):
+        return refuse(404, f"no checkpoint {name} in the vault of {_hero()}")
+    try:
+        job = export_jobs().start(name, fmt, quantization)
+    except ExportBusy as exc:
+        return refuse(409, str(exc))
+    socketio.emit("export", job)
+    resp = jsonify(job)
+    resp.status_code = 202
+    return resp

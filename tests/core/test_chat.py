@@ -7,14 +7,19 @@ import pytest
 from core.chat import (
     IGNORE_INDEX,
     ExampleError,
+    TokenCount,
     TokenizedExample,
+    anchor_of,
     assistant_spans,
     check_trainable_ratio,
     count_tokens,
     count_tokens_batch,
+    measure,
+    measure_batch,
     tokenize_example,
     trainable_ratio,
     trainable_segments,
+    truncation_start,
 )
 from core.config import HeroConfig
 from core.hero import build_byte_tokenizer, load_tokenizer
@@ -155,3 +160,85 @@ def test_count_tokens_batch_equals_count_tokens(which, byte_tok, request):
             assert isinstance(result, ExampleError) and str(result) == str(exc)
             continue
         assert result == expected, example
+
+
+# -- truncation: the prompt side first, what is learned is kept (issue 8 item 3) ------------------------------
+LONG_PROMPT = {"prompt": "Natalia sold clips to 48 of her friends in April. " * 6 + "How many?\n",
+               "completion": "She sold 48 + 24 = 72 clips.\n#### 72"}
+
+
+def test_truncation_cuts_the_prompt_first_and_keeps_the_completion(byte_tok):
+    full = tokenize_example(LONG_PROMPT, byte_tok, None)
+    te = tokenize_example(LONG_PROMPT, byte_tok, 64)  # the prompt alone is ~300 tokens
+    assert te.truncated and len(te.input_ids) == 64
+    assert trainable_segments(te, byte_tok) == trainable_segments(full, byte_tok)  # the whole completion + EOS
+    assert te.input_ids == full.input_ids[-64:]  # the prompt's end stays, as context
+    assert te.labels[0] == IGNORE_INDEX and te.trainable_tokens == full.trainable_tokens
+
+
+def test_a_completion_longer_than_max_length_keeps_its_start_after_one_prompt_token(byte_tok):
+    ex = {"prompt": "Question: why?\n", "completion": "Because " * 20}
+    full = tokenize_example(ex, byte_tok, None)
+    te = tokenize_example(ex, byte_tok, 32)
+    first = full.labels.index(next(x for x in full.labels if x != IGNORE_INDEX))
+    assert te.input_ids == full.input_ids[first - 1:first + 31]  # the last prompt token, then the answer
+    assert te.trainable_tokens == 31
+
+
+def test_messages_truncation_keeps_the_last_assistant_turn(byte_tok):
+    ex = {"messages": [{"role": "user", "content": "Tell me a long story " * 8},
+                       {"role": "assistant", "content": "Once upon a time " * 6},
+                       {"role": "user", "content": "More"},
+                       {"role": "assistant", "content": "The end."}]}
+    te = tokenize_example(ex, byte_tok, 64)
+    assert te.truncated and len(te.input_ids) == 64
+    assert trainable_segments(te, byte_tok)[-1] == "The end.<|im_end|>"
+    short = tokenize_example(ex, byte_tok, 24)  # the last turn and what follows it fit, its user turn does not
+    assert trainable_segments(short, byte_tok) == ["The end.<|im_end|>"]
+
+
+@pytest.mark.parametrize("which", ["byte", "stories260K"])
+@pytest.mark.parametrize("max_length", [8, 16, 40, None])
+def test_measure_batch_equals_what_tokenize_example_keeps(which, max_length, byte_tok, request):
+    tok = byte_tok if which == "byte" else request.getfixturevalue("stories_tok")
+    examples = [*BATCH_EXAMPLES, LONG_PROMPT, {"prompt": "Question: why?\n", "completion": "Because " * 20},
+                {"messages": CHAT["messages"] * 3}]
+    got = measure_batch(examples, tok, max_length)
+    for example, result in zip(examples, got, strict=True):
+        try:
+            full = tokenize_example(example, tok, None)
+        except ExampleError as exc:
+            assert isinstance(result, ExampleError) and str(result) == str(exc)
+            continue
+        kept = tokenize_example(example, tok, max_length)
+        assert result == TokenCount(len(full), full.trainable_tokens, len(kept), kept.trainable_tokens), example
+        assert result == measure(example, tok, max_length)
+        if full.trainable_tokens:  # something learned stays learned
+            assert kept.trainable_tokens > 0
+            if "messages" not in example:  # learned tokens are the end: max_length - 1 of them, or all
+                assert kept.trainable_tokens == min(full.trainable_tokens, (max_length or 10**9) - 1)
+
+
+def test_truncation_start_never_passes_the_anchor():
+    assert truncation_start(10, 20, 5) == 0  # fits
+    assert truncation_start(100, 20, 90) == 80  # keep the end
+    assert truncation_start(100, 20, 30) == 29  # keep the anchor and its predecessor
+    assert truncation_start(100, 20, 0) == 0  # text: keep the start
+    assert anchor_of([False, False, True, True, False, True], "last_turn") == 5
+    assert anchor_of([False, False, True, True, False, True], "first_trained") == 2
+
+
+def test_byte_level_fast_path_tokenizes_exactly_as_the_tokenizer_does(byte_tok):
+    slow = build_byte_tokenizer()
+    slow._realm_byte_specials = None  # the generic path: the tokenizer with offsets
+    examples = [*BATCH_EXAMPLES, LONG_PROMPT, {"prompt": "caf\u00e9 \u20ac", "completion": " \U0001f389 ok"}]
+    for example in examples:
+        for max_length in (None, 8, 40):
+            try:
+                expected = tokenize_example(example, slow, max_length, line=3)
+            except ExampleError as exc:
+                with pytest.raises(ExampleError, match="not a normalized"):
+                    tokenize_example(example, byte_tok, max_length)
+                assert "not a normalized" in str(exc)
+                continue
+            assert tokenize_example(example, byte_tok, max_length, line=3) == expected, (example, max_length)

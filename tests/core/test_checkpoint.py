@@ -134,3 +134,15 @@ def test_clean_incomplete_quarantine_and_prune(parts, tmp_path):
     assert ckpt.step_of("step-00001234") == 1234
     with pytest.raises(ValueError):
         ckpt.step_of("step-12")
+
+
+def test_unicode_digit_folders_are_not_checkpoints(tmp_path):
+    from tests.core.test_vault import JUNK_STEP_NAMES
+
+    (tmp_path / "step-00000007").mkdir()
+    for name in JUNK_STEP_NAMES:
+        (tmp_path / name).mkdir()
+        with pytest.raises(ValueError):
+            ckpt.step_of(tmp_path / name)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-00000007"]
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-00000007"

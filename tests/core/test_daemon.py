@@ -49,6 +49,14 @@ class DaemonThread:
             time.sleep(0.05)
         raise AssertionError(f"timed out waiting for {what}; quests: {self.ledger.list_quests()}")
 
+    def answered(self, command: str) -> str:
+        """Send ``command`` and wait for the daemon's answer (returned): a positive sign that the daemon went
+        round its loop, where a sleep would only hope so."""
+        command_id = self.ledger.send_command(command)
+        self.wait_for(lambda: all(c["id"] != command_id for c in self.ledger.pending_commands()),
+                      what=f"the answer to {command}")
+        return self.ledger.query("SELECT result FROM commands WHERE id=?", (command_id,))[0]["result"]
+
     def quests(self):
         return self.ledger.list_quests()
 
@@ -144,21 +152,26 @@ def test_pause_resume_skip_through_the_control_channel(make_realm):
         d.wait_for(lambda: (d.ledger.get_value("daemon") or {}).get("state") == "paused", what="paused")
         write_text_quest(realm.inbox / "a.jsonl", 60)
         d.wait_for(lambda: d.states() == ["queued"], what="queued while paused")
-        time.sleep(0.5)
-        assert d.ledger.last_step() is None  # nothing trains while paused
+        # the daemon answers commands at the top of its loop and before each optimizer step: by its second
+        # answer after the quest was queued, a daemon that ignored the pause would have taken the quest
+        assert d.answered("pause") == d.answered("pause") == "paused"
+        assert d.states() == ["queued"] and d.ledger.last_step() is None  # nothing trains while paused
         d.ledger.send_command("resume")
         d.wait_for(lambda: (d.ledger.last_step() or {}).get("global_step", 0) >= 2, what="training")
         write_text_quest(realm.inbox / "b.jsonl", 4, prefix="bee")
         d.wait_for(lambda: len(d.quests()) == 2 and d.quests()[1]["state"] == "queued", what="b queued")
         d.ledger.send_command("skip")
         d.wait_for(lambda: d.quests()[1]["state"] == "completed", what="b trained after skip")
-        a = d.quests()[0]
-        assert a["deferred"] == 0 or a["state"] in ("queued", "processing", "completed")
         d.wait_for(lambda: d.states() == ["completed", "completed"], timeout=120, what="a finished later")
-        lines = [ln for s in d.ledger.steps() if s["quest_id"] == 1 for ln in json.loads(s["examples_json"])]
+        steps = d.ledger.steps()
+        a_steps = [s["global_step"] for s in steps if s["quest_id"] == 1]
+        b_steps = [s["global_step"] for s in steps if s["quest_id"] == 2]
+        assert min(a_steps) < min(b_steps) and max(b_steps) < max(a_steps)  # b ran inside a: skipped, resumed
+        assert [json.loads(e["data"])["quest_id"] for e in d.ledger.events() if e["kind"] == "quest_skipped"] == [1]
+        lines = [ln for s in steps if s["quest_id"] == 1 for ln in json.loads(s["examples_json"])]
         assert sorted(lines) == list(range(1, 61))  # nothing lost, nothing twice
         results = [c["result"] for c in d.ledger.query("SELECT * FROM commands ORDER BY id")]
-        assert results[:3] == ["paused", "resumed", "skipping the current quest"]
+        assert results[:5] == ["paused", "paused", "paused", "resumed", "skipping the current quest"]
 
 
 @pytest.mark.parametrize("policy", ["drop", "reject"])
@@ -175,3 +188,51 @@ def test_length_policy_lines_are_never_trained(make_realm, policy):
     assert quest["state"] == "completed" and quest["examples_total"] == 8
     trained = sorted(ln for s in ledger.steps() for ln in json.loads(s["examples_json"]))
     assert trained == [2, 3, 5, 6, 8, 9, 11, 12]
+
+
+def test_a_stop_publishes_stopping_while_its_checkpoint_is_saved(make_realm, monkeypatch):
+    realm = make_realm(training={"micro_batch_size": 1, "save_steps": 1000})
+    checkpoints = realm.checkpoints_dir("hero")
+    published = []  # (state, checkpoints on disk when it was published)
+    publish = Ledger.publish_daemon_status
+
+    def recording(self, status):
+        published.append((status["state"], len(list(checkpoints.glob("step-*"))) if checkpoints.is_dir() else 0))
+        publish(self, status)
+
+    monkeypatch.setattr(Ledger, "publish_daemon_status", recording)
+    with DaemonThread(realm) as d:
+        write_text_quest(realm.inbox / "a.jsonl", 400)
+        d.wait_for(lambda: (d.ledger.last_step() or {}).get("global_step", 0) >= 3, what="training")
+        d.ledger.send_command("stop")
+        d.thread.join(timeout=120)
+        assert not d.thread.is_alive()
+    states = [s for s, _ in published]
+    first_stopping = states.index("stopping")
+    assert "training" in states[:first_stopping] and states[-1] == "stopped"
+    assert set(states[first_stopping:-1]) == {"stopping"}  # no other state once a stop began
+    assert published[first_stopping][1] == 0 and published[-1][1] == 1  # the stop checkpoint came meanwhile
+
+
+def test_long_prompts_are_cut_not_the_completions_and_only_examples_carrying_loss_count(make_realm):
+    """GSM8K-like records whose prompts alone exceed max_length (issue 8 item 3): truncation keeps each
+    completion, the report counts tokens after truncation, and every example counted as trained was in a
+    step that carried loss."""
+    realm = make_realm(training={"max_length": 64, "micro_batch_size": 2})
+    record = {"prompt": "Natalia sold clips to 48 of her friends in April. " * 4 + "How many?\n",
+              "completion": "She sold 48 + 24 = 72 clips.\n#### 72"}
+    with open(realm.inbox / "gsm8k.jsonl", "w") as f:
+        for i in range(8):
+            f.write(json.dumps({**record, "prompt": f"{i}. " + record["prompt"]}) + "\n")
+    assert Daemon(realm, realm.load_config(), until_idle=True).run() == 0
+    ledger = Ledger(realm.ledger_path)
+    quest = ledger.list_quests()[0]
+    report = json.loads((realm.queue_dir("recently_completed") / (quest["stored_name"] + ".report.json")).read_text())
+    learned = len(record["completion"]) + 1  # the completion and EOS: all kept
+    assert report["truncated"] == 8 and report["tokens"]["trainable"] == 8 * learned
+    assert report["trainable_token_ratio"] == pytest.approx(learned / 64)
+    steps = ledger.steps()
+    assert quest["state"] == "completed" and quest["examples_trained"] == 8 and len(steps) == 4
+    assert sum(s["example_end"] - s["example_start"] for s in steps) == 8  # each one in a step with loss
+    assert not [e for e in ledger.events(limit=10_000) if e["kind"] == "empty_step"]
+    ledger.close()

@@ -8,7 +8,6 @@ test_corrupt_latest_checkpoint_falls_back_to_the_previous; here the daemon-level
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import torch
@@ -134,15 +133,21 @@ def test_micro_batch_of_one_that_runs_out_of_memory_raises(make_realm, monkeypat
 
 def test_disk_under_the_floor_pauses_the_daemon_until_space_returns(make_realm):
     realm = make_realm(training={"save_steps": 3})
-    free = {"bytes": 0}
-    hooks = CheckpointHooks(realm, realm.load_config(), free_bytes=lambda path: free["bytes"], retry_seconds=0.1)
+    free = {"bytes": 0, "checks": 0}
+
+    def free_bytes(path):
+        free["checks"] += 1
+        return free["bytes"]
+
+    hooks = CheckpointHooks(realm, realm.load_config(), free_bytes=free_bytes, retry_seconds=0.1)
     checkpoints = realm.checkpoints_dir("hero")
     with DaemonThread(realm, checkpoint_hooks=hooks) as d:
         write_text_quest(realm.inbox / "a.jsonl", 24)  # 6 steps; the first save at step 3
         d.wait_for(lambda: (d.ledger.get_value("daemon") or {}).get("state") == "paused", what="paused")
         alerts = [e for e in d.ledger.events() if e["kind"] == "disk_full_pause"]
         assert len(alerts) == 1 and alerts[0]["level"] == "error"
-        time.sleep(0.5)
+        checks = free["checks"]  # positive sentinel: the guard is still looking at the disk, again and again
+        d.wait_for(lambda: free["checks"] >= checks + 5, what="the disk guard re-checking the free space")
         assert d.ledger.last_step()["global_step"] == 3  # waits at the save, trains no further
         assert not checkpoints.exists() or list(checkpoints.iterdir()) == []  # no half checkpoint
         assert d.states() == ["processing"]

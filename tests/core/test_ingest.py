@@ -155,3 +155,38 @@ def test_close_write_fast_path_can_be_turned_off(tmp_path):
         tracker._closed[str(f)] = clock.now
         clock.now += 0.2
         assert scanner.scan() == expected_after_grace
+
+
+def test_a_file_held_open_for_writing_is_not_taken_however_long_it_is_still(tmp_path):
+    from core.ingest import open_for_writing
+
+    realm = init_realm(tmp_path)
+    clock = FakeClock()
+    scanner = InboxScanner(realm, IngestConfig(settle_seconds=1.0), clock=clock)
+    held, read = realm.inbox / "held.jsonl", realm.inbox / "read.jsonl"
+    read.write_text('{"text": "b"}\n')
+    with open(held, "w") as writer, open(read) as reader:
+        writer.write('{"text": "a"}\n')
+        writer.flush()
+        assert open_for_writing([held, read]) == {held}  # a reader does not hold a file back
+        assert scanner.scan() == []
+        clock.now += 60  # the writer pauses far longer than settle_seconds
+        assert scanner.scan() == [(read, "normal")]
+        assert reader.read()
+    clock.now += 0.1
+    assert scanner.scan() == [(held, "normal"), (read, "normal")]  # closed: complete
+
+
+def test_entries_that_are_not_files_are_strays_once_settled(tmp_path):
+    realm = init_realm(tmp_path)
+    clock = FakeClock()
+    scanner = InboxScanner(realm, IngestConfig(settle_seconds=1.0), clock=clock)
+    os.mkfifo(realm.inbox / "pipe.jsonl")
+    (realm.inbox / "dir.jsonl").mkdir()
+    (realm.inbox / "low" / "sub").mkdir()
+    (realm.inbox / ".hidden").mkdir()  # hidden: ignored, as hidden files are
+    (realm.inbox / "data.jsonl").write_text("x\n")
+    assert scanner.strays() == []  # first sighting
+    clock.now += 1.0
+    assert scanner.strays() == [realm.inbox / "dir.jsonl", realm.inbox / "low" / "sub", realm.inbox / "pipe.jsonl"]
+    assert scanner.pending() == 4  # the strays and data.jsonl, not the priority folders

@@ -8,12 +8,12 @@ import json
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import core.validation as validation
 from core.config import RealmConfig
-from core.formats import iter_valid_records
+from core.formats import iter_valid_records, preference_as_sft
 from core.validation import (
     ValidationReport,
     format_report_text,
@@ -49,6 +49,11 @@ def words(example: dict) -> tuple[int, int]:
     return total, trainable
 
 
+def measure(example: dict) -> tuple[int, ...]:
+    """Word counts of an example's SFT shapes: itself, or both sides of a preference pair."""
+    return tuple(words(side)[0] for side in (preference_as_sft(example) if "chosen" in example else (example,)))
+
+
 def write_lines(path: Path, lines: list[str], newline: str = "\n") -> Path:
     path.write_bytes(newline.join(lines).encode("utf-8") + newline.encode())
     return path
@@ -66,8 +71,8 @@ def test_accepted_file_report(tmp_path):
     assert (report.lines, report.records_valid, report.records_bad, report.examples) == (3, 3, 0, 3)
     assert report.size_bytes == p.stat().st_size
     assert report.content_hash == hashlib.sha256(p.read_bytes()).hexdigest()
-    assert report.tokens.model_dump() == {"total": 15, "trainable": 15, "min": 3, "p50": 5, "p95": 7, "p99": 7,
-                                          "max": 7}
+    assert report.tokens.model_dump() == {"total": 15, "trainable": 15, "cut": 0, "trainable_cut": 0, "min": 3,
+                                          "p50": 5, "p95": 7, "p99": 7, "max": 7}
     assert report.trainable_token_ratio == 1.0 and report.note is None
     assert report.max_length == 512 and report.length_policy == "truncate"
 
@@ -344,20 +349,28 @@ def test_two_hundred_kinds_of_malformed_lines(tmp_path):
 
 # -- fuzz: validate_file never raises, and agrees with iter_valid_records --------------------------------
 FRAGMENTS = [json.dumps(r) for r in BASE_RECORDS.values()] + [
-    '{"text": NaN}', "[", "{", '{"text": ""}', "\xff", "\ufeff", "\r", '{"messages": []}', "[1, 2]", '{"chosen": 1}']
+    '{"text": NaN}', "[", "{", '{"text": ""}', "\xff", "\ufeff", "\r", '{"messages": []}', "[1, 2]", '{"chosen": 1}',
+    json.dumps({"prompt": "p " * 6, "completion": "c " * 6})]  # 12 words: over the fuzz's max_length 8
+
+
+MIXED_LENGTHS = "\n".join([text_line(3), text_line(12), "nope", text_line(8), text_line(9), FRAGMENTS[-1],
+                           text_line(1)]).encode()  # short, long, bad, exactly max_length, long, long, short
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     raw=st.one_of(
         st.binary(max_size=400),
-        st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.text(max_size=40)), max_size=12).map(
-            lambda parts: "\n".join(parts).encode("utf-8", "surrogatepass")),
+        st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.integers(1, 16).map(text_line), st.text(max_size=40)),
+                 max_size=12).map(lambda parts: "\n".join(parts).encode("utf-8", "surrogatepass")),
     ),
     name=st.sampled_from(["a.jsonl", "a.jsonl.gz", "a.json", "x", "A.JSONL", "d.txt"]),
     compress=st.booleans(),
     policy=st.sampled_from(["truncate", "drop", "reject"]),
 )
+@example(raw=MIXED_LENGTHS, name="a.jsonl", compress=False, policy="truncate")  # every run checks each policy
+@example(raw=MIXED_LENGTHS, name="a.jsonl.gz", compress=True, policy="drop")
+@example(raw=MIXED_LENGTHS, name="A.JSONL", compress=False, policy="reject")
 def test_fuzz_validate_never_raises(tmp_path, raw, name, compress, policy):
     p = tmp_path / "fuzz.bin"
     p.write_bytes(gzip.compress(raw) if compress else raw)
@@ -367,11 +380,24 @@ def test_fuzz_validate_never_raises(tmp_path, raw, name, compress, policy):
     format_report_text(report)
     assert report.lines == report.records_valid + report.records_bad
     assert report.accepted == (report.reason is None)
+    assert report.examples == report.records_valid - report.records_dropped
+    if policy != "drop":
+        assert report.records_dropped == 0 and not report.dropped_lines
+    if policy != "truncate":
+        assert report.truncated == 0
     if report.lines:  # the file was read: the trainer sees exactly the records that validation found valid
-        valid = [n for n, _ in iter_valid_records(p, name, cfg.validation)]
-        if policy == "truncate":
-            assert len(valid) == report.records_valid
-        assert set(b.line for b in report.bad_lines).isdisjoint(valid) or policy == "reject"
+        parsed = {n: ex for n, ex in iter_valid_records(p, name, cfg.validation)}
+        bad = {b.line: b.reason for b in report.bad_lines}
+        too_long = {n for n, reason in bad.items() if "(length_policy reject)" in reason}
+        dropped = {d.line for d in report.dropped_lines}
+        assert not report.bad_lines_truncated and not report.dropped_lines_truncated
+        assert set(bad) & set(parsed) == too_long  # a line is bad for its form, or (reject) for its length
+        assert dropped <= set(parsed) and len(parsed) == report.records_valid + len(too_long)
+        for n, ex in parsed.items():  # each length decision is the policy's, and is listed where it says
+            action = length_action(max(measure(ex)), 8, policy)
+            assert (n in too_long, n in dropped) == (action == "reject", action == "drop"), (n, ex, action)
+        assert report.truncated == sum(length_action(max(measure(ex)), 8, policy) == "truncate"
+                                       for ex in parsed.values())
 
 
 @needs_shared_data
@@ -494,3 +520,58 @@ def test_memory_stays_flat_on_a_large_file(tmp_path, monkeypatch):
         tracemalloc.stop()
     assert report.accepted and report.records_bad == 7_000 and len(report.bad_lines) == 100
     assert peak < 4_000_000, peak  # independent of the file size: 1 MiB read buffer + one token batch
+
+
+# -- token figures after truncation, examples with nothing to learn (issue 8 item 3) ---------------------------
+GSM8K_LIKE = {"prompt": "Natalia sold clips to 48 of her friends in April. " * 4 + "How many?\n",
+              "completion": "She sold 48 + 24 = 72 clips.\n#### 72"}
+
+
+def test_token_figures_are_counted_after_truncation_that_keeps_the_completion(tmp_path):
+    from core.chat import count_tokens
+    from core.hero import build_byte_tokenizer
+
+    tok = build_byte_tokenizer()
+    p = write_lines(tmp_path / "gsm8k.jsonl", [json.dumps(GSM8K_LIKE)] * 5)
+    report = validate_file(p, config=config(max_length=64), count_tokens=lambda ex: count_tokens(ex, tok))
+    learned = len(GSM8K_LIKE["completion"].encode()) + 1  # and EOS: all kept, the prompt's start is cut
+    assert report.accepted and report.truncated == 5 and report.examples == 5
+    assert (report.tokens.total, report.tokens.trainable) == (5 * 64, 5 * learned)
+    assert report.trainable_token_ratio == learned / 64  # what training sees, not the untruncated 0.15
+    assert report.tokens.max > 200 and report.tokens.cut == 5 * (report.tokens.max - 64)
+    assert report.tokens.trainable_cut == 0
+
+
+@pytest.mark.parametrize("policy", ["truncate", "drop", "reject"])
+def test_an_example_with_no_trainable_token_is_dropped_or_rejected(tmp_path, policy):
+    from core.chat import count_tokens
+    from core.hero import build_byte_tokenizer
+
+    tok = build_byte_tokenizer()  # a chat template that hides some assistant turns: nothing to learn there
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] != 'assistant' or 'hidden' not in m['content'] %}"
+                         "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}")
+
+    def chat(answer: str) -> str:
+        return json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": answer}]})
+
+    p = write_lines(tmp_path / "mixed.jsonl", [chat("fine"), chat("hidden"), chat("ok")])
+    report = validate_file(p, config=config(length_policy=policy, max_bad_line_ratio=0.5),
+                           count_tokens=lambda ex: count_tokens(ex, tok))
+    assert report.accepted and report.examples == 2 and report.records_untrainable == 1
+    listed = report.bad_lines if policy == "reject" else report.dropped_lines
+    assert [i.line for i in listed] == [2] and "no trainable token" in listed[0].reason
+    kept = [count_tokens(json.loads(chat(a)), tok) for a in ("fine", "ok")]
+    assert (report.tokens.total, report.tokens.trainable) == tuple(map(sum, zip(*kept, strict=True)))
+
+
+def test_verdicts_hold_exactly_the_examples_and_training_reads_only_them(tmp_path):
+    from core.records import RecordVerdicts, trainable_records
+
+    lines = [text_line(3), "not json", text_line(20), "", text_line(5), json.dumps({"text": 7}), text_line(2)]
+    p = write_lines(tmp_path / "a.jsonl", lines)
+    verdicts = RecordVerdicts()
+    report = validate_file(p, config=config(length_policy="drop", max_length=8, max_bad_line_ratio=0.6),
+                           count_tokens=words, verdicts=verdicts)
+    assert report.examples == verdicts.kept == 3 and list(verdicts.kept_lines()) == [1, 5, 7]
+    assert verdicts.content_hash == report.content_hash and verdicts.lines == 7 and verdicts.format == "text"
+    assert [line for line, _ in trainable_records(p, verdicts)] == [1, 5, 7]

@@ -179,3 +179,20 @@ def test_disk_usage(realm, ledger):
     usage = vault_disk_usage(realm, HERO)
     assert 30_000 < usage["vault_bytes"] < 32_000
     assert usage["total_bytes"] >= usage["free_bytes"] > 0
+
+
+# names with non-ASCII digits are junk, never checkpoints (issue 8) -------------------------------------
+JUNK_STEP_NAMES = ["step-٠٠٠٠٠٠١٨", "step-００００００１８", "step-𝟎𝟎𝟎𝟎𝟎𝟎𝟏𝟖", "step-00000018\n", "step-٠٠٠٠٠٠١٨\n"]
+
+
+def test_unicode_digit_names_are_not_checkpoints(realm, ledger):
+    make_checkpoint(realm, 10)
+    for name in JUNK_STEP_NAMES:
+        (realm.checkpoints_dir(HERO) / name).mkdir()
+        with pytest.raises(VaultError, match="not a checkpoint name"):
+            parse_checkpoint_name(name)
+        with pytest.raises(VaultError):
+            pin(ledger, name, realm, HERO)
+    assert [i["name"] for i in list_checkpoints_info(realm, HERO, ledger)] == ["step-00000010"]
+    ledger.set_value(PINNED_KEY, ["step-00000010", *JUNK_STEP_NAMES])  # written by hand: junk ignored
+    assert pinned_checkpoints(ledger) == ["step-00000010"]

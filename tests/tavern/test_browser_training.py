@@ -22,9 +22,9 @@ pytestmark = [pytest.mark.slow, needs_shared(STORIES260K), needs_shared(SHARED_D
 
 def start_daemon(realm) -> subprocess.Popen:
     """The real daemon, in the foreground of a child process (``python -m training daemon``)."""
-    log = open(realm.logs / "daemon-test.log", "wb")  # noqa: SIM115 (closed with the process)
-    return subprocess.Popen([PYTHON, "-m", "training", "--realm", str(realm.root), "daemon"], stdout=log,
-                            stderr=subprocess.STDOUT, env=python_env(), cwd=str(realm.root))
+    with open(realm.logs / "daemon-test.log", "wb") as log:  # the child writes to its own copy of the fd
+        return subprocess.Popen([PYTHON, "-m", "training", "--realm", str(realm.root), "daemon"], stdout=log,
+                                stderr=subprocess.STDOUT, env=python_env(), cwd=str(realm.root))
 
 
 def stop_daemon(proc: subprocess.Popen) -> int:

@@ -16,7 +16,7 @@ import pytest
 
 from core.preferences import list_preferences
 from core.realm import init_realm
-from tests.conftest import STORIES260K, needs_shared
+from tests.conftest import STORIES260K, claim_threads, needs_shared, thread_key
 from tests.tavern.conftest import save_screenshot
 
 pytestmark = needs_shared(STORIES260K / "model.safetensors")
@@ -45,7 +45,7 @@ def oracle_realm(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def live(oracle_realm):
+def live(oracle_realm, request):
     """The real Tavern server on a free port, shared by this module (one worker process start)."""
     from tavern.app import close_app
     from tavern.oracle import close_oracle
@@ -54,6 +54,11 @@ def live(oracle_realm):
     server, application = make_tavern_server(oracle_realm, host="127.0.0.1", port=0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
+    claim_threads(request, lambda t: t.name in ("oracle-dispatch", "QueueFeederThread")
+                  or thread_key(t) == "engineio.server.Server._service_task",
+                  "this module's tests share one app: its oracle worker starts (with its dispatch thread and queue "
+                  "feeders) at the first request and Socket.IO's service thread at the first connection, in "
+                  "whichever test comes first; close_app ends them")
     yield f"http://127.0.0.1:{server.server_port}", application
     server.shutdown()
     server.server_close()
@@ -274,6 +279,34 @@ def test_a_crashed_worker_fails_its_request_and_is_restarted(app, openai_client)
     assert answer.choices[0].message.content and answer.system_fingerprint == LATEST  # what "hero" meant
     after = worker.status()
     assert after["starts"] == before["starts"] + 1 and after["pid"] != before["pid"]
+
+
+def test_a_non_streaming_client_that_leaves_cancels_its_request(app, openai_client, server_url):
+    """The worker is frozen (SIGSTOP) so the answer cannot finish by itself: only noticing that the client
+    closed its connection can free the request's slot."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from tests.conftest import wait_for
+
+    worker = _service(app).worker
+    openai_client.chat.completions.create(model="hero", messages=MESSAGES, max_tokens=2)  # worker is up
+    pid = worker.status()["pid"]
+    body = json.dumps({"model": OLDER, "messages": MESSAGES, "max_tokens": 512, "temperature": 1.0}).encode()
+    url = urlsplit(server_url)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        s = socket.create_connection((url.hostname, url.port), timeout=10)
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: " + url.netloc.encode() + b"\r\n"
+                  b"Authorization: Bearer x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        wait_for(lambda: worker.status()["pending"] == 1, timeout=10, what="the request queued")
+        s.close()  # the client leaves
+        wait_for(lambda: worker.status()["pending"] == 0, timeout=10, what="the slot freed")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    answer = openai_client.chat.completions.create(model="hero", messages=MESSAGES, max_tokens=4)
+    assert answer.choices[0].message.content and worker.status()["pid"] == pid  # same worker, still serving
 
 
 def test_an_empty_realm_has_no_model_and_says_so(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 
 import pytest
 
@@ -161,6 +162,14 @@ def test_preview_cuts_long_lines_and_bounds_reads(tmp_path, monkeypatch):
     bom = tmp_path / "bom.jsonl"
     bom.write_bytes(b"\xef\xbb\xbf" + b'{"text": "a"}\r\n')
     assert read_preview(bom)["lines"][0]["text"] == '{"text": "a"}'
+
+
+def test_preview_of_a_rejected_fifo_or_folder_never_opens_it(tmp_path):
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)  # opening it for reading would block until a writer comes
+    (tmp_path / "folder.jsonl").mkdir()
+    for path in (fifo, tmp_path / "folder.jsonl"):
+        assert "not a regular file" in read_preview(path)["problem"]
 
 
 # actions ----------------------------------------------------------------------------------------------
@@ -319,7 +328,9 @@ def test_browser_shows_hostile_names_as_text_and_takes_the_screenshot(live_taver
     assert page.locator("#group-waiting").inner_text().count("waiting for DPO") == 1
     page.locator("#group-queued button.qname", has_text="onerror").click()
     page.locator("#detail-name", has_text="onerror").wait_for()
-    page.wait_for_timeout(300)
+    # positive sentinel, not a pause: the hostile quest's own preview is on screen, so its detail is rendered
+    page.locator("#preview-lines", has_text="Once upon a time 0").wait_for()
+    assert page.locator("#quest-detail img, #quest-detail script").count() == 0  # the name stayed text
     assert dialogs == [] and page.console_errors == []
     save_screenshot(page, "quests")
 

@@ -216,3 +216,78 @@ def test_port_in_use_is_a_clear_error(tavern_realm):
         port = s.getsockname()[1]
         with pytest.raises(TavernStartError, match=f"cannot listen on 127.0.0.1:{port}"):
             make_tavern_server(tavern_realm, RealmConfig(), port=port)
+
+
+# hostile token input (issue 8) -----------------------------------------------------------------------
+UNICODE_TOKEN = "pässwort-ünicode"
+
+
+def _raw_get(url: str, path: str, headers: dict[str, bytes]) -> int:
+    """GET with header values sent as the given raw bytes (what curl sends for UTF-8 text); the status."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    try:
+        conn.putrequest("GET", path)
+        for name, value in headers.items():
+            conn.putheader(name, value)
+        conn.endheaders()
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("configured", [TOKEN, UNICODE_TOKEN])
+def test_non_ascii_token_input_is_a_401_never_a_500(tavern_realm, configured):
+    from tests.tavern.conftest import running_tavern
+
+    config = RealmConfig.model_validate({"tavern": {"access_token": configured}})
+    with running_tavern(tavern_realm, config) as live:
+        for path, headers in [
+            ("/api/status", {"Authorization": "Bearer é".encode()}),
+            ("/api/status", {"Authorization": b"Bearer \xe9\xff"}),
+            ("/api/status?token=%C3%A9", {}),
+            ("/api/status?token=%FF", {}),
+            ("/api/status", {"Cookie": b"tavern_token=\xe9"}),
+            ("/api/status", {"Cookie": "tavern_token=é".encode()}),
+            ("/socket.io/?EIO=4&transport=polling", {"Authorization": "Bearer é".encode()}),
+            ("/socket.io/?EIO=4&transport=polling", {"Cookie": b"tavern_token=\xe9"}),
+        ]:
+            assert _raw_get(live.url, path, headers) == 401, (path, headers)
+        # the right token, sent as UTF-8 bytes, opens every door
+        right = f"Bearer {configured}".encode()
+        assert _raw_get(live.url, "/api/status", {"Authorization": right}) == 200
+        assert _raw_get(live.url, "/socket.io/?EIO=4&transport=polling", {"Authorization": right}) == 200
+        from urllib.parse import quote
+
+        assert _raw_get(live.url, f"/system?token={quote(configured)}", {}) == 302
+
+
+def test_non_ascii_csrf_header_is_a_403_never_a_500(client):
+    r = client.post("/api/controls/pause", headers={"X-CSRF-Token": "é"})
+    assert r.status_code == 403
+
+
+def test_unicode_token_login_cookie_then_authenticates(tavern_realm):
+    from urllib.parse import quote
+
+    config = RealmConfig.model_validate({"tavern": {"access_token": UNICODE_TOKEN}})
+    application = create_app(tavern_realm, config, testing=True)
+    try:
+        c = application.test_client()
+        assert c.get(f"/system?token={quote(UNICODE_TOKEN)}").status_code == 302
+        assert c.get("/api/status").status_code == 200  # the cookie set by that login
+    finally:
+        close_app(application)
+
+
+def test_referer_with_another_scheme_is_cross_origin(client, tavern_realm):
+    alive_daemon(tavern_realm)
+    for referer in ("https://localhost/", "https://localhost/quests", "ftp://localhost/"):
+        r = client.post("/api/controls/pause", headers={"Referer": referer})
+        assert r.status_code == 403 and "cross-origin" in r.get_json()["error"], referer
+    for origin in ("https://localhost", "ws://localhost"):
+        assert client.post("/api/controls/pause", headers={"Origin": origin}).status_code == 403
+    assert client.post("/api/controls/pause", headers={"Referer": "http://localhost/quests"}).status_code == 202

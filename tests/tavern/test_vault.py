@@ -148,3 +148,13 @@ def test_browser_delete_by_typing_the_name_and_screenshot(live_tavern, page):
     page.locator('tr[data-checkpoint="step-00000200"]').wait_for(state="detached")
     assert not (realm.checkpoints_dir(HERO) / "step-00000200").exists()
     assert (realm.checkpoints_dir(HERO) / "step-00000400").exists()
+
+
+def test_the_taverns_latest_checkpoint_ignores_unicode_digit_names(tavern_realm):
+    from tavern.status import latest_checkpoint
+    from tests.core.test_vault import JUNK_STEP_NAMES
+
+    (tavern_realm.checkpoints_dir("hero") / "step-00000003").mkdir(parents=True)
+    for name in [*JUNK_STEP_NAMES, "step-٩٩٩٩٩٩٩٩", "step-99999999999"]:
+        (tavern_realm.checkpoints_dir("hero") / name).mkdir()
+    assert latest_checkpoint(tavern_realm, "hero")["name"] == "step-00000003"

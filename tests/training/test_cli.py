@@ -93,3 +93,67 @@ def test_new_hero_then_eval_base(capsys, make_realm):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["examples"] == 3 and 4.0 < result["loss"] < 7.0   # random init over 260 tokens: ~ln(260)=5.6
     assert main([*args, "eval", str(f)], {}) == ExitCode.NOT_FOUND      # no checkpoint yet
+
+
+# config and realm errors exit 3 / 5 with a sentence (issue 8) -------------------------------------------
+def test_config_errors_exit_3_for_every_kind_of_bad_file(capsys, tmp_path):
+    cases = {"dir": None, "latin1": b'{"hero": {"name": "h\xe9ro"}}', "deep": b"[" * 100_000,
+             "nan": b'{"training": {"learning_rate": NaN, "save_steps": true}}'}
+    for name, content in cases.items():
+        realm = tmp_path / name
+        realm.mkdir()
+        if content is None:
+            (realm / "config.json").mkdir()
+        else:
+            (realm / "config.json").write_bytes(content)
+        for command in (["status"], ["config"]):
+            assert main(["--realm", str(realm), *command], {}) == ExitCode.CONFIG, (name, command)
+            err = capsys.readouterr().err
+            assert err.startswith("error: ") and "Traceback" not in err, err
+    assert main(["--realm", str(tmp_path / "nan"), "config"], {}) == ExitCode.CONFIG
+    err = capsys.readouterr().err
+    assert "training.learning_rate: Input should be a finite number" in err
+    assert "training.save_steps: Input should be a valid integer" in err
+
+
+def test_init_over_a_bad_config_exits_3(capsys, tmp_path):
+    (tmp_path / "config.json").write_bytes(b'{"training": {"save_steps": true}}')
+    assert main(["init", str(tmp_path)], {}) == ExitCode.CONFIG
+    assert "training.save_steps" in capsys.readouterr().err
+    (tmp_path / "config.json").write_bytes(b"\xff")
+    assert main(["init", str(tmp_path)], {}) == ExitCode.CONFIG
+
+
+def test_a_realm_that_does_not_exist_is_said_and_status_exits_5(capsys, tmp_path):
+    missing = tmp_path / "no-such-realm"
+    assert main(["status"], {"REALM_HOME": str(missing)}) == ExitCode.NOT_FOUND
+    err = capsys.readouterr().err
+    assert f"no realm at {missing}" in err and "REALM_HOME" in err and "init" in err
+    assert main(["--realm", str(missing), "status", "--json"], {}) == ExitCode.NOT_FOUND
+    assert "--realm" in capsys.readouterr().err
+    assert not missing.exists()  # nothing was created by asking
+    good = write_text_quest(tmp_path / "good.jsonl", 3)
+    assert main(["--realm", str(missing), "validate", str(good)], {}) == ExitCode.OK  # works, but says so
+    assert f"warning: no realm at {missing}" in capsys.readouterr().err
+
+
+def test_step_arguments_and_status_take_ascii_digits_only(capsys, tmp_path):
+    import argparse
+
+    import pytest
+
+    from tests.core.test_vault import JUNK_STEP_NAMES
+    from training.cli import _global_step
+
+    assert _global_step("step-00000012") == 12 and _global_step("12") == 12
+    for text in [*(n for n in JUNK_STEP_NAMES if n == n.strip()), "١٢", "１２"]:  # (spaces around are fine)
+        with pytest.raises(argparse.ArgumentTypeError):
+            _global_step(text)
+    from core.realm import init_realm
+
+    realm = init_realm(tmp_path / "r")
+    (realm.checkpoints_dir("hero") / "step-00000003").mkdir(parents=True)
+    for name in JUNK_STEP_NAMES:
+        (realm.checkpoints_dir("hero") / name).mkdir()
+    assert main(["--realm", str(realm.root), "status", "--json"], {}) == ExitCode.OK
+    assert json.loads(capsys.readouterr().out)["last_checkpoint"]["step"] == 3

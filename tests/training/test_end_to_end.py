@@ -37,7 +37,9 @@ def test_start_all_trains_a_dropped_file_and_stop_all_leaves_a_checkpoint(make_r
         wait_for(lambda: status(realm)["quests"] and status(realm)["quests"][0]["state"] == "completed",
                  what="quest completed")
         s = status(realm)
-        assert s["global_step"] > s1 or s["quests"][0]["steps"] == s["global_step"]
+        quest = s["quests"][0]
+        assert quest["examples_trained"] == quest["examples_total"] == 40  # every example, once the quest ends
+        assert quest["steps"] == s["global_step"] >= s1 >= 3  # every step is this quest's, none lost since s1
         assert s["daemon"]["state"] == "idle" and s["hero"]["parameters"] > 0
     finally:
         stopped = cli(realm, "stop-all", "--timeout", "60")
@@ -67,8 +69,9 @@ def test_sigkill_mid_quest_resumes_exactly(make_realm):
     write_text_quest(realm.inbox / "b.jsonl", 30, prefix="bee")
     env = python_env()
     for kill_after_step in (6, 13):  # kill twice: mid-quest a, then later
-        proc = subprocess.Popen([PYTHON, "-m", "training", "--realm", str(realm.root), "daemon"], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        with open(realm.root / f"daemon-{kill_after_step}.log", "wb") as log:  # a pipe nobody reads could fill
+            proc = subprocess.Popen([PYTHON, "-m", "training", "--realm", str(realm.root), "daemon"], env=env,
+                                    stdout=log, stderr=subprocess.STDOUT)
         ledger = Ledger(realm.ledger_path) if realm.ledger_path.exists() else None
 
         def reached(step=kill_after_step):
@@ -93,3 +96,31 @@ def test_sigkill_mid_quest_resumes_exactly(make_realm):
     quests = Ledger(realm.ledger_path).list_quests()
     assert [q["state"] for q in quests] == ["completed", "completed"]
     assert sum(q["steps"] for q in quests) == got[-1][0]
+
+
+def test_stop_command_checkpoints_ends_the_daemon_and_the_supervisor_does_not_restart_it(make_realm):
+    """``python -m training stop`` (the Tavern's Stop button): the daemon checkpoints and exits 0; the
+    supervisor records a normal end (no crash, no restart) and, with nothing left to run, exits."""
+    realm = make_realm(training={"save_steps": 1000, "micro_batch_size": 1})
+    out = cli(realm, "start-all", "--no-tavern")
+    assert out.returncode == 0, out.stderr
+    try:
+        write_text_quest(realm.inbox / "quest.jsonl", 200)
+        wait_for(lambda: status(realm)["global_step"] >= 2, what="training")
+        stopped = cli(realm, "stop")
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        assert stopped.stdout.startswith("stop: stopping after a checkpoint\ndaemon stopped at global step ")
+        s = status(realm)
+        assert s["daemon"]["state"] == "stopped"
+        assert s["last_checkpoint"]["step"] == s["global_step"] >= 2  # checkpoint first, nothing lost
+        assert s["quests"][0]["state"] == "processing"  # resumes at the next start
+        wait_for(lambda: status(realm)["processes"]["supervisor"]["state"] == "stopped",
+                 what="the supervisor exits: nothing left to supervise")
+        s = status(realm)
+        assert s["crashes"] == [] and s["processes"]["daemon"]["state"] == "stopped"
+        assert s["supervisor"]["children"]["daemon"]["state"] == "stopped"
+        assert s["supervisor"]["children"]["daemon"]["restarts_in_window"] == 0
+        again = cli(realm, "stop")
+        assert again.returncode == 5 and "nothing to stop" in again.stderr, again.stdout + again.stderr
+    finally:
+        cli(realm, "stop-all", "--timeout", "60")

@@ -1,7 +1,8 @@
 /* The quests page: the queue by state and priority, live; details (report, first records); actions; upload.
  *
  * Data: GET /api/quests (whole board), GET /api/quests/<id> (details). Refetched at load, after every
- * (re)connect (Tavern.onResync) and, debounced, on every "quest" socket event. Every string from the
+ * (re)connect (Tavern.onResync) and, debounced, on every "quest" socket event. Downloads by URL:
+ * POST /api/quests/fetch, then GET /api/quests/downloads every second while one is running. Every string from the
  * server is written with Tavern.el / textContent, never as HTML.
  */
 (function () {
@@ -241,6 +242,8 @@
       el("p", {class: "small"}, `examples ${fmt.num(q.examples_trained)} / ${fmt.num(q.examples_total)} · steps ${fmt.num(q.steps)}` +
         (q.first_global_step ? ` · global steps ${q.first_global_step}–${q.last_global_step}` : "") +
         ` · ${fmt.bytes(q.size_bytes)} · added ${fmt.datetime(q.created_at)}`),
+      ...(q.source_url ? [el("p", {class: "small source", id: "detail-source"}, "downloaded from ",
+        el("span", {class: "mono"}, q.source_url), el("br"), el("span", {class: "muted"}, `sha256 ${q.source_sha256}`))] : []),
       ...notices, reportBlock(d.report), previewBlock(d.preview));
     body.classList.remove("hidden");
     document.getElementById("detail-empty").classList.add("hidden");
@@ -273,6 +276,68 @@
     await refresh();
   });
 
+  // download by URL -------------------------------------------------------------------------------
+  const DOWNLOAD_POLL_MS = 1000;
+  let downloadTimer = null;
+  let downloadsRunning = false;
+
+  function downloadItem(d) {
+    const label = d.name || d.url;
+    const item = el("li", {"data-download-id": d.id, "data-state": d.state},
+      el("span", {class: "badge state-" + ({done: "completed", failed: "failed"}[d.state] || "processing")}, d.state),
+      " ", el("span", {class: "mono"}, label));
+    if (d.state === "downloading") {
+      item.appendChild(el("div", {class: "muted small"}, d.bytes_total
+        ? `${fmt.bytes(d.bytes_done)} of ${fmt.bytes(d.bytes_total)}` : `${fmt.bytes(d.bytes_done)} so far`));
+      if (d.bytes_total) item.appendChild(el("progress", {max: d.bytes_total, value: d.bytes_done}));
+      else item.appendChild(el("progress", {}));
+    } else if (d.state === "done") {
+      item.appendChild(el("div", {class: "muted small"}, `${fmt.bytes(d.bytes_done)} · sha256 ${(d.sha256 || "").slice(0, 16)}… · ` +
+        (d.quest_id ? `quest ${d.quest_id}` : "in the inbox")));
+    } else if (d.error) {
+      item.appendChild(el("div", {class: "error-text small"}, d.error));
+    }
+    if (d.name && d.url !== d.name) item.appendChild(el("div", {class: "muted small"}, d.url));
+    return item;
+  }
+
+  async function refreshDownloads() {
+    let data;
+    try {
+      data = await apiGet("/api/quests/downloads");
+    } catch (e) {
+      return;
+    }
+    const shown = data.downloads.slice(0, 5);
+    document.getElementById("downloads-box").classList.toggle("hidden", !shown.length);
+    document.getElementById("download-list").replaceChildren(...shown.map(downloadItem));
+    const running = data.downloads.some((d) => d.state === "downloading");
+    clearTimeout(downloadTimer);
+    downloadTimer = running ? setTimeout(refreshDownloads, DOWNLOAD_POLL_MS) : null;
+    if (downloadsRunning && !running) schedule();  // a finished download is in the inbox now
+    downloadsRunning = running;
+  }
+
+  document.getElementById("fetch-form").addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const input = document.getElementById("fetch-url");
+    const url = input.value.trim();
+    if (!url) { toast("paste the address of a quest file first", "warning"); return; }
+    const button = document.getElementById("fetch-button");
+    button.disabled = true;
+    try {
+      await apiPost("/api/quests/fetch", {url, priority: document.getElementById("fetch-priority").value});
+      toast("downloading into the inbox…", "success");
+      input.value = "";
+    } catch (e) {
+      toast(e.message, "error");
+    } finally {
+      button.disabled = false;
+    }
+    await refreshDownloads();
+  });
+
+  document.getElementById("fetch-limit").textContent = fmt.bytes(Number(document.getElementById("fetch-limit").dataset.bytes));
   document.getElementById("upload-limit").textContent = fmt.bytes(maxUpload);
   socket.on("quest", schedule);
   // Progress of the quest in training changes with every step: refresh at most once a second for it.
@@ -282,5 +347,6 @@
     if (now - lastStepRefresh > 1000) { lastStepRefresh = now; schedule(); }
   });
   Tavern.onResync(refresh);
+  Tavern.onResync(refreshDownloads);
   window.QuestsPage = {refresh, select};
 })();

@@ -1,7 +1,9 @@
-/* The vault page: checkpoints with metrics and tags, pin/unpin, delete by typing the exact name, disk use.
+/* The vault page: checkpoints with metrics and tags, pin/unpin, delete by typing the exact name, disk use,
+ * and exports (hf / gguf / ollama) run in the background with their progress, result path or error.
  *
  * Data: GET /api/vault, refetched at load, after every (re)connect and on "checkpoint" / "vault" socket
- * events. Strings are written with Tavern.el / textContent only.
+ * events; GET /api/vault/exports at load and after every (re)connect, then "export" socket events (one per
+ * job change). Strings are written with Tavern.el / textContent only.
  */
 (function () {
   "use strict";
@@ -19,6 +21,8 @@
     cell.appendChild(el("button", {type: "button", class: "small", "data-action": pinned ? "unpin" : "pin",
       onclick: () => post(`/api/vault/checkpoints/${c.name}/${pinned ? "unpin" : "pin"}`, {},
         `${c.name} ${pinned ? "unpinned" : "pinned"}`)}, pinned ? "Unpin" : "Pin"));
+    cell.appendChild(el("button", {type: "button", class: "small", "data-action": "export",
+      onclick: () => askExport(c.name)}, "Export…"));
     const guard = c.tags.find((t) => PROTECTED[t]);
     if (guard) {
       cell.appendChild(el("span", {class: "muted small protected", title: PROTECTED[guard]}, " protected (" + guard + ")"));
@@ -114,8 +118,116 @@
     await refresh();
   });
 
+  // exports: a background job per request, progress pushed as "export" events -------------------------
+  const exportCard = document.getElementById("export-card");
+  const formatSelect = document.getElementById("export-format");
+  const quantSelect = document.getElementById("export-quantization");
+  const exportButton = document.getElementById("export-button");
+  const jobs = new Map();
+  let exporting = null;
+  let options = null;
+
+  function fillOptions(data) {
+    if (options) return;
+    options = data;
+    formatSelect.replaceChildren(...data.formats.map((f) => el("option", {value: f}, f)));
+    quantSelect.replaceChildren(...data.quantizations.map((q) =>
+      el("option", {value: q, selected: q === data.default_quantization}, q)));
+    syncQuant();
+  }
+
+  function syncQuant() { quantSelect.disabled = formatSelect.value === "hf"; }
+
+  function askExport(name) {
+    exporting = name;
+    document.getElementById("export-name").textContent = name;
+    exportCard.classList.remove("hidden");
+    formatSelect.focus();
+  }
+
+  function jobTitle(j) {
+    return `${j.checkpoint} → ${j.format}${j.quantization ? " (" + j.quantization + ")" : ""}`;
+  }
+
+  function jobItem(j) {
+    const li = el("li", {class: "export-job", "data-job": j.id, "data-state": j.state},
+      el("div", {}, el("b", {class: "mono"}, jobTitle(j)), " ",
+        el("span", {class: "badge state-" + ({running: "processing", done: "completed", failed: "failed"}[j.state])},
+          j.state)));
+    if (j.state === "running") {
+      const bar = el("div", {class: "bar", title: "export progress"}, el("span", {}));
+      bar.firstChild.style.width = (100 * (j.progress || 0)).toFixed(0) + "%";
+      li.append(bar, el("div", {class: "muted small"}, `${Math.round(100 * (j.progress || 0))}% ${j.message || ""}`));
+    } else if (j.state === "done") {
+      li.append(el("div", {class: "small"}, "written: ", el("span", {class: "mono path"}, j.path)));
+      if (j.format === "ollama") {
+        li.append(el("div", {class: "small"}, "import: ",
+          el("span", {class: "mono path"}, `ollama create ${hero()} -f ${j.path}`), " (in the realm folder)"));
+      }
+    } else {
+      li.append(el("div", {class: "error-text small"}, j.error || "the export failed"));
+    }
+    return li;
+  }
+
+  function hero() { return document.getElementById("vault-hero").textContent || "hero"; }
+
+  function renderJobs() {
+    const list = [...jobs.values()].sort((a, b) => b.started_at - a.started_at);
+    document.getElementById("export-jobs").replaceChildren(...list.map(jobItem));
+    const running = list.some((j) => j.state === "running");
+    exportButton.disabled = running;
+    exportButton.title = running ? "an export is running" : "";
+  }
+
+  function renderExports(list) {
+    const rows = list.map((x) => el("tr", {"data-export": x.name},
+      el("td", {class: "mono"}, x.name),
+      el("td", {class: "num"}, fmt.bytes(x.bytes)),
+      el("td", {class: "when"}, x.created_at ? fmt.datetime(x.created_at) : "—")));
+    document.querySelector("#exports-table tbody").replaceChildren(...rows);
+    document.getElementById("exports-table").classList.toggle("hidden", !list.length);
+    document.getElementById("exports-empty").classList.toggle("hidden", list.length > 0);
+  }
+
+  async function refreshExports() {
+    const data = await apiGet("/api/vault/exports");
+    fillOptions(data);
+    jobs.clear();
+    data.jobs.forEach((j) => jobs.set(j.id, j));
+    renderJobs();
+    renderExports(data.exports);
+  }
+
+  formatSelect.addEventListener("change", syncQuant);
+  document.getElementById("export-cancel").addEventListener("click", () => {
+    exporting = null;
+    exportCard.classList.add("hidden");
+  });
+  document.getElementById("export-form").addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    if (!exporting) return;
+    const body = {format: formatSelect.value, quantization: formatSelect.value === "hf" ? null : quantSelect.value};
+    exportButton.disabled = true;
+    const job = await Tavern.act(`/api/vault/checkpoints/${exporting}/export`, body,
+      `exporting ${exporting} as ${body.format}${body.quantization ? " (" + body.quantization + ")" : ""}`);
+    if (job) jobs.set(job.id, job);
+    renderJobs();
+  });
+  socket.on("export", (job) => {
+    const before = jobs.get(job.id);
+    jobs.set(job.id, job);
+    renderJobs();
+    if (job.state !== "running" && (!before || before.state === "running")) {
+      if (job.state === "done") toast(`export written: ${job.path}`, "success");
+      else toast(`export failed: ${job.error}`, "error");
+      refreshExports().catch((e) => toast(e.message, "error"));
+    }
+  });
+  Tavern.onResync(() => refreshExports().catch((e) => toast(e.message, "error")));
+
   socket.on("checkpoint", schedule);
   socket.on("vault", schedule);
   Tavern.onResync(refresh);
-  window.VaultPage = {refresh};
+  window.VaultPage = {refresh, refreshExports};
 })();

@@ -1,0 +1,50 @@
+"""core.evaluation / ``python -m training eval``: the records it evaluates are the ones training held out."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from core import checkpoint as ckpt
+from core.daemon import Daemon
+from core.evaluation import evaluate_file
+from core.ledger import Ledger
+from tests.conftest import cli
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["drop", "reject"])
+def test_eval_every_n_evaluates_exactly_the_records_training_held_out(make_realm, tmp_path, policy):
+    """With length_policy drop or reject, records too long for max_length never enter training, so the
+    held-out positions count only the records training reads: ``eval --every N`` must count the same way."""
+    realm = make_realm(training={"max_length": 48, "eval_holdout_every": 3, "eval_max_examples": 50},
+                       validation={"length_policy": policy, "max_bad_line_ratio": 0.5})
+    source = tmp_path / "mixed.jsonl"
+    with open(source, "w", encoding="utf-8") as f:
+        for i in range(30):  # lines 2, 6, 10, ... are longer than max_length: never trained
+            text = "long " * 20 if i % 4 == 1 else f"record {i}: " + "ab" * (i % 7)
+            f.write(json.dumps({"text": text}) + "\n")
+    shutil.copy(source, realm.inbox / source.name)
+    assert Daemon(realm, realm.load_config(), until_idle=True).run() == 0
+
+    ledger = Ledger(realm.ledger_path)
+    quest = ledger.list_quests()[0]
+    held_out = ledger.evals(quest["id"])[-1]  # the engine's evaluation of the final weights
+    trained = {ln for s in ledger.steps() for ln in json.loads(s["examples_json"])}
+    ledger.close()
+    assert quest["state"] == "completed" and held_out["examples"] == 7  # 22 trainable records, every 3rd
+    assert len(trained) == 22 - 7
+
+    out = cli(realm, "eval", str(source), "--every", "3", "--max-examples", "50", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["checkpoint"] == ckpt.checkpoint_name(held_out["global_step"])
+    assert result["examples"] == held_out["examples"]
+    assert result["loss"] == pytest.approx(held_out["eval_loss"], rel=1e-4)
+
+    # a file the realm never stored a verdict for is validated the same way on the spot
+    model_dir = realm.checkpoints_dir("hero") / ckpt.checkpoint_name(held_out["global_step"])
+    loss, n = evaluate_file(model_dir, source, realm.load_config(), max_examples=50, every=3)
+    assert n == held_out["examples"] and loss == pytest.approx(held_out["eval_loss"], rel=1e-4)

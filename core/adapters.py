@@ -388,10 +388,7 @@ def check_adapter_base(adapter_dir: Path | str, base_path: Path | str) -> None:
     """Raise :class:`AdapterError` when the adapter folder records a base weights SHA-256 (checkpoints of
     this engine do) and the weights in ``base_path`` hash differently. No record: nothing to check."""
     folder = Path(adapter_dir)
-    try:
-        base = (read_checkpoint_info(folder).get(KEY_ADAPTER) or {}).get(KEY_ADAPTER_BASE) or {}
-    except CheckpointError:
-        return
+    base, _ = _recorded_base(folder)
     if not base.get("weights_sha256"):
         return
     cache = folder.parent.parent / BASE_HASH_CACHE
@@ -400,6 +397,31 @@ def check_adapter_base(adapter_dir: Path | str, base_path: Path | str) -> None:
         raise AdapterError(f"{folder} is an adapter for weights with SHA-256 {base['weights_sha256'][:12]}..., "
                            f"but {base_path} holds weights with SHA-256 {got[:12]}...: restore the base it was "
                            "trained on")
+
+
+def _recorded_base(folder: Path) -> tuple[dict, str | None]:
+    """``(base identity recorded by this engine or {}, adapter_config.json's base_model_name_or_path)``."""
+    try:
+        base = (read_checkpoint_info(folder).get(KEY_ADAPTER) or {}).get(KEY_ADAPTER_BASE) or {}
+    except CheckpointError:
+        base = {}
+    try:
+        named = json.loads((folder / ADAPTER_CONFIG_FILE).read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        named = None
+    return base, named if isinstance(named, str) else None
+
+
+def adapter_base_path(adapter_dir: Path | str) -> str | None:
+    """The base model folder an adapter folder (checkpoint, version, backup) belongs to, or None when none
+    of these holds a model: for the embedded default hero, ``models/<hero>/base`` beside the checkpoint or
+    version first (the realm's own, also in a moved or copied realm); the path recorded at training time;
+    ``adapter_config.json``'s ``base_model_name_or_path``. Not verified: :func:`check_adapter_base` does
+    that."""
+    folder = Path(adapter_dir)
+    base, named = _recorded_base(folder)
+    candidates = [str(folder.parent.parent / "base") if base.get("newborn") else None, base.get("path"), named]
+    return next((c for c in candidates if isinstance(c, str) and c and (Path(c) / "config.json").is_file()), None)
 
 
 def load_merged(path: Path | str, hero_config: HeroConfig, dtype):
@@ -413,21 +435,9 @@ def load_merged(path: Path | str, hero_config: HeroConfig, dtype):
     from peft import PeftModel
 
     folder = Path(path)
-    try:
-        info = (read_checkpoint_info(folder).get(KEY_ADAPTER) or {})
-    except CheckpointError:
-        info = {}
-    base = info.get(KEY_ADAPTER_BASE) or {}
-    try:
-        named = json.loads((folder / ADAPTER_CONFIG_FILE).read_text(encoding="utf-8")).get("base_model_name_or_path")
-    except (OSError, ValueError, AttributeError):
-        named = None
-    # where it was trained; what PEFT recorded; the embedded default beside a checkpoint or version of a
-    # realm that was moved (models/<hero>/checkpoints/step-... -> models/<hero>/base)
-    candidates = [base.get("path"), named, str(folder.parent.parent / "base") if base.get("newborn") else None]
-    base_path = next((c for c in candidates if isinstance(c, str) and c and (Path(c) / "config.json").is_file()),
-                     None)
+    base_path = adapter_base_path(folder)
     if base_path is None:
+        base, named = _recorded_base(folder)
         raise AdapterError(f"{folder} is an adapter for the base model at {base.get('path') or named}, which is "
                            "not there any more: restore that folder to use this checkpoint")
     check_adapter_base(folder, base_path)

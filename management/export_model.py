@@ -127,20 +127,29 @@ def _stored_dtype(folder: Path):
 
 
 def adapter_base(adapter_dir: Path, realm: Realm, config: RealmConfig) -> Path:
-    """The base model folder of a PEFT adapter: its ``base_model_name_or_path`` when that is a folder,
-    else the hero's base model (:func:`core.hero.resolve_model_source`). Raises :class:`ExportError`."""
+    """The base model folder of a PEFT adapter (:func:`core.adapters.adapter_base_path`: the base recorded
+    at training time, else ``base_model_name_or_path`` when that is a folder), else the hero's base model
+    (:func:`core.hero.resolve_model_source`); its weights SHA-256 checked against the one the engine recorded
+    (:func:`core.adapters.check_adapter_base`). Raises :class:`ExportError`."""
+    from core.adapters import AdapterError, adapter_base_path, check_adapter_base
     from core.hero import HeroError, resolve_model_source
 
-    named = _read_json(adapter_dir / ADAPTER_CONFIG).get("base_model_name_or_path")
-    if isinstance(named, str) and named and (Path(named) / MODEL_CONFIG_FILE).is_file():
-        return Path(named)
+    found = adapter_base_path(adapter_dir)
+    if found is None:
+        try:
+            folder, _ = resolve_model_source(realm, config.hero, create=False)
+        except HeroError as exc:
+            raise ExportError(f"{adapter_dir.name} holds adapter weights only and its base model is missing: "
+                              f"{exc}") from None
+        if not (Path(folder) / MODEL_CONFIG_FILE).is_file():
+            raise ExportError(f"{adapter_dir.name} holds adapter weights only and its base model {folder} is "
+                              "missing")
+        found = folder
     try:
-        folder, _ = resolve_model_source(realm, config.hero, create=False)
-    except HeroError as exc:
-        raise ExportError(f"{adapter_dir.name} holds adapter weights only and its base model is missing: {exc}") from None
-    if not (Path(folder) / MODEL_CONFIG_FILE).is_file():
-        raise ExportError(f"{adapter_dir.name} holds adapter weights only and its base model {folder} is missing")
-    return Path(folder)
+        check_adapter_base(adapter_dir, found)
+    except AdapterError as exc:
+        raise ExportError(str(exc)) from None
+    return Path(found)
 
 
 def merge_adapter(adapter_dir: Path | str, base_dir: Path | str, hero_config):

@@ -47,6 +47,7 @@ def _qwen3(size: str = "nano"):
     return Qwen3ForCausalLM(Qwen3Config(**HERO_SIZES[size]))
 
 
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # peft 0.21 on transformers 5
 def test_default_targets_are_the_decoder_projections_as_peft_all_linear():
     from peft import LoraConfig, get_peft_model
 
@@ -263,6 +264,7 @@ def _loss_and_grads(model, batch, packed: bool):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # peft 0.21 on transformers 5
 @pytest.mark.parametrize("packed", [True, False], ids=["segmented-sdpa", "4d-mask"])
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_gradient_checkpointing_keeps_packed_losses_and_gradients(packed, lora):

@@ -29,11 +29,19 @@ def test_reference_has_no_python_reprs_and_covers_every_key():
     assert "<class" not in text and "typing." not in text
     sections = config_sections()
     assert [name for name, _ in sections] == [n + ("[]" if n == "webhooks" else "") for n in RealmConfig.model_fields]
+
+    def rows(model, prefix=""):  # a nested section (training.lora) is one row per dotted sub-key
+        for key, f in model.model_fields.items():
+            if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel):
+                yield from rows(f.annotation, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", type_name(f.annotation).replace("|", "\\|")
+
     for section, model in sections:
         assert f"#### `{section}`" in text
-        for key, f in model.model_fields.items():
-            rendered = type_name(f.annotation).replace("|", "\\|")
+        for key, rendered in rows(model):
             assert f"| `{key}` | `{rendered}` |" in text, (section, key)
+    assert "| `lora.r` | `int` |" in text and "| `lora.target_modules` | `list[str] \\| None` |" in text
     assert "| `name` | `str` |" in text and "| `port` | `int` |" in text
     assert "| `learning_rate` | `float` |" in text and "| `packing` | `bool` |" in text
     assert "| `base_model` | `str \\| None` |" in text

@@ -101,3 +101,37 @@ def test_backup_promote_and_restore_an_adapter_checkpoint(realm, tmp_path):
         assert read_checkpoint_info(now)[KEY_ADAPTER] == read_checkpoint_info(version)[KEY_ADAPTER]
     finally:
         engine.cleanup()
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # peft 0.21 on transformers 5
+def test_export_merges_an_engine_adapter_checkpoint_and_refuses_a_changed_base(realm, tmp_path):
+    """The engine's adapter checkpoint exports as a plain hf model with the merged model's logits (the
+    oracle's path, core.hero.load_model); a base whose weights changed since training is refused."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from core.hero import load_model
+    from management.export import ExportError, export_checkpoint
+
+    config = realm.load_config()
+    latest = realm.checkpoints_dir(HERO) / f"step-{steps_of(realm)[-1]:08d}"
+    ids = torch.tensor([list(range(3, 40))])
+    with torch.no_grad():
+        want = load_model(latest, config.hero).eval()(ids).logits[0, -1]
+        plain = load_model(realm.hero_dir(HERO) / "base", config.hero).eval()(ids).logits[0, -1]
+    assert (want - plain).abs().max() > 1e-4   # the adapter trained: merging changes the outputs
+    ledger = Ledger(realm.ledger_path)
+    try:
+        hf = export_checkpoint(realm, config, ledger, "latest", "hf")
+        with torch.no_grad():
+            got = AutoModelForCausalLM.from_pretrained(hf.folder, local_files_only=True).eval()(ids).logits[0, -1]
+        assert not list(hf.folder.glob("adapter_*")) and (got - want).abs().max().item() <= 1e-5
+        base = load_model(realm.hero_dir(HERO) / "base", config.hero)
+        with torch.no_grad():
+            next(base.parameters()).mul_(1.5)
+        base.save_pretrained(realm.hero_dir(HERO) / "base")
+        with pytest.raises(ExportError, match="restore the base it was trained on"):
+            export_checkpoint(realm, config, ledger, "latest", "hf", output=tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+    finally:
+        ledger.close()

@@ -50,8 +50,10 @@ def test_lora_sigkill_mid_quest_resumes_exactly(make_realm, hero):
     env = python_env()
     assert expected[-1][0] > 11                                     # the kills below land mid-quest
     for kill_after_step in (5, 11):
-        proc = subprocess.Popen([PYTHON, "-m", "training", "--realm", str(realm.root), "daemon"], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        log = realm.root / f"daemon-killed-after-{kill_after_step}.log"   # its log, never an unread pipe
+        with open(log, "wb") as err:
+            proc = subprocess.Popen([PYTHON, "-m", "training", "--realm", str(realm.root), "daemon"], env=env,
+                                    stdout=subprocess.DEVNULL, stderr=err)
         ledger = None
 
         def reached(step=kill_after_step):
@@ -61,7 +63,7 @@ def test_lora_sigkill_mid_quest_resumes_exactly(make_realm, hero):
             last = ledger.last_step() if ledger else None
             return last and last["global_step"] >= step
 
-        wait_for(reached, timeout=240, what=f"step {kill_after_step}")
+        wait_for(reached, timeout=240, what=f"step {kill_after_step} (daemon log: {log})")
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         ledger.close()

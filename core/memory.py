@@ -40,8 +40,10 @@ autocast):
   peak RSS is the live tensors plus those.
 
 Measured on this CPU (``bench/memory_estimate.py``, the table is in the README): the formula above is
-within +3..+16% of the live malloc peak (glibc ``mallinfo2``) for every hero here, full and LoRA, with and
-without checkpointing, and the total within the stated tolerance of peak RSS. The GPU figures are the
+within -7..+16% of the live malloc peak (glibc ``mallinfo2``) for every hero here, full and LoRA, without
+checkpointing and with it, except LoRA with checkpointing on ``small`` (+54%: an over-estimate); the total
+is within +-25% of peak RSS for 18 of the 20 configurations. The two others are the smallest (stories260K,
+4 x 256 tokens): a fixed ~100 MB the process pays on a CPU once it trains, not modelled, dominates there. The GPU figures are the
 same formulas with the autocast widths, checked by ``bench/gpu_check.py`` on a GPU (CUDA's caching
 allocator slack is not modelled). Not included: the CUDA context (~0.5 GiB) and the Python/torch process
 itself (~0.35 GB RSS on a CPU).

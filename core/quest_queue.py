@@ -132,7 +132,8 @@ class QuestQueue:
             c.execute("UPDATE quests SET stored_name=? WHERE id=?", (stored, quest_id))
             dest = self.realm.queue_dir("validating") / stored
             _move(source, dest)
-        self.ledger.link_download(quest_id, str(source))  # a file enqueued from a URL: its source_url, sha256
+        if _utf8(str(source)):  # downloads are published under UTF-8 names; another name was no download
+            self.ledger.link_download(quest_id, str(source))  # a file enqueued from a URL: its source_url, sha256
         self.ledger.event("quest_admitted", f"{name} taken from the inbox as quest {quest_id}",
                           quest_id=quest_id, priority=priority)
         return quest_id
@@ -233,3 +234,12 @@ def _move(src: Path, dst: Path) -> None:
     if dst.exists():
         raise FileExistsError(f"{dst} already exists; refusing to overwrite")
     os.rename(src, dst)
+
+
+def _utf8(text: str) -> bool:
+    """True when ``text`` encodes as UTF-8 (a file name with undecodable bytes holds lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -821,6 +821,22 @@ class Ledger:
         with self.transaction() as c:
             return c.execute("DELETE FROM trials WHERE global_step > ?", (global_step,)).rowcount
 
+    def steps_of_quests_named(self, name_glob: str, after_step: int) -> int:
+        """Optimizer steps after ``after_step`` that trained quests whose name matches ``name_glob`` (SQLite
+        ``GLOB``: ``*``, ``?``, case-sensitive), e.g. ``skill-BIN-L*``: the steps trained on a skill."""
+        rows = self.query("SELECT COUNT(*) AS n FROM steps s JOIN quests q ON s.quest_id = q.id "
+                          "WHERE q.name GLOB ? AND s.global_step > ?", (name_glob, after_step))
+        return int(rows[0]["n"])
+
+    def count_quests_named(self, name_glob: str, states: Iterable[QuestState]) -> int:
+        """Quests in ``states`` whose name matches ``name_glob`` (SQLite ``GLOB``)."""
+        states = [QuestState(s).value for s in states]
+        if not states:
+            return 0
+        rows = self.query(f"SELECT COUNT(*) AS n FROM quests WHERE name GLOB ? AND state IN "
+                          f"({','.join('?' * len(states))})", (name_glob, *states))
+        return int(rows[0]["n"])
+
     def set_skill_load_errors(self, errors: list[dict[str, str]]) -> None:
         """The problems of the last skill registry built (``[{"source", "message"}]``), and a
         ``skill_error`` warning event for each one not stored before."""

@@ -260,7 +260,7 @@ class SkillsConfig(_Section):
         "the datasets below, and custom skills from the realm's skills/ folder.")
     trial_samples: int = Field(50, ge=30, le=10000, description="Fresh items per promotion trial (never fewer "
                                "than 30: fewer cannot support a promotion statistically).")
-    trial_every_steps: int = Field(200, ge=0, description="The daemon's skill loop tries a skill after this many "
+    trial_every_steps: int = Field(50, ge=0, description="The daemon's skill loop tries a skill after this many "
                                    "optimizer steps of training on it (0: only on demand, `python -m training "
                                    "trial`).")
     promotion_threshold: float = Field(0.8, gt=0, lt=1, description="Promote when the Wilson 95% lower bound "

@@ -24,6 +24,10 @@ strain        ``grad_norm / training.max_grad_norm`` (pre-clipping global L2 nor
               overwhelmed, and overwhelmed whenever loss or grad_norm is not finite. Above 1 the optimizer
               clips every step (the update is scaled down); a lasting overwhelmed zone means a too-high
               learning_rate or bad data
+skill level   per skill, ``level_after`` of its newest promotion trial (0 before any): the levels it passed
+              with the Wilson 95 % lower bound of its trial accuracy >= ``skills.promotion_threshold``
+Total Level   the sum of the skill levels (skills with a trial; the others are at 0). Shown beside the step
+              level: the step level counts effort, the Total Level counts what trials proved
 ============  ===========================================================================================
 
 :func:`formula_table_markdown` renders this table for the README; :data:`GLOSSARY` maps each RPG word to
@@ -33,7 +37,7 @@ the field's term.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 XP_PER_STEP = 1
@@ -65,6 +69,11 @@ GLOSSARY: dict[str, str] = {
     "vault": "the checkpoints folder models/<hero>/checkpoints/",
     "oracle": "inference: a chat with a checkpoint or the live model",
     "tavern": "this web dashboard",
+    "guild": "the Tavern page of the hero's skills: levels, promotion trials, accuracy over trials",
+    "skill level": "levels of a skill passed in promotion trials (the ledger's trials table)",
+    "trial": "a promotion trial: skills.trial_samples fresh items answered greedily, scored exactly",
+    "promotion": "a trial whose Wilson 95% lower bound of accuracy reached skills.promotion_threshold",
+    "Total Level": "the sum of the skill levels",
 }
 
 
@@ -182,6 +191,14 @@ def hero_stats(global_step: int, recent_losses: Sequence[float | None], eval_los
     )
 
 
+def total_level(skill_levels: Mapping[str, int]) -> int:
+    """Total Level = the sum of the skill levels (``{skill: level}``, levels >= 0). Raises ``ValueError``
+    for a negative level."""
+    if any(level < 0 for level in skill_levels.values()):
+        raise ValueError(f"skill levels must be >= 0, got {dict(skill_levels)}")
+    return sum(int(level) for level in skill_levels.values())
+
+
 def formula_table_markdown() -> str:
     """The formula table and glossary as Markdown (for the README)."""
     rows = [
@@ -197,6 +214,10 @@ def formula_table_markdown() -> str:
         ("strain", "`grad_norm / training.max_grad_norm`", "steps.grad_norm",
          "calm < 0.5 ≤ focused < 1 ≤ strained < 4 ≤ overwhelmed (or loss/grad_norm not finite); "
          "above 1 every step is clipped"),
+        ("skill level", "`level_after` of the skill's newest trial (0 before any)", "trials.level_after",
+         "a level counts only when a trial proved it: Wilson 95% lower bound ≥ `skills.promotion_threshold`"),
+        ("Total Level", "Σ skill levels", "trials.level_after",
+         "what trials proved, beside the step level (effort)"),
     ]
     lines = ["| stat | formula | from | why |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | `{c}` | {d} |" for a, b, c, d in rows]

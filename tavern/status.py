@@ -2,7 +2,8 @@
 
 Sources: the daemon's published status (``Ledger.daemon_status``: state, hero, heartbeat, and the one
 liveness rule of :mod:`core.contract`), the latest ``steps`` rows, the latest ``evals`` row, the current
-quest row, queue counts. Game stats come from :mod:`tavern.game` only.
+quest row, queue counts, the skill levels (``trials``: ``hero.skill_levels``, ``hero.total_level``). Game
+stats come from :mod:`tavern.game` only.
 """
 
 from __future__ import annotations
@@ -82,6 +83,8 @@ def build_status(ledger: Ledger, realm: Realm, config: RealmConfig, now: float |
     hero = {"name": hero_name, "base_model": hero_kv.get("base_model", config.hero.base_model),
             "architecture": hero_kv.get("architecture"), "parameters": hero_kv.get("parameters"),
             "newborn": hero_kv.get("newborn", config.hero.base_model is None), **stats.to_dict()}
+    skill_levels = {name: info["level"] for name, info in ledger.skill_summary(hero_name).items()}
+    hero.update(skill_levels=skill_levels, total_level=game.total_level(skill_levels))
     finite = [x for x in losses if x is not None and math.isfinite(x)]
     training = daemon["display_state"] == DaemonState.TRAINING.value  # alive and training: its figures are fresh
     tokens_per_second = kv.get("tokens_per_second") if training else None

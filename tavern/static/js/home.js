@@ -36,6 +36,7 @@
     setText("hero-name", h.name);
     setText("hero-title", h.title);
     setText("hero-level", "Lv " + h.level);
+    setText("hero-total-level", "Total Lv " + h.total_level);
     const arch = [h.architecture, h.parameters ? fmt.num(h.parameters) + " parameters" : null,
       h.base_model ? "base: " + h.base_model : null].filter(Boolean).join(" · ");
     setText("hero-arch", arch || "architecture unknown until the daemon loads the hero");

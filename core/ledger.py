@@ -458,6 +458,18 @@ class Ledger:
             return self.query("SELECT * FROM evals ORDER BY global_step")
         return self.query("SELECT * FROM evals WHERE quest_id=? ORDER BY global_step", (quest_id,))
 
+    def step_quests(self) -> list[tuple[int, int | None]]:
+        """``(global_step, quest_id)`` of every step, by global step (what the Temple's blessing judges)."""
+        return [(r["global_step"], r["quest_id"]) for r in
+                self.query("SELECT global_step, quest_id FROM steps ORDER BY global_step")]
+
+    def evaluation_marks(self) -> tuple[int, int, int, int]:
+        """``(evals count, newest eval rowid, trials count, newest trial id)``: changes whenever an
+        evaluation or trial is written or removed (a cache key)."""
+        e = self.query("SELECT COUNT(*) AS n, COALESCE(MAX(rowid), 0) AS m FROM evals")[0]
+        t = self.query("SELECT COUNT(*) AS n, COALESCE(MAX(id), 0) AS m FROM trials")[0]
+        return e["n"], e["m"], t["n"], t["m"]
+
     def latest_eval(self) -> dict[str, Any] | None:
         """The evaluation at the highest global step (the newest one of that step), or None."""
         rows = self.query("SELECT * FROM evals ORDER BY global_step DESC, time DESC LIMIT 1")

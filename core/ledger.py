@@ -840,6 +840,11 @@ class Ledger:
                           "WHERE q.name GLOB ? AND s.global_step > ?", (name_glob, after_step))
         return int(rows[0]["n"])
 
+    def newest_quest_named(self, name_glob: str) -> dict[str, Any] | None:
+        """The newest quest (highest id) whose name matches ``name_glob`` (SQLite ``GLOB``), or None."""
+        rows = self.query("SELECT * FROM quests WHERE name GLOB ? ORDER BY id DESC LIMIT 1", (name_glob,))
+        return rows[0] if rows else None
+
     def count_quests_named(self, name_glob: str, states: Iterable[QuestState]) -> int:
         """Quests in ``states`` whose name matches ``name_glob`` (SQLite ``GLOB``)."""
         states = [QuestState(s).value for s in states]

@@ -12,8 +12,10 @@ The daemon (:mod:`core.daemon`) owns one :class:`HeroLoop` and calls it at three
   trials that are due.
 
 **Idle generation.** With ``idle_generation.enabled``, fewer than ``idle_generation.max_pending_quests``
-generated quests waiting (files in the inbox, quests validating, queued or training) and a skill of
-``skills.priorities`` not yet mastered, the loop writes ``idle_generation.examples_per_quest`` items of one
+generated quests waiting (files in the inbox, quests validating, queued or training), the newest generated
+quest not failed (a skill whose items fail validation would otherwise fill ``queue/failed/``: a
+``quest_generation_paused`` warning instead) and a skill of ``skills.priorities`` not yet mastered, the loop
+writes ``idle_generation.examples_per_quest`` items of one
 skill as a quest ``inbox/<idle_generation.priority>/skill-<SKILL>-L<level>-idle<n>.jsonl``
 (:func:`core.skills.quests.write_quest`: atomic, so the watcher sees all of it or nothing); from there it is
 validated, queued, trained and traced like any dropped quest. The skill is picked by weight, deterministically:
@@ -97,6 +99,7 @@ class HeroLoop:
         self.log = logger or logging.getLogger("realm.skills")
         self.hero = config.hero.name
         self.registry: SkillRegistry = SkillRegistry()
+        self._warned_failed: int | None = None
 
     def start(self, global_step: int) -> None:
         """Build the registry (load errors reported in the ledger) and forget trials after ``global_step``."""
@@ -116,6 +119,20 @@ class HeroLoop:
                     for _ in folder.glob(GENERATED_GLOB))
         return files + self.ledger.count_quests_named(GENERATED_GLOB, PENDING_STATES)
 
+    def _last_failed(self) -> bool:
+        """True while the newest generated quest failed (validation or training): generating more would
+        only fill ``queue/failed/``. One ``quest_generation_paused`` warning per failed quest; generation
+        resumes once that quest is retried or removed (or a newer one exists)."""
+        newest = self.ledger.newest_quest_named(GENERATED_GLOB)
+        if newest is None or newest["state"] != QuestState.FAILED.value:
+            return False
+        if self._warned_failed != newest["id"]:
+            self._warned_failed = newest["id"]
+            self.ledger.event("quest_generation_paused", f"idle generation paused: the generated quest "
+                              f"{newest['name']} failed ({newest.get('error') or 'see its report'}); retry or "
+                              "remove it to resume", level="warning", quest_id=newest["id"])
+        return True
+
     def levels(self) -> dict[str, int]:
         """The hero's level of each skill of ``skills.priorities`` (0 before any trial)."""
         return {name: self.ledger.skill_level(self.hero, name) for name in self.registry.priorities}
@@ -124,7 +141,7 @@ class HeroLoop:
         """Write one generated quest when enabled, under the pending cap, and a skill is left to practise.
         Returns its path (None: nothing written). ``OSError`` while writing is logged, never raised."""
         idle = self.config.idle_generation
-        if not idle.enabled or self.pending_generated() >= idle.max_pending_quests:
+        if not idle.enabled or self.pending_generated() >= idle.max_pending_quests or self._last_failed():
             return None
         levels = self.levels()
         weights = {name: w for name, w in self.registry.priorities.items()

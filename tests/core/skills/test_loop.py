@@ -80,3 +80,16 @@ def test_generated_names_and_skill_steps(tmp_path):
     assert ledger.steps_of_quests_named(skill_quest_glob("BIN"), 3) == 1
     assert loop.steps_since_trial("BIN") == 3 and loop.due() == ["BIN"]
     ledger.close()
+
+
+def test_generation_pauses_while_the_newest_generated_quest_failed(tmp_path):
+    realm, ledger, loop = _loop(tmp_path)
+    ledger.execute("INSERT INTO quests(name, stored_name, priority, state, error, created_at, updated_at) "
+                   "VALUES (?,?,?,?,?,?,?)", ("skill-BIN-L0-idle000001.jsonl", "1-x", "low",
+                                              QuestState.FAILED.value, "rejected: too long", 0, 0))
+    assert loop.when_idle() is None and loop.when_idle() is None  # no stream of failing quests
+    paused = [e for e in ledger.events() if e["kind"] == "quest_generation_paused"]
+    assert len(paused) == 1 and "too long" in paused[0]["message"]
+    ledger.execute("UPDATE quests SET state=? WHERE id=1", (QuestState.REMOVED.value,))
+    assert loop.when_idle() is not None  # removed: generation resumes
+    ledger.close()

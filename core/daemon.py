@@ -6,7 +6,8 @@ Two threads in one process:
   validates them with the hero's tokenizer and moves each to ``queue/<priority>/`` or ``queue/failed/``
   with its report and per-record verdict;
 - the **main thread** (this module: lifecycle, the training loop, the control channel) trains quests one
-  after another (generated quests after all others) with one persistent :class:`core.engine.Engine`, feeding it exactly the records validation
+  after another (generated quests after all others) with one persistent :class:`core.engine.Engine`,
+  feeding it exactly the records validation
   kept (:func:`core.records.trainable_records`, after :func:`core.records.verify_unchanged`: a file that
   changed since it was validated goes back to validation, never trains in part), and obeys the control
   channel (ledger ``commands``: pause, resume, skip, stop).

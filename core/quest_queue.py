@@ -184,7 +184,7 @@ class QuestQueue:
                        last: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any] | None:
         """The quest to train next, or None: a ``processing`` one first, then queued quests by priority and
         age (lowest id), quests the user skipped (``deferred``) after all others -- and queued quests for
-        which ``last(quest)`` is true (e.g. generated ones, :func:`core.skills.loop.is_generated`) after those."""
+        which ``last(quest)`` is true (generated ones, :func:`core.skills.loop.is_generated`) after those."""
         rows = self.ledger.list_quests([QuestState.PROCESSING])
         rows = [r for r in rows if r["format"] in trainable_formats]
         if rows:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
+
 from core.daemon import Daemon
 from core.ledger import Ledger
 from core.skills.loop import GENERATED_GLOB, is_generated
@@ -77,3 +79,22 @@ def test_generated_quests_train_after_user_quests_and_until_idle_generates_none(
     ledger.close()
     assert set(quests) == {high.name, "mine.jsonl"}  # nothing generated with --until-idle
     assert quests["mine.jsonl"]["last_global_step"] < quests[high.name]["first_global_step"]  # user first
+
+
+@pytest.mark.slow
+def test_trials_between_steps_leave_training_exactly_as_without_them(make_realm):
+    from core.skills.binary import BinarySkill
+    from core.skills.quests import mixed_items, quest_record, write_quest
+
+    items = mixed_items(BinarySkill(), [0, 1, 2], 120, "exact")
+    losses = {}
+    for every in (0, 2):
+        realm = make_realm(f"every{every}", skills={"trial_every_steps": every, "trial_samples": 30})
+        write_quest(realm.inbox / "skill-BIN-L0-1-2-exact.jsonl", (quest_record(it) for it in items))
+        assert Daemon(realm, realm.load_config(), until_idle=True).run() == 0
+        ledger = Ledger(realm.ledger_path)
+        losses[every] = [(r["global_step"], r["loss"], r["grad_norm"]) for r in ledger.steps()]
+        trials = ledger.trials(realm.load_config().hero.name)
+        ledger.close()
+        assert (len(trials) >= 2) == (every == 2)  # tried at checkpoints (save_steps 5) only with a schedule
+    assert len(losses[0]) >= 6 and losses[2] == losses[0]  # bit-identical: trials never perturb training

@@ -162,8 +162,7 @@ class Daemon:
         if self.hero_loop is not None and self.engine is not None and not self._stop.is_set():
             engine = self.engine
             self.hero_loop.after_checkpoint(engine.accelerator.unwrap_model(engine.model), engine.tokenizer,
-                                            engine.global_step, path)
-            self._heartbeat()
+                                            engine.global_step, path, on_progress=self._heartbeat)
 
     def cleanup(self) -> None:
         self._stop.set()

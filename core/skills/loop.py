@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -186,9 +187,11 @@ class HeroLoop:
                 if trial_due(self.steps_since_trial(name), every, self.ledger.skill_level(self.hero, name),
                              skill.max_level)]
 
-    def after_checkpoint(self, model, tokenizer, global_step: int, checkpoint: Path) -> list[int]:
-        """Run the due trials on ``model`` (the weights of ``checkpoint``, global step ``global_step``).
-        Returns the ids of the trials recorded."""
+    def after_checkpoint(self, model, tokenizer, global_step: int, checkpoint: Path,
+                         on_progress: Callable[[], None] | None = None) -> list[int]:
+        """Run the due trials on ``model`` (the weights of ``checkpoint``, global step ``global_step``);
+        ``on_progress()`` is called after each generation batch (the daemon's heartbeat). Returns the ids of
+        the trials recorded."""
         names = self.due()
         if not names:
             return []
@@ -202,7 +205,8 @@ class HeroLoop:
                               self.ledger.count_trials(self.hero, name, level, global_step))
             try:
                 result = run_trial(model, tokenizer, skill, level, n=s.trial_samples, seed=seed,
-                                   max_new_tokens=s.max_new_tokens, batch_size=s.trial_batch_size)
+                                   max_new_tokens=s.max_new_tokens, batch_size=s.trial_batch_size,
+                                   on_batch=on_progress)
             except Exception as exc:  # a custom scorer that raises: reported, training goes on
                 self.log.error("trial of %s level %d failed: %s", name, level, exc)
                 self.ledger.event("trial_failed", f"trial of {name} level {level} at step {global_step} failed: "

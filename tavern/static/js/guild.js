@@ -41,12 +41,16 @@
       el("td", {class: "mono"}, s.answer), el("td", {}, s.correct ? "✔ right" : "✘ wrong"));
   }
 
-  function skillCard(s) {
-    const last = s.last_trial;
-    const next = s.mastered ? "mastered: no trial due"
+  function nextTrial(s) {
+    return s.mastered ? "mastered: no trial due"
       : (s.steps_until_trial === null ? "trials on demand only (skills.trial_every_steps is 0)"
         : (s.steps_until_trial === 0 ? "due at the next checkpoint"
           : fmt.num(s.steps_until_trial) + " steps of training on it"));
+  }
+  function sinceTrial(s) { return " (" + fmt.num(s.steps_since_trial) + " steps since the last)"; }
+
+  function skillCard(s) {
+    const last = s.last_trial;
     const chartBox = el("div", {class: "chart guild-chart", id: "chart-" + s.name});
     const card = el("section", {class: "card skill", dataset: {skill: s.name}},
       el("div", {class: "row"},
@@ -54,8 +58,8 @@
         el("span", {class: "badge skill-level", title: "level: passed in promotion trials"},
           "Lv " + s.level + (s.max_level !== null ? " / " + (s.max_level + 1) : "")),
         el("span", {class: "muted"}, "priority " + s.priority + " · " + s.trials + " trial(s)")),
-      el("p", {class: "muted"}, "Next trial: ", el("b", {class: "next-trial"}, next),
-        " (" + fmt.num(s.steps_since_trial) + " steps since the last)"),
+      el("p", {class: "muted"}, "Next trial: ", el("b", {class: "next-trial"}, nextTrial(s)),
+        el("span", {class: "since-trial"}, sinceTrial(s))),
       last ? el("p", {class: "last-trial"}, "Last trial at step " + fmt.num(last.global_step) + ", level "
         + last.level + ": " + last.correct + "/" + last.n + " right (" + pct(last.accuracy)
         + "), lower bound " + fmt.num(last.lower_bound, 3) + " vs " + last.threshold + " — "
@@ -75,7 +79,27 @@
       el("span", {class: "msg"}, e.message));
   }
 
+  // What changes the cards (a trial, a new skill, the log); steps alone only move the "next trial" lines,
+  // which are updated in place so a reader's page does not redraw under them.
+  let shape = null;
+  function shapeOf(g) {
+    return JSON.stringify([g.hero, g.total_level, g.promotion_threshold, g.trial_every_steps,
+      g.skills.map((s) => [s.name, s.level, s.trials, s.last_trial && s.last_trial.id, s.priority]),
+      g.log.map((e) => e.id)]);
+  }
   function render(g) {
+    const next = shapeOf(g);
+    if (next === shape) {
+      g.skills.forEach((s) => {
+        const card = document.querySelector('[data-skill="' + CSS.escape(s.name) + '"]');
+        if (!card) return;
+        const a = card.querySelector(".next-trial"), b = card.querySelector(".since-trial");
+        if (a.textContent !== nextTrial(s)) a.textContent = nextTrial(s);
+        if (b.textContent !== sinceTrial(s)) b.textContent = sinceTrial(s);
+      });
+      return;
+    }
+    shape = next;
     $("guild-hero-name").textContent = g.hero;
     $("total-level").textContent = "Total Lv " + g.total_level;
     $("promotion-threshold").textContent = String(g.promotion_threshold);

@@ -42,7 +42,9 @@ scorer) is a ``trial_failed`` warning event; the daemon goes on.
 from __future__ import annotations
 
 import logging
+import math
 import random
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,7 @@ GENERATED_GLOB = "skill-*-L*-idle*.jsonl"
 COUNTER_KEY = "skills/idle_generated"
 """Ledger key: ``{"total": n, "<SKILL>": quests written}``."""
 PENDING_STATES = (QuestState.VALIDATING, QuestState.QUEUED, QuestState.PROCESSING)
+IDLE_CHECK_INTERVAL_SECONDS = 1.0
 
 
 def skill_quest_glob(skill: str) -> str:
@@ -95,8 +98,13 @@ def pick_skill(weights: dict[str, float], counts: dict[str, int]) -> str | None:
 class HeroLoop:
     """Idle generation and the trial schedule of one daemon (see the module doc)."""
 
-    def __init__(self, realm: Realm, config: RealmConfig, ledger: Ledger, logger: logging.Logger | None = None):
+    def __init__(self, realm: Realm, config: RealmConfig, ledger: Ledger, logger: logging.Logger | None = None,
+                 idle_check_interval_seconds: float = IDLE_CHECK_INTERVAL_SECONDS):
+        """``idle_check_interval_seconds``: :meth:`when_idle` looks at most this often (an idle daemon asks
+        every 0.1 s)."""
         self.realm, self.config, self.ledger = realm, config, ledger
+        self.idle_check_interval_seconds = idle_check_interval_seconds
+        self._last_idle_check = -math.inf
         self.log = logger or logging.getLogger("realm.skills")
         self.hero = config.hero.name
         self.registry: SkillRegistry = SkillRegistry()
@@ -142,7 +150,10 @@ class HeroLoop:
         """Write one generated quest when enabled, under the pending cap, and a skill is left to practise.
         Returns its path (None: nothing written). ``OSError`` while writing is logged, never raised."""
         idle = self.config.idle_generation
-        if not idle.enabled or self.pending_generated() >= idle.max_pending_quests or self._last_failed():
+        if not idle.enabled or time.monotonic() - self._last_idle_check < self.idle_check_interval_seconds:
+            return None
+        self._last_idle_check = time.monotonic()
+        if self.pending_generated() >= idle.max_pending_quests or self._last_failed():
             return None
         levels = self.levels()
         weights = {name: w for name, w in self.registry.priorities.items()

@@ -17,7 +17,7 @@ def _loop(tmp_path, **sections):
     realm = init_realm(tmp_path / "realm", overrides=deep_update(FAST_CONFIG, {
         "idle_generation": {"enabled": True, "examples_per_quest": 40, "max_pending_quests": 2}, **sections}))
     ledger = Ledger(realm.ledger_path)
-    loop = HeroLoop(realm, realm.load_config(), ledger)
+    loop = HeroLoop(realm, realm.load_config(), ledger, idle_check_interval_seconds=0)
     loop.start(0)
     return realm, ledger, loop
 
@@ -44,6 +44,15 @@ def test_generation_is_off_when_disabled_and_for_mastered_skills(tmp_path):
     ledger.close()
     realm, ledger, loop = _loop(tmp_path / "b", skills={"priorities": {"BIN": 0.0}})
     assert loop.when_idle() is None  # weight 0: not practised
+    ledger.close()
+
+
+def test_an_idle_daemon_looks_at_most_once_a_second(tmp_path):
+    realm, ledger, loop = _loop(tmp_path)
+    loop.idle_check_interval_seconds = 60.0
+    assert loop.when_idle() is not None  # the first look writes
+    (realm.inbox / "low" / "skill-BIN-L0-idle000001.jsonl").unlink()
+    assert loop.when_idle() is None  # within the interval: no look at all
     ledger.close()
 
 

@@ -283,7 +283,7 @@ class SkillsConfig(_Section):
         "the datasets below, and custom skills from the realm's skills/ folder.")
     trial_samples: int = Field(50, ge=30, le=10000, description="Fresh items per promotion trial (never fewer "
                                "than 30: fewer cannot support a promotion statistically).")
-    trial_every_steps: int = Field(200, ge=0, description="The daemon's skill loop tries a skill after this many "
+    trial_every_steps: int = Field(50, ge=0, description="The daemon's skill loop tries a skill after this many "
                                    "optimizer steps of training on it (0: only on demand, `python -m training "
                                    "trial`).")
     promotion_threshold: float = Field(0.8, gt=0, lt=1, description="Promote when the Wilson 95% lower bound "
@@ -330,6 +330,23 @@ class SkillsConfig(_Section):
         return value
 
 
+class IdleGenerationConfig(_Section):
+    """The hero loop: quests the daemon writes itself from skills.priorities when nothing trainable is queued
+    (see the README's Idle generation section)."""
+
+    enabled: bool = Field(True, description="Generate skill quests when idle (`daemon` and `start-all`; never "
+                          "with `daemon --until-idle`).")
+    examples_per_quest: int = Field(2000, ge=1, le=1_000_000, description="Items per generated quest (its "
+                                    "end is the next quest boundary, where a user quest takes over).")
+    review_share: float = Field(0.25, ge=0, le=1, description="Share of a generated quest's items drawn "
+                                "evenly from the levels below the skill's current one (against forgetting); "
+                                "the rest is at the current level.")
+    max_pending_quests: int = Field(1, ge=1, le=100, description="Generated quests that may wait at once (in "
+                                    "the inbox, validating or queued); no more are written until they train.")
+    priority: Literal["high", "normal", "low"] = Field("low", description="Inbox folder of generated quests; "
+                                                       "user quests train first whatever their priority.")
+
+
 def _skill_name_problem(name: str) -> str | None:
     if re.fullmatch(SKILL_NAME_PATTERN, name):
         return None
@@ -350,6 +367,7 @@ class RealmConfig(_Section):
     sources: SourcesConfig = Field(default_factory=SourcesConfig)
     webhooks: list[WebhookConfig] = Field(default_factory=list, description="Receivers of training events.")
     skills: SkillsConfig = Field(default_factory=SkillsConfig)
+    idle_generation: IdleGenerationConfig = Field(default_factory=IdleGenerationConfig)
 
 
 class ConfigError(ValueError):

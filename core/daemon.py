@@ -6,10 +6,15 @@ Two threads in one process:
   validates them with the hero's tokenizer and moves each to ``queue/<priority>/`` or ``queue/failed/``
   with its report and per-record verdict;
 - the **main thread** (this module: lifecycle, the training loop, the control channel) trains quests one
-  after another with one persistent :class:`core.engine.Engine`, feeding it exactly the records validation
+  after another (generated quests after all others) with one persistent :class:`core.engine.Engine`,
+  feeding it exactly the records validation
   kept (:func:`core.records.trainable_records`, after :func:`core.records.verify_unchanged`: a file that
   changed since it was validated goes back to validation, never trains in part), and obeys the control
   channel (ledger ``commands``: pause, resume, skip, stop).
+
+The hero loop (:class:`core.skills.loop.HeroLoop`) has three narrow hooks: ``start`` after setup,
+``when_idle`` when nothing is trainable (idle generation; never with ``until_idle``) and
+``after_checkpoint`` after each checkpoint save (promotion trials on the schedule).
 
 The daemon state (:class:`core.contract.DaemonState`) is published under :data:`core.contract.DAEMON_KEY`
 by :meth:`Daemon._set_state` only; its ``updated_at`` is the heartbeat. SIGTERM/SIGINT (or the ``stop``
@@ -50,6 +55,7 @@ from core.records import (
     load_verdicts,
     trainable_records,
 )
+from core.skills.loop import HeroLoop, is_generated
 
 log = logging.getLogger("realm.daemon")
 
@@ -96,6 +102,7 @@ class Daemon:
         self._status: dict[str, Any] = {}
         self._last_heartbeat = 0.0
         self.admission: Admission | None = None
+        self.hero_loop: HeroLoop | None = None
         self._identity = process_identity()  # pid and its start time: readers tell a reused pid
 
     # lifecycle -------------------------------------------------------------------
@@ -120,10 +127,12 @@ class Daemon:
         hooks = self.checkpoint_hooks
         self.engine = Engine(self.realm, self.config, self.ledger, logger=log,
                              before_save=self._before_save if hooks is not None else None,
-                             after_save=hooks.after_save if hooks is not None else None)
+                             after_save=self._after_save)
         completed = self._completed_steps()
         self.engine.setup()
         self._reopen_lost_quests(completed)
+        self.hero_loop = HeroLoop(self.realm, self.config, self.ledger, logger=log)
+        self.hero_loop.start(self.engine.global_step)
         hero = self.engine.hero_info
         self._status["hero"] = hero
         if hero.get("newborn"):
@@ -144,6 +153,16 @@ class Daemon:
         return self.checkpoint_hooks.before_save(
             parameters=self.engine.hero_info.get("trainable_parameters"), should_stop=self._stop.is_set,
             on_wait=lambda result: self._set_state(DaemonState.PAUSED, disk_full=getattr(result, "message", "")))
+
+    def _after_save(self, path: Path) -> None:
+        """After each checkpoint save: the CLI's hooks (retention), then the trials that are due (not while
+        stopping: a stop is not delayed by a trial)."""
+        if self.checkpoint_hooks is not None:
+            self.checkpoint_hooks.after_save(path)
+        if self.hero_loop is not None and self.engine is not None and not self._stop.is_set():
+            engine = self.engine
+            self.hero_loop.after_checkpoint(engine.accelerator.unwrap_model(engine.model), engine.tokenizer,
+                                            engine.global_step, path, on_progress=self._heartbeat)
 
     def cleanup(self) -> None:
         self._stop.set()
@@ -186,13 +205,16 @@ class Daemon:
                 self._set_state(DaemonState.PAUSED)
                 self._stop.wait(0.2)
                 continue
-            quest = self.queue.next_trainable(TRAINABLE_FORMATS)
+            quest = self.queue.next_trainable(TRAINABLE_FORMATS, last=is_generated)
             if quest is None:
                 # re-checked after: a validation may have queued a quest since next_trainable() looked
-                if self.until_idle and self.admission is not None and self.admission.idle() \
-                        and self.queue.next_trainable(TRAINABLE_FORMATS) is None:
+                idle = self.admission is not None and self.admission.idle() \
+                    and self.queue.next_trainable(TRAINABLE_FORMATS) is None
+                if self.until_idle and idle:
                     log.info("nothing trainable left: exiting (--until-idle)")
                     break
+                if idle and not self.until_idle and self.hero_loop is not None:
+                    self.hero_loop.when_idle()
                 self._set_state(DaemonState.IDLE, quest_id=None)
                 self._stop.wait(0.1)
                 continue

@@ -458,6 +458,18 @@ class Ledger:
             return self.query("SELECT * FROM evals ORDER BY global_step")
         return self.query("SELECT * FROM evals WHERE quest_id=? ORDER BY global_step", (quest_id,))
 
+    def step_quests(self) -> list[tuple[int, int | None]]:
+        """``(global_step, quest_id)`` of every step, by global step (what the Temple's blessing judges)."""
+        return [(r["global_step"], r["quest_id"]) for r in
+                self.query("SELECT global_step, quest_id FROM steps ORDER BY global_step")]
+
+    def evaluation_marks(self) -> tuple[int, int, int, int]:
+        """``(evals count, newest eval rowid, trials count, newest trial id)``: changes whenever an
+        evaluation or trial is written or removed (a cache key)."""
+        e = self.query("SELECT COUNT(*) AS n, COALESCE(MAX(rowid), 0) AS m FROM evals")[0]
+        t = self.query("SELECT COUNT(*) AS n, COALESCE(MAX(id), 0) AS m FROM trials")[0]
+        return e["n"], e["m"], t["n"], t["m"]
+
     def latest_eval(self) -> dict[str, Any] | None:
         """The evaluation at the highest global step (the newest one of that step), or None."""
         rows = self.query("SELECT * FROM evals ORDER BY global_step DESC, time DESC LIMIT 1")
@@ -820,6 +832,27 @@ class Ledger:
         steps), so no level rests on weights that no longer exist. Returns the number removed."""
         with self.transaction() as c:
             return c.execute("DELETE FROM trials WHERE global_step > ?", (global_step,)).rowcount
+
+    def steps_of_quests_named(self, name_glob: str, after_step: int) -> int:
+        """Optimizer steps after ``after_step`` that trained quests whose name matches ``name_glob`` (SQLite
+        ``GLOB``: ``*``, ``?``, case-sensitive), e.g. ``skill-BIN-L*``: the steps trained on a skill."""
+        rows = self.query("SELECT COUNT(*) AS n FROM steps s JOIN quests q ON s.quest_id = q.id "
+                          "WHERE q.name GLOB ? AND s.global_step > ?", (name_glob, after_step))
+        return int(rows[0]["n"])
+
+    def newest_quest_named(self, name_glob: str) -> dict[str, Any] | None:
+        """The newest quest (highest id) whose name matches ``name_glob`` (SQLite ``GLOB``), or None."""
+        rows = self.query("SELECT * FROM quests WHERE name GLOB ? ORDER BY id DESC LIMIT 1", (name_glob,))
+        return rows[0] if rows else None
+
+    def count_quests_named(self, name_glob: str, states: Iterable[QuestState]) -> int:
+        """Quests in ``states`` whose name matches ``name_glob`` (SQLite ``GLOB``)."""
+        states = [QuestState(s).value for s in states]
+        if not states:
+            return 0
+        rows = self.query(f"SELECT COUNT(*) AS n FROM quests WHERE name GLOB ? AND state IN "
+                          f"({','.join('?' * len(states))})", (name_glob, *states))
+        return int(rows[0]["n"])
 
     def set_skill_load_errors(self, errors: list[dict[str, str]]) -> None:
         """The problems of the last skill registry built (``[{"source", "message"}]``), and a

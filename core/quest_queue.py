@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +133,8 @@ class QuestQueue:
             c.execute("UPDATE quests SET stored_name=? WHERE id=?", (stored, quest_id))
             dest = self.realm.queue_dir("validating") / stored
             _move(source, dest)
-        self.ledger.link_download(quest_id, str(source))  # a file enqueued from a URL: its source_url, sha256
+        if _utf8(str(source)):  # downloads are published under UTF-8 names; another name was no download
+            self.ledger.link_download(quest_id, str(source))  # a file enqueued from a URL: its source_url, sha256
         self.ledger.event("quest_admitted", f"{name} taken from the inbox as quest {quest_id}",
                           quest_id=quest_id, priority=priority)
         return quest_id
@@ -178,9 +180,11 @@ class QuestQueue:
         return updated
 
     # selection -----------------------------------------------------------------
-    def next_trainable(self, trainable_formats: set[str]) -> dict[str, Any] | None:
+    def next_trainable(self, trainable_formats: set[str],
+                       last: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any] | None:
         """The quest to train next, or None: a ``processing`` one first, then queued quests by priority and
-        age (lowest id), quests the user skipped (``deferred``) after all others."""
+        age (lowest id), quests the user skipped (``deferred``) after all others -- and queued quests for
+        which ``last(quest)`` is true (generated ones, :func:`core.skills.loop.is_generated`) after those."""
         rows = self.ledger.list_quests([QuestState.PROCESSING])
         rows = [r for r in rows if r["format"] in trainable_formats]
         if rows:
@@ -188,7 +192,7 @@ class QuestQueue:
         order = {p: i for i, p in enumerate(PRIORITIES)}
         queued = [r for r in self.ledger.list_quests([QuestState.QUEUED], limit=100000)
                   if r["format"] in trainable_formats]
-        queued.sort(key=lambda r: (r["deferred"], order[r["priority"]], r["id"]))
+        queued.sort(key=lambda r: (bool(last and last(r)), r["deferred"], order[r["priority"]], r["id"]))
         return queued[0] if queued else None
 
     def waiting(self, trainable_formats: set[str]) -> list[dict[str, Any]]:
@@ -233,3 +237,12 @@ def _move(src: Path, dst: Path) -> None:
     if dst.exists():
         raise FileExistsError(f"{dst} already exists; refusing to overwrite")
     os.rename(src, dst)
+
+
+def _utf8(text: str) -> bool:
+    """True when ``text`` encodes as UTF-8 (a file name with undecodable bytes holds lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -1,7 +1,7 @@
 """The Tavern's Flask application factory.
 
 ``create_app(realm, config)`` builds the app: state (ledger, queue), security policy, one blueprint per
-page (``home``, ``quests``, ``vault``, ``oracle``, ``system``, plus ``controls``, ``api``, ``downloads``
+page (``home``, ``quests``, ``guild``, ``vault``, ``oracle``, ``system``, plus ``controls``, ``api``, ``downloads``
 (post a quest by URL) and ``metrics`` (Prometheus)), Socket.IO and the ledger push poller. Serve it with
 :func:`tavern.server.run`; never import the training loop here.
 """
@@ -27,6 +27,7 @@ SOCKETIO_SERVER_KEY = "tavern.socketio_server"  # app.extensions: this app's own
 NAV_ITEMS = (  # label, endpoint, path used when that blueprint is not installed
     ("Home", "home.index", "/"),
     ("Quests", "quests.index", "/quests"),
+    ("Guild", "guild.index", "/guild"),
     ("Vault", "vault.index", "/vault"),
     ("Oracle", "oracle.index", "/oracle"),
     ("System", "system.index", "/system"),
@@ -56,9 +57,9 @@ def create_app(realm: Realm, config: RealmConfig | None = None, *, testing: bool
     security.install(app, config.tavern.access_token)
 
     from tavern import api
-    from tavern.pages import controls, downloads, home, metrics, system
+    from tavern.pages import controls, downloads, guild, home, metrics, system
 
-    for bp in (home.bp, system.bp, controls.bp, api.bp, downloads.bp, metrics.bp):
+    for bp in (home.bp, system.bp, controls.bp, api.bp, downloads.bp, metrics.bp, guild.bp):
         app.register_blueprint(bp)
     downloads.init_downloads(app)
     for module_name, attr in OPTIONAL_BLUEPRINTS:

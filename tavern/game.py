@@ -24,6 +24,20 @@ strain        ``grad_norm / training.max_grad_norm`` (pre-clipping global L2 nor
               overwhelmed, and overwhelmed whenever loss or grad_norm is not finite. Above 1 the optimizer
               clips every step (the update is scaled down); a lasting overwhelmed zone means a too-high
               learning_rate or bad data
+skill level   per skill, ``level_after`` of its newest promotion trial (0 before any): the levels it passed
+              with the Wilson 95 % lower bound of its trial accuracy >= ``skills.promotion_threshold``
+Total Level   the sum of the skill levels (skills with a trial; the others are at 0). Shown beside the step
+              level: the step level counts effort, the Total Level counts what trials proved
+blessing      the Temple's blessing: effort (optimizer steps) becomes experience only when an evaluation
+              confirms it. A step is judged by the first evaluation at or after it *of what it trained*
+              (coverage): a promotion trial of its quest's skill (quests named ``skill-<SKILL>-L*``) or the
+              held-out loss of its quest. That evaluation's quality is
+              ``q = (score + trend) / 2`` in [0, 1], with score the trial's accuracy or
+              ``exp(-eval_loss)``, and ``trend = clamp(0.5 + 5 * (score - previous score), 0, 1)`` against
+              the previous evaluation of the same kind (same skill and level / same quest; none: 0.5), so
+              +10 points of accuracy give trend 1 and -10 points give 0. Several evaluations of one step
+              at the same global step: the best q. Blessed XP = sum over judged steps of q (effort x
+              quality); unblessed effort = steps no evaluation has judged yet (shown on the hero card)
 ============  ===========================================================================================
 
 :func:`formula_table_markdown` renders this table for the README; :data:`GLOSSARY` maps each RPG word to
@@ -33,7 +47,7 @@ the field's term.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 XP_PER_STEP = 1
@@ -65,6 +79,14 @@ GLOSSARY: dict[str, str] = {
     "vault": "the checkpoints folder models/<hero>/checkpoints/",
     "oracle": "inference: a chat with a checkpoint or the live model",
     "tavern": "this web dashboard",
+    "guild": "the Tavern page of the hero's skills: levels, promotion trials, accuracy over trials",
+    "skill level": "levels of a skill passed in promotion trials (the ledger's trials table)",
+    "trial": "a promotion trial: skills.trial_samples fresh items answered greedily, scored exactly",
+    "promotion": "a trial whose Wilson 95% lower bound of accuracy reached skills.promotion_threshold",
+    "Total Level": "the sum of the skill levels",
+    "blessing": "effort (optimizer steps) confirmed by a later evaluation of what they trained",
+    "blessed XP": "sum over judged steps of the judging evaluation's quality in [0, 1] (effort x quality)",
+    "unblessed effort": "optimizer steps no evaluation has judged yet",
 }
 
 
@@ -182,6 +204,87 @@ def hero_stats(global_step: int, recent_losses: Sequence[float | None], eval_los
     )
 
 
+def total_level(skill_levels: Mapping[str, int]) -> int:
+    """Total Level = the sum of the skill levels (``{skill: level}``, levels >= 0). Raises ``ValueError``
+    for a negative level."""
+    if any(level < 0 for level in skill_levels.values()):
+        raise ValueError(f"skill levels must be >= 0, got {dict(skill_levels)}")
+    return sum(int(level) for level in skill_levels.values())
+
+
+BLESSING_TREND_GAIN = 5.0
+"""trend = clamp(0.5 + BLESSING_TREND_GAIN * (score - previous score), 0, 1)."""
+
+
+def clamp01(x: float) -> float:
+    return min(1.0, max(0.0, x))
+
+
+def evaluation_quality(score: float, previous_score: float | None) -> float:
+    """``(score + trend) / 2`` with ``trend = clamp(0.5 + 5 * (score - previous_score), 0, 1)`` (0.5 without
+    a previous score); ``score`` in [0, 1] (a trial's accuracy, or ``exp(-eval_loss)``). In [0, 1]."""
+    trend = 0.5 if previous_score is None else clamp01(0.5 + BLESSING_TREND_GAIN * (score - previous_score))
+    return (clamp01(score) + trend) / 2
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One evaluation for the blessing: at ``global_step``, judging the steps of the quests ``covers`` (ids),
+    with ``score`` in [0, 1] and the ``previous_score`` of the same kind (None: the first)."""
+
+    global_step: int
+    covers: frozenset[int]
+    score: float
+    previous_score: float | None
+
+    @property
+    def quality(self) -> float:
+        return evaluation_quality(self.score, self.previous_score)
+
+
+@dataclass(frozen=True)
+class Blessing:
+    """``effort``: optimizer steps (global_step); ``judged_effort``: steps an evaluation judged;
+    ``blessed_xp``: the sum of their qualities (effort x quality); ``unblessed_effort`` = effort - judged;
+    ``quality`` = blessed_xp / judged_effort (None before any judged step)."""
+
+    effort: int
+    judged_effort: int
+    blessed_xp: float
+    unblessed_effort: int
+    quality: float | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def blessing(step_quests: Sequence[tuple[int, int | None]], evaluations: Sequence[Evaluation],
+             effort: int) -> Blessing:
+    """The Temple's blessing (see the module table). ``step_quests``: ``(global_step, quest_id)`` of every
+    optimizer step; ``effort``: the global step (at least the number of steps given)."""
+    import bisect
+
+    by_quest: dict[int, dict[int, float]] = {}  # quest -> {evaluation step: best quality}
+    for ev in evaluations:
+        q = ev.quality
+        for quest in ev.covers:
+            steps = by_quest.setdefault(quest, {})
+            steps[ev.global_step] = max(q, steps.get(ev.global_step, 0.0))
+    index = {quest: (sorted(v), [v[k] for k in sorted(v)]) for quest, v in by_quest.items()}
+    judged, xp = 0, 0.0
+    for step, quest in step_quests:
+        found = index.get(quest) if quest is not None else None
+        if not found:
+            continue
+        i = bisect.bisect_left(found[0], step)
+        if i < len(found[0]):
+            judged += 1
+            xp += found[1][i]
+    effort = max(effort, len(step_quests))
+    return Blessing(effort=effort, judged_effort=judged, blessed_xp=xp, unblessed_effort=effort - judged,
+                    quality=xp / judged if judged else None)
+
+
 def formula_table_markdown() -> str:
     """The formula table and glossary as Markdown (for the README)."""
     rows = [
@@ -197,6 +300,18 @@ def formula_table_markdown() -> str:
         ("strain", "`grad_norm / training.max_grad_norm`", "steps.grad_norm",
          "calm < 0.5 ≤ focused < 1 ≤ strained < 4 ≤ overwhelmed (or loss/grad_norm not finite); "
          "above 1 every step is clipped"),
+        ("skill level", "`level_after` of the skill's newest trial (0 before any)", "trials.level_after",
+         "a level counts only when a trial proved it: Wilson 95% lower bound ≥ `skills.promotion_threshold`"),
+        ("Total Level", "Σ skill levels", "trials.level_after",
+         "what trials proved, beside the step level (effort)"),
+        ("blessing quality q", "`(score + clamp(0.5 + 5·(score − previous score), 0, 1)) / 2`",
+         "trials.accuracy, evals.eval_loss",
+         "score = a trial's accuracy or `exp(−eval_loss)`; the trend is against the previous evaluation of "
+         "the same skill and level / quest (none: 0.5): steps that made the hero worse earn little"),
+        ("blessed XP", "Σ over judged steps of q (effort × quality)", "steps.quest_id, trials, evals",
+         "a step is judged by the first evaluation at or after it of what it trained (coverage: a trial of "
+         "its quest's skill, or its quest's held-out loss); several at one step: the best q"),
+        ("unblessed effort", "`global_step` − judged steps", "steps", "effort no evaluation has confirmed yet"),
     ]
     lines = ["| stat | formula | from | why |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | `{c}` | {d} |" for a, b, c, d in rows]

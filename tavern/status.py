@@ -2,7 +2,9 @@
 
 Sources: the daemon's published status (``Ledger.daemon_status``: state, hero, heartbeat, and the one
 liveness rule of :mod:`core.contract`), the latest ``steps`` rows, the latest ``evals`` row, the current
-quest row, queue counts. Game stats come from :mod:`tavern.game` only.
+quest row, queue counts, the skill levels (``trials``: ``hero.skill_levels``, ``hero.total_level``), the
+Temple's blessing (``hero.blessing``, :mod:`tavern.blessing`). Game
+stats come from :mod:`tavern.game` only.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from core.contract import ETA_WINDOW_STEPS, DaemonState, quest_eta
 from core.ledger import Ledger, QuestState
 from core.realm import Realm
 from tavern import game
+from tavern.blessing import hero_blessing
 
 
 def daemon_view(ledger: Ledger, now: float) -> dict[str, Any]:
@@ -82,6 +85,9 @@ def build_status(ledger: Ledger, realm: Realm, config: RealmConfig, now: float |
     hero = {"name": hero_name, "base_model": hero_kv.get("base_model", config.hero.base_model),
             "architecture": hero_kv.get("architecture"), "parameters": hero_kv.get("parameters"),
             "newborn": hero_kv.get("newborn", config.hero.base_model is None), **stats.to_dict()}
+    skill_levels = {name: info["level"] for name, info in ledger.skill_summary(hero_name).items()}
+    hero.update(skill_levels=skill_levels, total_level=game.total_level(skill_levels),
+                blessing=hero_blessing(ledger, hero_name, global_step).to_dict())
     finite = [x for x in losses if x is not None and math.isfinite(x)]
     training = daemon["display_state"] == DaemonState.TRAINING.value  # alive and training: its figures are fresh
     tokens_per_second = kv.get("tokens_per_second") if training else None

@@ -25,6 +25,8 @@ FAST_CONFIG = {
     "training": {"max_length": 64, "micro_batch_size": 4, "save_steps": 5, "eval_steps": 0,
                  "eval_holdout_every": 0, "warmup_steps": 2, "learning_rate": 1e-3},
     "ingest": {"settle_seconds": 0.3, "poll_interval_seconds": 0.2},
+    # tests drop their own quests; the ones about the hero loop turn idle generation on
+    "idle_generation": {"enabled": False},
 }
 
 

@@ -33,6 +33,7 @@ class ExitCode(IntEnum):
     NOT_FOUND = 5         # a file, model or process that was named does not exist
     ERROR = 10            # anything else: an unexpected error (one line on stderr, the traceback in the log)
     INTERRUPTED = 130     # Ctrl-C (128 + SIGINT, as shells report it)
+    BROKEN_PIPE = 141     # the reader of stdout went away (`status | head -3`): 128 + SIGPIPE, silently
 
 
 CONTROL_COMMANDS = {
@@ -148,6 +149,11 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return ExitCode.INTERRUPTED
+    except BrokenPipeError:
+        # as the Python docs advise: point stdout at /dev/null so the interpreter's final flush stays quiet
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return ExitCode.BROKEN_PIPE
     except Exception as exc:  # noqa: BLE001 - the last resort: one line, the traceback in the log
         _report_unexpected(exc, args, environ)
         return ExitCode.ERROR

@@ -21,6 +21,7 @@ without changing anything).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -69,12 +70,14 @@ def _cut(text: str, stops: list[str]) -> str:
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int) -> list[str]:
+def generate_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int,
+                     on_batch: Callable[[], None] | None = None) -> list[str]:
     """Greedy completions of ``prompts`` (rendered chat texts), ``batch_size`` at a time, left-padded.
 
     Each completion stops at EOS or the end-of-turn marker (cut from the text) or after ``max_new_tokens``.
     The model's training mode, attention implementation, the tokenizer's padding side and the torch RNG are
-    left as they were. A model training with the engine's packed attention (:data:`core.packing.PACKED_SDPA`,
+    left as they were. ``on_batch()`` is called after each batch (the daemon keeps its heartbeat with it).
+    A model training with the engine's packed attention (:data:`core.packing.PACKED_SDPA`,
     which ignores padding masks) generates with plain ``sdpa`` meanwhile.
     """
     from transformers import GenerationConfig
@@ -105,6 +108,8 @@ def generate_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: in
                                      tokenizer=tokenizer if config.stop_strings else None)
                 for row in out[:, enc["input_ids"].shape[1]:]:
                     answers.append(_cut(tokenizer.decode(row, skip_special_tokens=False), stops))
+                if on_batch is not None:
+                    on_batch()
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
@@ -154,12 +159,12 @@ class TrialResult:
 
 
 def run_trial(model, tokenizer, skill: Skill, level: int, *, n: int, seed: int, max_new_tokens: int = 64,
-              batch_size: int = 64) -> TrialResult:
+              batch_size: int = 64, on_batch: Callable[[], None] | None = None) -> TrialResult:
     """Draw ``n`` trial items of ``skill`` at ``level`` from ``seed``, let the model answer greedily, score.
 
     ``max_new_tokens`` caps each answer; generation also stops :data:`ANSWER_SLACK_TOKENS` tokens after the
     longest reference answer with its end-of-turn marker. Raises :class:`core.skills.base.SkillError` for
-    a level the skill does not have or a scorer that fails.
+    a level the skill does not have or a scorer that fails. ``on_batch``: see :func:`generate_answers`.
     """
     started = time.perf_counter()
     items = generate_items(skill, level, n, seed, TRIAL)
@@ -167,6 +172,7 @@ def run_trial(model, tokenizer, skill: Skill, level: int, *, n: int, seed: int, 
     longest = max(len(tokenizer(it.answer + marker, add_special_tokens=False)["input_ids"]) for it in items)
     budget = max(1, min(max_new_tokens, longest + ANSWER_SLACK_TOKENS))
     prompts = [generation_prompt(tokenizer, it) for it in items]
-    answers = generate_answers(model, tokenizer, prompts, max_new_tokens=budget, batch_size=batch_size)
+    answers = generate_answers(model, tokenizer, prompts, max_new_tokens=budget, batch_size=batch_size,
+                               on_batch=on_batch)
     flags = [skill.score(a, it.answer) >= 1.0 for a, it in zip(answers, items, strict=True)]
     return TrialResult(skill.name, level, seed, items, answers, flags, time.perf_counter() - started)

@@ -91,3 +91,16 @@ def test_stop_is_a_control_command_and_every_control_command_refuses_without_a_d
         assert ledger.pending_commands() == []  # nothing left for the next start to obey
     finally:
         ledger.close()
+
+
+def test_a_reader_that_goes_away_is_not_an_error(make_realm):
+    """``status | head -1``: the pipe closes under the command; it exits 141 (128 + SIGPIPE) without a word,
+    as shell tools do, instead of an ``unexpected BrokenPipeError``."""
+    realm = make_realm()
+    proc = subprocess.Popen([PYTHON, "-m", "training", "--realm", str(realm.root), "status"], env=python_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the command writes its first line: every write fails
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert proc.wait(timeout=60) == ExitCode.BROKEN_PIPE == 141, err
+    assert err == ""

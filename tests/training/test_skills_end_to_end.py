@@ -26,7 +26,8 @@ def generate(level, rng):
 
 def test_sft_on_skill_items_then_a_trial_promotes_the_newborn(make_realm):
     realm = make_realm(training={"learning_rate": 3e-3, "micro_batch_size": 8, "warmup_steps": 5,
-                                 "save_steps": 10000}, skills={"priorities": {"GREET": 1.0}})
+                                 "save_steps": 10000},
+                       skills={"priorities": {"GREET": 1.0}, "trial_every_steps": 0})  # trials by the CLI only
     (realm.root / "skills").mkdir()
     (realm.root / "skills" / "greet.py").write_text(GREET)
     newborn = cli(realm, "trial", "GREET", "--checkpoint", "base", "--json")

@@ -36,12 +36,18 @@
     setText("hero-name", h.name);
     setText("hero-title", h.title);
     setText("hero-level", "Lv " + h.level);
+    setText("hero-total-level", "Total Lv " + h.total_level);
     const arch = [h.architecture, h.parameters ? fmt.num(h.parameters) + " parameters" : null,
       h.base_model ? "base: " + h.base_model : null].filter(Boolean).join(" · ");
     setText("hero-arch", arch || "architecture unknown until the daemon loads the hero");
     $("newborn-note").classList.toggle("hidden", !h.newborn);  // toggle() is a no-op when unchanged
     setText("hero-xp", fmt.num(h.xp) + " / " + fmt.num(h.xp_next_level) + " (level " + (h.level + 1) + ")");
     setBar("xp-bar", h.xp_progress);
+    const b = h.blessing;
+    setText("hero-blessed", fmt.num(b.blessed_xp, 1) + " of " + fmt.num(b.judged_effort) + " judged steps"
+      + (b.quality === null ? "" : " (quality " + fmt.num(b.quality, 2) + ")"));
+    setText("hero-unblessed", b.unblessed_effort ? "Unblessed effort: " + fmt.num(b.unblessed_effort)
+      + " steps not yet confirmed by a trial or a held-out loss" : "");
     showStep(m.global_step);  // never backwards: a step event may be ahead of this status
     setText("atk", h.atk === null ? "—" : h.atk);
     setText("atk-sub", m.loss_window_mean === null ? "no training loss yet"

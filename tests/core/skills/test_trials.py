@@ -32,7 +32,10 @@ def test_a_trial_scores_every_answer_with_the_skill(hero):
     model, tokenizer = hero
     skill = BinarySkill()
     seed = trial_seed("hero", "BIN", 5, 40)
-    result = run_trial(model, tokenizer, skill, 5, n=40, seed=seed, batch_size=16)
+    batches = []
+    result = run_trial(model, tokenizer, skill, 5, n=40, seed=seed, batch_size=16,
+                       on_batch=lambda: batches.append(1))
+    assert len(batches) == 3  # 16 + 16 + 8: the daemon keeps its heartbeat between batches
     assert result.n == len(result.answers) == 40 and result.level == 5 and result.seed == seed
     assert result.items == generate_items(skill, 5, 40, seed, TRIAL)
     assert all(prompt_held_out("BIN", it.prompt, 10) for it in result.items)  # level 5 holds prompts out

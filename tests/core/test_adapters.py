@@ -329,3 +329,29 @@ def test_a_truncated_adapter_checkpoint_is_quarantined_and_the_previous_one_load
     with pytest.raises(ckpt.CheckpointError, match="without its base's identity"):
         ckpt.verify_checkpoint(previous)
     assert (previous / ADAPTER_CONFIG_FILE).is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # peft 0.21 on transformers 5
+def test_promotion_trials_at_checkpoints_run_on_the_adapter_and_leave_training_exact(make_realm):
+    """The hero loop's trials (core.skills.loop, after each checkpoint) generate with the PEFT model the engine
+    trains: they are recorded, and the LoRA run's steps, losses and gradient norms are bit-identical to the
+    same run without trials."""
+    from core.daemon import Daemon
+    from core.skills.binary import BinarySkill
+    from core.skills.quests import mixed_items, quest_record, write_quest
+
+    items = mixed_items(BinarySkill(), [0, 1], 80, "exact")
+    losses = {}
+    for every in (0, 2):
+        realm = make_realm(f"every{every}", training={"adapter": "lora", "lora": {"r": 4, "alpha": 8}},
+                           skills={"trial_every_steps": every, "trial_samples": 30})
+        write_quest(realm.inbox / "skill-BIN-L0-1-exact.jsonl", (quest_record(it) for it in items))
+        assert Daemon(realm, realm.load_config(), until_idle=True).run() == 0
+        ledger = Ledger(realm.ledger_path)
+        losses[every] = [(r["global_step"], r["loss"], r["grad_norm"]) for r in ledger.steps()]
+        trials = ledger.trials(realm.load_config().hero.name)
+        ledger.close()
+        assert (len(trials) >= 1) == (every == 2), trials
+        assert is_adapter_checkpoint(ckpt.latest_checkpoint(realm.checkpoints_dir("hero")))
+    assert len(losses[0]) >= 4 and losses[2] == losses[0]

@@ -417,22 +417,71 @@ def parse_line(text: str, mapping: dict[str, str], expected_format: str | None =
         raise RecordError(f"invalid JSON: {exc}") from None
     if not isinstance(record, dict):
         raise RecordError(f"line must be a JSON object, got {_type_name(record)}")
+    check = "\\u" in text and _LONE_SURROGATE_ESCAPE.search(text) is not None
+    return parse_record(record, mapping, expected_format, check_surrogates=check)
+
+
+#: CSV/TSV columns always read as JSON (after field_map); an empty cell is null.
+JSON_COLUMNS = ("messages", "conversations", "history")
+#: CSV/TSV columns read as JSON when the cell is a JSON array of message objects, else as the string.
+MESSAGE_LIST_COLUMNS = ("prompt", "completion", "chosen", "rejected")
+
+
+def decode_json_cells(record: dict) -> dict:
+    """A CSV/TSV row (string cells, after ``field_map``) with its structured columns decoded: every
+    :data:`JSON_COLUMNS` cell as JSON (empty: null), a :data:`MESSAGE_LIST_COLUMNS` cell when it is a JSON
+    array of objects (a message list), else kept as the string. Raises :class:`RecordError` naming the
+    column when a :data:`JSON_COLUMNS` cell is not JSON."""
+    out = dict(record)
+    for key in JSON_COLUMNS:
+        value = out.get(key)
+        if isinstance(value, str):
+            if not value.strip():
+                out[key] = None
+                continue
+            try:
+                out[key] = _DECODER.decode(value)
+            except (ValueError, RecursionError) as exc:
+                raise RecordError(f"column '{key}' must hold JSON (a list of messages): {exc}"[:300]) from None
+    for key in MESSAGE_LIST_COLUMNS:
+        value = out.get(key)
+        if isinstance(value, str) and value.lstrip().startswith("[") and "{" in value:
+            try:
+                decoded = _DECODER.decode(value)
+            except (ValueError, RecursionError):
+                continue
+            if isinstance(decoded, list) and decoded and all(isinstance(m, dict) for m in decoded):
+                out[key] = decoded
+    return out
+
+
+def parse_record(record: dict, mapping: dict[str, str], expected_format: str | None = None, *,
+                 json_cells: bool = False, check_surrogates: bool = True) -> tuple[str, dict]:
+    """``(format, normalized example)`` of a decoded record (a dict from any container), as
+    :func:`parse_line` does for a JSON text: ``field_map``, then (``json_cells``: a CSV/TSV row)
+    :func:`decode_json_cells`, format detection against ``expected_format``, normalization.
+    ``check_surrogates``: refuse strings holding unpaired UTF-16 surrogates (they cannot be encoded).
+    Raises :class:`RecordError`."""
+    if not isinstance(record, dict):
+        raise RecordError(f"record must be a JSON object, got {_type_name(record)}")
     if mapping:
         record = apply_field_map(record, mapping)
+    if json_cells:
+        record = decode_json_cells(record)
     fmt = detect_format(record)  # a record has one format wherever it is in the file
     if expected_format is not None and fmt != expected_format:
         raise RecordError(f"record is format '{fmt}' but the file's format is '{expected_format}' "
                           f"(needs fields {list(FORMAT_FIELDS[expected_format])})")
     example = normalize(record, fmt)
-    if "\\u" in text and _LONE_SURROGATE_ESCAPE.search(text):
+    if check_surrogates:
         try:
             json.dumps(example, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
-            raise RecordError("text holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff)") from None
+            raise RecordError("text holds an unpaired UTF-16 surrogate (\\ud800-\\udfff)") from None
     return fmt, example
 
 
-class _HashingRaw(io.RawIOBase):
+class HashingReader(io.RawIOBase):
     """A raw reader that feeds every byte it reads into ``hasher`` (a ``hashlib`` object)."""
 
     def __init__(self, f: io.FileIO, hasher):
@@ -470,7 +519,7 @@ def open_text_lines(path: Path, *, max_line_bytes: int | None = None, hasher=Non
     """
     limit = -1 if max_line_bytes is None else max_line_bytes + 2  # room for "\r\n"
     with open(path, "rb", buffering=0) as raw_file:
-        source = raw_file if hasher is None else _HashingRaw(raw_file, hasher)
+        source = raw_file if hasher is None else HashingReader(raw_file, hasher)
         buffered = io.BufferedReader(source, buffer_size=_READ_BUFFER_BYTES)  # type: ignore[arg-type]
         head = buffered.peek(2)[:2]
         stream: IO[bytes] = gzip.GzipFile(fileobj=buffered, mode="rb") if head == GZIP_MAGIC else buffered
@@ -523,21 +572,26 @@ def _lines(stream: IO[bytes], limit: int, max_line_bytes: int | None):
 
 def iter_valid_records(path: Path, display_name: str, validation_config: ValidationConfig
                        ) -> Iterator[tuple[int, dict]]:
-    """Yield ``(line_number, normalized example)`` for every valid record of a quest file, in file order.
+    """Yield ``(record number, normalized example)`` for every valid record of a quest file, in file order.
 
-    The same rules as :func:`core.validation.validate_file` (field map for ``display_name``, line length
-    limit, format fixed by the first valid record); bad lines are skipped silently (the validation report
-    lists them). The token-length policy is *not* applied here: the trainer applies it with
-    :func:`core.validation.length_action`. Deterministic: the same file always yields the same sequence.
-    Raises ``OSError`` when the file cannot be read, :class:`CorruptFileError` for a broken gzip stream.
+    The same rules as :func:`core.validation.validate_file` (the container of ``display_name``, see
+    :mod:`core.containers`; its field map, record size limit, format fixed by the first valid record); bad
+    records are skipped silently (the validation report lists them). The token-length policy is *not*
+    applied here. Deterministic: the same file always yields the same sequence. Raises ``OSError`` when
+    the file cannot be read, :class:`CorruptFileError` when it cannot be read on,
+    :class:`core.containers.Unsupported` for a file that is no quest file.
     """
+    from core import containers  # containers builds on this module
+
     mapping = field_map_for(display_name, validation_config.field_map)
+    container = containers.detect(path, display_name)
     fmt: str | None = None
-    for number, text, error in open_text_lines(path, max_line_bytes=validation_config.max_line_bytes):
+    for number, record, error, _ in containers.iter_items(path, container,
+                                                          max_line_bytes=validation_config.max_line_bytes):
         if error is not None:
             continue
         try:
-            fmt, example = parse_line(text, mapping, fmt)  # type: ignore[arg-type]
+            fmt, example = containers.parse_item(record, mapping, fmt)  # type: ignore[arg-type]
         except RecordError:
             continue
         yield number, example

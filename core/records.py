@@ -1,6 +1,8 @@
 """Which records of a quest file train: validation's per-record verdict, stored once, read in one place.
 
-Validation (:func:`core.validation.validate_file`) decides each line once -- bad, dropped by the length
+Records are numbered by their container (:mod:`core.containers`: the physical line of a JSONL file, the
+array position of a JSON element, the data row of a CSV/Parquet file, the first line of a text paragraph);
+"line" below means that record number. Validation (:func:`core.validation.validate_file`) decides each line once -- bad, dropped by the length
 policy, no trainable token left after truncation, or *kept* -- and records the kept lines in a
 :class:`RecordVerdicts`. The admission thread stores it beside the quest's file as a sidecar
 ``<stored name>.records`` (moved with the file and its ``.report.json`` by
@@ -12,7 +14,8 @@ one re-applies the length rule or re-tokenizes to decide.
 **Sidecar format** (why a file, not a ledger table: one bit per line, written once, no row per record --
 a 10-million-line file costs 1.25 MB before compression and a few KB after it, instead of ten million
 SQLite rows; it lives and dies with the quest's file): one JSON header line (``content_hash``, ``format``,
-``field_map``, ``max_line_bytes``, ``lines``, ``kept``, ``max_length``, ``length_policy``), then the
+``field_map``, ``max_line_bytes``, ``lines``, ``kept``, ``max_length``, ``length_policy``, ``container``:
+absent in older sidecars, read as ``jsonl``), then the
 zlib-compressed bitmap of kept physical line numbers (bit ``n - 1`` of byte ``(n - 1) // 8``, LSB first).
 
 **What trains is what was validated**: :func:`trainable_records` parses only kept lines, with the field
@@ -29,7 +32,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.formats import open_text_lines, parse_line
+from core import containers
+from core.formats import CorruptFileError
 from core.fsutil import atomic_write, sha256_file
 
 RECORDS_SUFFIX = ".records"
@@ -70,6 +74,7 @@ class RecordVerdicts:
     max_line_bytes: int | None = None
     max_length: int | None = None
     length_policy: str | None = None
+    container: str = containers.JSONL
     lines: int = 0
     kept: int = 0
     bits: bytearray = field(default_factory=bytearray)
@@ -105,7 +110,8 @@ class RecordVerdicts:
     def header(self) -> dict:
         return {"magic": _MAGIC, "version": _VERSION, "content_hash": self.content_hash, "format": self.format,
                 "field_map": self.field_map, "max_line_bytes": self.max_line_bytes, "lines": self.lines,
-                "kept": self.kept, "max_length": self.max_length, "length_policy": self.length_policy}
+                "kept": self.kept, "max_length": self.max_length, "length_policy": self.length_policy,
+                "container": self.container}
 
     def save(self, path: Path) -> None:
         """Write the sidecar atomically (:func:`core.fsutil.atomic_write`). Raises ``OSError``."""
@@ -135,9 +141,12 @@ def load_verdicts(path: Path) -> RecordVerdicts:
                                   field_map=dict(info.get("field_map") or {}),
                                   max_line_bytes=info.get("max_line_bytes"), max_length=info.get("max_length"),
                                   length_policy=info.get("length_policy"), lines=int(info["lines"]),
+                                  container=str(info.get("container") or containers.JSONL),
                                   kept=int(info["kept"]), bits=bits)
     except (ValueError, KeyError, TypeError, zlib.error) as exc:
         raise VerdictsError(f"{Path(path).name} is damaged: {exc}") from None
+    if verdicts.container not in containers.CONTAINERS:
+        raise VerdictsError(f"{Path(path).name} names an unknown container {verdicts.container!r}")
     if sum(bin(b).count("1") for b in bits) != verdicts.kept:
         raise VerdictsError(f"{Path(path).name} is damaged: its bitmap does not hold {verdicts.kept} lines")
     return verdicts
@@ -153,25 +162,35 @@ def verify_unchanged(data_path: Path, verdicts: RecordVerdicts) -> None:
 
 
 def trainable_records(data_path: Path, verdicts: RecordVerdicts) -> Iterator[tuple[int, dict]]:
-    """Yield ``(line number, normalized example)`` for every line validation kept, in file order: the
-    one stream training reads (and the held-out split indexes). Lines after the last validated one are
-    never read. Raises :class:`QuestChanged` when a kept line no longer parses (the file changed:
+    """Yield ``(record number, normalized example)`` for every record validation kept, in file order: the
+    one stream training reads (and the held-out split indexes), through the container validation detected
+    (:func:`core.containers.iter_items`). Records after the last validated one are never read. Raises
+    :class:`QuestChanged` when a kept record no longer parses or the file no longer reads (it changed:
     :func:`verify_unchanged` first), ``OSError`` when the file cannot be read."""
     last = min(verdicts.last_kept(), verdicts.lines)
     if last == 0:
         return
-    for number, text, error in open_text_lines(data_path, max_line_bytes=verdicts.max_line_bytes):
-        if number > last:
-            return
-        if not verdicts.keeps(number):
-            continue
-        try:
-            if error is not None:
-                raise ValueError(error)
-            _, example = parse_line(text, verdicts.field_map, verdicts.format)  # type: ignore[arg-type]
-        except ValueError as exc:
-            raise QuestChanged(f"{data_path.name} line {number} was valid when validated, now: {exc}") from None
-        yield number, example
+    unit = containers.RECORD_UNIT[verdicts.container]
+    items = containers.iter_items(data_path, verdicts.container, max_line_bytes=verdicts.max_line_bytes)
+    number = 0
+    try:
+        for number, record, error, _ in items:
+            if number > last:
+                return
+            if not verdicts.keeps(number):
+                continue
+            try:
+                if error is not None:
+                    raise ValueError(error)
+                _, example = containers.parse_item(record, verdicts.field_map, verdicts.format)  # type: ignore[arg-type]
+            except ValueError as exc:
+                raise QuestChanged(f"{data_path.name} {unit} {number} was valid when validated, now: {exc}") \
+                    from None
+            yield number, example
+    except CorruptFileError as exc:
+        raise QuestChanged(f"{data_path.name} no longer reads after {unit} {number}: {exc}") from None
+    finally:
+        items.close()
 
 
 def held_out_records(data_path: Path, verdicts: RecordVerdicts, every: int,

@@ -1,20 +1,26 @@
 """Streaming validation of a quest file, in constant memory, into a :class:`ValidationReport`.
 
-:func:`validate_file` reads the file once (plain ``.jsonl`` or ``.jsonl.gz``), checks every line with the
-same rules the trainer uses (:func:`core.formats.parse_line`, :func:`core.formats.iter_valid_records`),
+:func:`validate_file` reads the file once, through its container (:mod:`core.containers`: JSON Lines, a JSON
+array, CSV/TSV, Parquet, plain text, transcripts; gzip where usual), checks every record with the same rules
+the trainer uses (:func:`core.containers.parse_item`, :func:`core.records.trainable_records`),
 measures token lengths with a caller-supplied ``count_tokens`` or ``count_tokens_batch`` (the hero's
 tokenizer, batched in groups of :data:`TOKEN_BATCH_EXAMPLES`) against ``training.max_length`` under
 ``validation.length_policy`` -- and, after truncation (:mod:`core.chat`: the prompt side is cut first),
 whether any token is left to learn from: an example with none is dropped (``length_policy`` truncate or
 drop) or a bad line (reject) -- and decides whether the file is accepted:
 
-- rejected: not ``.jsonl``/``.jsonl.gz`` (a JSON array, also one named .jsonl that is rejected, gets a
-  ``jq -c '.[]'`` hint), gzip name/content
-  mismatch, UTF-16, a broken gzip stream, an empty file, no valid record, or a bad-line ratio above
+- rejected: a file no container reads (:func:`core.containers.detect`: unknown suffix, gzip name/content
+  mismatch, UTF-16, binary text, a JSON object instead of an array; a JSON array named .jsonl gets a hint),
+  a file that cannot be read to its end (broken gzip, truncated JSON, a CSV syntax error, damaged Parquet:
+  the reason names the record), an empty file, no valid record, or a bad-record ratio above
   ``validation.max_bad_line_ratio``;
 - accepted otherwise: bad lines are skipped and listed, dropped lines (``length_policy: drop``) listed.
 
-Memory stays flat: lines are streamed (each at most ``validation.max_line_bytes``), token lengths are kept
+The report names the ``container`` and the ``format``; its numbers (``bad_lines[].line``...) are record
+numbers of the container (``record_numbers`` says which: the line of a JSONL file, the array position of
+a JSON element, the data row of a CSV...).
+
+Memory stays flat: records are streamed (each at most ``validation.max_line_bytes``), token lengths are kept
 as a ``Counter`` of lengths (exact percentiles), and at most :data:`MAX_LISTED_LINES` bad/dropped lines are
 stored (the rest only counted in ``bad_lines_truncated`` / ``dropped_lines_truncated``).
 
@@ -25,28 +31,23 @@ everything that trains or evaluates reads through :func:`core.records.trainable_
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import math
-import zlib
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import BaseModel
 
+from core import containers
 from core.config import RealmConfig
 from core.formats import (
     PREFERENCE_FORMATS,
     SFT_FORMATS,
-    UTF8_BOM,
     CorruptFileError,
     RecordError,
     field_map_for,
-    is_gzip,
-    open_text_lines,
-    parse_line,
     preference_as_sft,
 )
 from core.fsutil import sha256_file, write_text_atomic
@@ -54,7 +55,7 @@ from core.records import RecordVerdicts
 
 #: At most this many bad lines (and, separately, dropped lines) are stored in a report.
 MAX_LISTED_LINES = 10_000
-ACCEPTED_SUFFIXES = (".jsonl", ".jsonl.gz")
+ACCEPTED_SUFFIXES = containers.ACCEPTED_SUFFIXES
 #: Bad lines quoted in a rejection reason.
 REASON_EXAMPLES = 3
 PREFERENCE_NOTE = ("preference data: validated and accepted; waits in the queue for the DPO school "
@@ -73,7 +74,8 @@ them for ``text`` and ``prompt``/``completion`` (:func:`kept_figures`)."""
 
 
 class LineIssue(BaseModel):
-    """One bad or dropped line: 1-based physical line number and the human reason."""
+    """One bad or dropped record: its number (``line``: the physical line of a JSONL file, else the record
+    number of its container, see ``ValidationReport.record_numbers``) and the human reason."""
 
     line: int
     reason: str
@@ -107,6 +109,8 @@ class ValidationReport(BaseModel):
 
     file: str
     format: str | None = None
+    container: str | None = None
+    record_numbers: str | None = None
     accepted: bool = False
     reason: str | None = None
     size_bytes: int = 0
@@ -333,63 +337,33 @@ class _Tally:
                           p50=found[50], p95=found[95], p99=found[99], max=keys[-1])
 
 
-def _peek_text(path: Path, compressed: bool, size: int = 4096) -> bytes:
-    """The first bytes of the (decompressed) content, BOM and leading whitespace removed."""
-    with (gzip.open(path, "rb") if compressed else open(path, "rb")) as f:
-        head = f.read(size)
-    if head.startswith(UTF8_BOM):
-        head = head[3:]
-    return head.lstrip()
+def _array_hint(name: str) -> str:
+    suffix, gz = containers.split_suffix(name)
+    stem = name[: -len(suffix + (".gz" if gz else ""))] if suffix else name
+    return (f"the file is a JSON array, not JSON Lines (one object per line): name it "
+            f"'{stem}.json{'.gz' if gz else ''}' to read it as an array")
 
 
-def _jq_hint(name: str) -> str:
-    stem = name
-    for suffix in (".json.gz", ".jsonl.gz", ".json", ".jsonl"):
-        if stem.lower().endswith(suffix):
-            stem = stem[: -len(suffix)]
-            break
-    command = (f"zcat '{name}' | jq -c '.[]' > '{stem}.jsonl'" if name.lower().endswith(".gz")
-               else f"jq -c '.[]' '{name}' > '{stem}.jsonl'")
-    return ("the file is a JSON array, but quests must be JSON Lines (one JSON object per line): convert it "
-            f"with: {command}")
-
-
-def _file_level_reason(path: Path, name: str) -> tuple[str | None, bool]:
-    """Why the file as a whole is unusable (type, compression, encoding, a .json array), or None; and
-    whether its content starts with ``[`` (a JSON array: the hint for a .jsonl that gets rejected)."""
-    lower = name.lower()
-    compressed = is_gzip(path)
-    if not lower.endswith(ACCEPTED_SUFFIXES):
-        suffix = "".join(Path(name).suffixes[-2:]) or "(none)"
-        if lower.endswith((".json", ".json.gz")):
-            try:
-                head = _peek_text(path, compressed)
-            except (OSError, EOFError, zlib.error):
-                head = b""
-            if head.startswith(b"["):
-                return _jq_hint(name), True
-            return (f"unsupported file type '{suffix}': quests must be .jsonl or .jsonl.gz; if this file "
-                    "already holds one JSON object per line, rename it to .jsonl"), False
-        hint = " (plain text: write one {\"text\": ...} object per line)" if lower.endswith(".txt") else ""
-        return (f"unsupported file type '{suffix}': quests must be .jsonl or .jsonl.gz "
-                f"(JSON Lines, one record per line){hint}"), False
-    if lower.endswith(".gz") and not compressed:
-        return "the file is named .gz but is not gzip-compressed: rename it to .jsonl", False
-    if not lower.endswith(".gz") and compressed:
-        return "the file is gzip-compressed: rename it to .jsonl.gz", False
+def _file_level(path: Path, name: str) -> tuple[str | None, str | None, bool]:
+    """``(container, None, starts with '[')``, or ``(None, why the file as a whole is unusable, False)``
+    (type, compression, encoding, see :func:`core.containers.detect`)."""
     try:
-        head = _peek_text(path, compressed)
-    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
-        return f"broken gzip stream: {exc}", False
-    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or (
-            len(head) >= 4 and (head[1] == head[3] == 0 or head[0] == head[2] == 0)):
-        return ("the file looks UTF-16 encoded; quests must be UTF-8: convert it with "
-                "iconv -f UTF-16 -t UTF-8 in.jsonl > out.jsonl"), False
-    return None, head.startswith(b"[")
+        container = containers.detect(path, name)
+    except containers.Unsupported as exc:
+        return None, str(exc), False
+    except CorruptFileError as exc:
+        return None, str(exc), False
+    looks_like_array = False
+    if container == containers.JSONL:
+        try:
+            looks_like_array = containers._peek(path, 4096).lstrip().startswith(b"[")
+        except CorruptFileError as exc:
+            return None, str(exc), False
+    return container, None, looks_like_array
 
 
-def _first_bad(tally: _Tally) -> str:
-    shown = "; ".join(f"line {n}: {r}" for n, r in tally.bad_lines[:REASON_EXAMPLES])
+def _first_bad(tally: _Tally, unit: str = "line") -> str:
+    shown = "; ".join(f"{unit} {n}: {r}" for n, r in tally.bad_lines[:REASON_EXAMPLES])
     more = tally.bad - min(tally.bad, REASON_EXAMPLES)
     return shown + (f"; ... and {more:,} more" if more else "")
 
@@ -420,11 +394,12 @@ def validate_file(path: Path, *, display_name: str | None = None, config: RealmC
     vcfg, max_length = config.validation, config.training.max_length
     report = ValidationReport(file=name, size_bytes=path.stat().st_size, max_length=max_length,
                               length_policy=vcfg.length_policy, max_bad_line_ratio=vcfg.max_bad_line_ratio)
-    reason, looks_like_array = _file_level_reason(path, name)
+    container, reason, looks_like_array = _file_level(path, name)
     if reason is not None:
         report.content_hash = sha256_file(path)
         report.reason = reason
         return report
+    report.container, report.record_numbers = container, containers.NUMBERING[container]
 
     mapping = field_map_for(name, vcfg.field_map)
     report.field_map = mapping
@@ -438,14 +413,16 @@ def validate_file(path: Path, *, display_name: str | None = None, config: RealmC
     measurer = None if count_tokens_batch is None else _Measurer(tally, count_tokens_batch, max_length,
                                                                  vcfg.length_policy)
     try:
-        for number, text, error in open_text_lines(path, max_line_bytes=vcfg.max_line_bytes, hasher=hasher):
+        for number, record, error, size in containers.iter_items(path, container,  # type: ignore[arg-type]
+                                                                 max_line_bytes=vcfg.max_line_bytes,
+                                                                 hasher=hasher):
             tally.lines += 1
             tally.last_line = number
             if error is not None:
                 tally.add_bad(number, error) if measurer is None else measurer.add_bad(number, error)
                 continue
             try:
-                line_fmt, example = parse_line(text, mapping, fmt)  # type: ignore[arg-type]
+                line_fmt, example = containers.parse_item(record, mapping, fmt)  # type: ignore[arg-type]
             except RecordError as exc:
                 tally.add_bad(number, str(exc)) if measurer is None else measurer.add_bad(number, str(exc))
                 continue
@@ -454,7 +431,7 @@ def validate_file(path: Path, *, display_name: str | None = None, config: RealmC
                 tally.valid += 1
                 tally.keep(number)
             else:
-                measurer.add(number, example, fmt, len(text))
+                measurer.add(number, example, fmt, size)
         if measurer is not None:
             measurer.flush()
         content_hash = hasher.hexdigest()
@@ -463,7 +440,8 @@ def validate_file(path: Path, *, display_name: str | None = None, config: RealmC
         if measurer is not None:
             measurer.flush()
         content_hash = sha256_file(path)
-        stream_error = f"{exc} (after line {tally.lines:,})"
+        stream_error = (f"{exc} (after line {tally.lines:,})" if container == containers.JSONL
+                        else f"{exc} ({tally.lines:,} records read before it)")
 
     report.content_hash = content_hash
     report.format = fmt
@@ -472,6 +450,7 @@ def validate_file(path: Path, *, display_name: str | None = None, config: RealmC
     report.records_untrainable = tally.untrainable
     if verdicts is not None:
         verdicts.content_hash, verdicts.format, verdicts.field_map = content_hash, fmt, dict(mapping)
+        verdicts.container = container
         verdicts.max_line_bytes, verdicts.lines = vcfg.max_line_bytes, tally.last_line
         verdicts.max_length, verdicts.length_policy = max_length, vcfg.length_policy
     report.examples = tally.valid - tally.dropped
@@ -494,18 +473,21 @@ def validate_file(path: Path, *, display_name: str | None = None, config: RealmC
                      f"training.min_trainable_token_ratio {min_ratio:.2%}): check that completions or "
                      "assistant messages hold the answers")
     report.note = "; ".join(notes) or None
-    report.reason = _rejection_reason(tally, report, stream_error)
-    if report.reason is not None and looks_like_array:  # a JSON array named .jsonl: say how to convert it
-        report.reason = f"{_jq_hint(name)} ({report.reason})"
+    report.reason = _rejection_reason(tally, report, stream_error, container)  # type: ignore[arg-type]
+    if report.reason is not None and looks_like_array:  # a JSON array named .jsonl: say how to read it
+        report.reason = f"{_array_hint(name)} ({report.reason})"
     report.accepted = report.reason is None
     return report
 
 
-def _rejection_reason(tally: _Tally, report: ValidationReport, stream_error: str | None) -> str | None:
+def _rejection_reason(tally: _Tally, report: ValidationReport, stream_error: str | None,
+                      container: str = containers.JSONL) -> str | None:
+    jsonl, unit = container == containers.JSONL, containers.RECORD_UNIT[container]
+    bad = "bad lines" if jsonl else "bad records"
     if stream_error is not None:
         return stream_error
     if tally.lines == 0:
-        return "empty file: no non-blank lines"
+        return "empty file: no non-blank lines" if jsonl else "empty file: no records"
     if tally.valid == tally.dropped:
         if tally.valid and not tally.untrainable:
             return (f"every valid record is longer than max_length {report.max_length} tokens and length_policy "
@@ -516,12 +498,13 @@ def _rejection_reason(tally: _Tally, report: ValidationReport, stream_error: str
             return (f"no valid record has a token left to learn from: {long}{tally.untrainable:,} with no "
                     "trainable token (after truncation): nothing left to train")
         if tally.untrainable:
-            return (f"no valid records ({tally.bad:,} bad lines, {tally.untrainable:,} of them with no trainable "
-                    f"token): {_first_bad(tally)}")
-        return f"no valid records ({tally.bad:,} bad lines): {_first_bad(tally)}"
+            return (f"no valid records ({tally.bad:,} {bad}, {tally.untrainable:,} of them with no trainable "
+                    f"token): {_first_bad(tally, unit)}")
+        return f"no valid records ({tally.bad:,} {bad}): {_first_bad(tally, unit)}"
     if report.bad_line_ratio > report.max_bad_line_ratio:
-        return (f"{tally.bad:,} of {tally.lines:,} lines are bad ({report.bad_line_ratio:.2%} > "
-                f"validation.max_bad_line_ratio {report.max_bad_line_ratio:.2%}): {_first_bad(tally)}")
+        return (f"{tally.bad:,} of {tally.lines:,} {'lines' if jsonl else 'records'} are bad "
+                f"({report.bad_line_ratio:.2%} > validation.max_bad_line_ratio {report.max_bad_line_ratio:.2%}): "
+                f"{_first_bad(tally, unit)}")
     return None
 
 
@@ -545,7 +528,11 @@ def format_report_text(report: ValidationReport, max_listed: int = 20) -> str:
     kind = ""
     if report.accepted:
         kind = ", trainable now" if report.trainable else ", waits for the DPO school"
-    head = f"{report.file}: {verdict}" + (f" (format {report.format}{kind})" if report.format else "")
+    container = f"container {report.container}" if report.container else ""
+    what = ", ".join(x for x in (f"format {report.format}{kind}" if report.format else "", container) if x)
+    head = f"{report.file}: {verdict}" + (f" ({what})" if what else "")
+    unit = containers.RECORD_UNIT.get(report.container or containers.JSONL, "line")
+    noun = "lines" if report.container in (None, containers.JSONL) else "records"
     out = [head]
     if report.reason:
         out.append(f"  reason: {report.reason}")
@@ -553,7 +540,9 @@ def format_report_text(report: ValidationReport, max_listed: int = 20) -> str:
     if report.field_map:
         out.append("  field_map: " + ", ".join(f"{k} -> {v}" for k, v in report.field_map.items()))
     if report.reason is None or report.lines:
-        out.append(f"  lines {report.lines:,}: valid {report.records_valid:,}, bad {report.records_bad:,} "
+        if report.record_numbers and report.container != containers.JSONL:
+            out.append(f"  {report.record_numbers}")
+        out.append(f"  {noun} {report.lines:,}: valid {report.records_valid:,}, bad {report.records_bad:,} "
                    f"({report.bad_line_ratio:.2%}; max {report.max_bad_line_ratio:.2%}), dropped "
                    f"{report.records_dropped:,}, truncated {report.truncated:,}, examples {report.examples:,} "
                    f"(max_length {report.max_length}, length_policy {report.length_policy})")
@@ -566,13 +555,13 @@ def format_report_text(report: ValidationReport, max_listed: int = 20) -> str:
         cut = f" (truncation cuts {t.cut:,}, {t.trainable_cut:,} of them trainable)" if t.cut else ""
         out.append(f"  tokens trained {t.total:,}{ratio}{cut}; per record as written: min {t.min} / p50 {t.p50} / "
                    f"p95 {t.p95} / p99 {t.p99} / max {t.max}")
-    for title, issues, hidden in (("bad lines", report.bad_lines, report.bad_lines_truncated),
-                                  ("dropped lines", report.dropped_lines, report.dropped_lines_truncated)):
+    for title, issues, hidden in ((f"bad {noun}", report.bad_lines, report.bad_lines_truncated),
+                                  (f"dropped {noun}", report.dropped_lines, report.dropped_lines_truncated)):
         if not issues:
             continue
         total = len(issues) + hidden
         out.append(f"  {title} ({total:,}):")
-        out += [f"    line {i.line}: {i.reason}" for i in issues[:max_listed]]
+        out += [f"    {unit} {i.line}: {i.reason}" for i in issues[:max_listed]]
         if total > max_listed:
             out.append(f"    ... and {total - max_listed:,} more (see the JSON report)")
     if report.note:

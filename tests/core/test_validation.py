@@ -128,16 +128,19 @@ def test_all_bad_or_empty_files_are_rejected(tmp_path):
 
 
 @pytest.mark.parametrize(("name", "content", "needle"), [
-    ("data.json", b'[{"text": "a"}, {"text": "b"}]', "jq -c '.[]' 'data.json' > 'data.jsonl'"),
-    ("data.json", b'\xef\xbb\xbf\n  [\n {"text": "a"}\n]', "jq -c '.[]'"),
-    ("data.jsonl", b'[{"text": "a"},\n{"text": "b"}]\n', "jq -c '.[]' 'data.jsonl' > 'data.jsonl'"),
-    ("data.json.gz", gzip.compress(b'[{"text": "a"}]'), "zcat 'data.json.gz' | jq -c '.[]' > 'data.jsonl'"),
-    ("data.json", b'{"text": "a"}\n', "rename it to .jsonl"),
-    ("notes.txt", b"hello\n", "unsupported file type '.txt'"),
-    ("table.csv", b"a,b\n", "unsupported file type '.csv'"),
+    ("data.jsonl", b'[{"text": "a"},\n{"text": "b"}]\n', "name it 'data.json' to read it as an array"),
+    ("data.json", b'{"data": [\n{"text": "a"}]}\n', "a JSON object, not an array of records"),
+    ("data.json", b'\x00\x01garbage', "not JSON"),
+    ("data.json.gz", gzip.compress(b'[{"text": "a"},'), "invalid or truncated JSON at record 2"),
+    ("data.json", b'[{"text": "a"}, {"text": "b"', "invalid or truncated JSON at record 2"),
+    ("notes.txt", b"\x00\x01\x02binary\xff\xfe", "binary data (NUL bytes)"),
+    ("table.csv", b"a,b\n", "empty file: no records"),
     ("README", b"hello\n", "unsupported file type '(none)'"),
-    ("x.parquet", b"PAR1\x00\x00", "unsupported file type '.parquet'"),
+    ("x.parquet", b"PAR1\x00\x00", "damaged Parquet file"),
+    ("x.parquet", b"not parquet at all", "not a Parquet file"),
+    ("x.parquet.gz", gzip.compress(b"PAR1"), "gzip-compressed Parquet"),
     ("data.jsonl.gz", b'{"text": "a"}\n', "named .gz but is not gzip-compressed"),
+    ("data.csv", gzip.compress(b'text\na\n'), "rename it to .csv.gz"),
     ("data.jsonl", gzip.compress(b'{"text": "a"}\n'), "rename it to .jsonl.gz"),
     ("data.jsonl", '{"text": "a"}\n'.encode("utf-16"), "UTF-16"),
     ("data.jsonl", '{"text": "a"}\n'.encode("utf-16-le"), "UTF-16"),
@@ -152,12 +155,15 @@ def test_file_level_rejections(tmp_path, name, content, needle):
     assert needle in format_report_text(report)
 
 
-def test_real_alpaca_json_array_gets_jq_hint():
+def test_real_alpaca_json_array_is_validated_as_alpaca():
     path = SHARED / "data" / "llamafactory_alpaca_en_demo.json"
     if not path.exists():
         pytest.skip("../shared/data is absent")
-    report = validate_file(path, config=config())
-    assert not report.accepted and "jq -c '.[]'" in report.reason
+    report = validate_file(path, config=config(), count_tokens=words)
+    assert report.accepted, report.reason
+    assert (report.container, report.format, report.records_valid, report.records_bad) == ("json", "alpaca", 999, 0)
+    assert report.content_hash == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert "container json" in format_report_text(report) and "positions in the JSON array" in report.record_numbers
 
 
 def test_gzip_accepted_and_hash_of_compressed_bytes(tmp_path):
@@ -288,7 +294,7 @@ def test_write_report_atomic_json(tmp_path):
     assert ValidationReport.model_validate(data) == report
     assert sorted(x.name for x in tmp_path.iterdir()) == ["a.jsonl", "a.jsonl.report.json"]
     text = format_report_text(report)
-    assert text.startswith("a.jsonl: ACCEPTED (format text, trainable now)") and "line 2: invalid JSON" in text
+    assert text.startswith("a.jsonl: ACCEPTED (format text, trainable now, container jsonl)") and "line 2: invalid JSON" in text
 
 
 def test_missing_file_raises_oserror(tmp_path):
@@ -494,11 +500,11 @@ def test_jsonl_whose_first_line_is_an_array_is_not_rejected_for_it(tmp_path):
     assert report.accepted and [b.line for b in report.bad_lines] == [1]
 
 
-def test_one_line_json_array_longer_than_max_line_bytes_gets_jq_hint(tmp_path):
+def test_one_line_json_array_longer_than_max_line_bytes_gets_a_hint(tmp_path):
     p = tmp_path / "big.jsonl"
     p.write_text("[" + ",".join([json.dumps({"text": "x" * 100})] * 50) + "]", encoding="utf-8")
     report = validate_file(p, config=config(max_line_bytes=1024))
-    assert not report.accepted and "jq -c '.[]' 'big.jsonl'" in report.reason
+    assert not report.accepted and "name it 'big.json' to read it as an array" in report.reason
     assert "line is longer than max_line_bytes" in report.reason
 
 

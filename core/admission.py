@@ -285,7 +285,8 @@ class Admission(BaseThread):
 
 def _not_a_file(kind: str) -> str:
     if kind == "directory":
-        return ("a directory, not a file: quests are .jsonl / .jsonl.gz files; put the files themselves into "
+        return ("a directory, not a file: quests are dataset files (.jsonl, .json, .csv, .tsv, .parquet, .txt); "
+                "put the files themselves into "
                 "inbox/ (or inbox/high|normal|low/): other folders are not read")
-    return (f"a {kind}, not a regular file: quests are .jsonl / .jsonl.gz files written to disk (it was not "
-            "opened)")
+    return (f"a {kind}, not a regular file: quests are dataset files (.jsonl, .json, .csv, .tsv, .parquet, .txt) "
+            "written to disk (it was not opened)")

@@ -3,10 +3,12 @@
 No Flask here (the blueprint in :mod:`tavern.pages.quests` maps errors to HTTP statuses), so every rule is
 testable on plain folders:
 
-- :func:`check_upload_name` accepts a bare file name ending ``.jsonl`` / ``.jsonl.gz`` and nothing else;
+- :func:`check_upload_name` accepts a bare file name with a quest file suffix (:data:`core.containers.ACCEPTED_SUFFIXES`:
+  ``.jsonl``, ``.json``, ``.csv``, ``.tsv``, ``.parquet``, ``.txt``, gzip'd where usual) and nothing else;
 - :func:`save_upload` writes ``inbox/<priority>/.upload-<random>.part`` (a name the daemon ignores), then
   links it to the final name without ever overwriting: an existing ``data.jsonl`` makes ``data-2.jsonl``;
-- :func:`read_preview` returns the first lines of a plain or gzip file within fixed byte budgets;
+- :func:`read_preview` returns the first lines of a JSON Lines file (plain or gzip) within fixed byte budgets,
+  or the first records of any other container, read by :func:`core.containers.iter_items` (as training does);
 - :func:`read_report` loads a ``.report.json`` and shortens long lists for display.
 """
 
@@ -21,11 +23,13 @@ import uuid
 from pathlib import Path
 from typing import IO, Any
 
+from core import containers
+from core.formats import CorruptFileError
 from core.ingest import is_temporary_name, priority_for
 from core.realm import PRIORITIES
 from core.sources import publish_new
 
-ACCEPTED_SUFFIXES = (".jsonl.gz", ".jsonl")
+ACCEPTED_SUFFIXES = containers.ACCEPTED_SUFFIXES
 MAX_NAME_BYTES = 200
 PREVIEW_LINES = 5
 PREVIEW_LINE_CHARS = 2000
@@ -46,7 +50,7 @@ class UploadError(ValueError):
 
 
 def check_upload_name(name: str | None) -> str:
-    """Return ``name`` if it is a bare, visible ``.jsonl``/``.jsonl.gz`` file name; raise :class:`UploadError`.
+    """Return ``name`` if it is a bare, visible quest file name (:data:`ACCEPTED_SUFFIXES`); raise :class:`UploadError`.
 
     Refused: empty, path separators (``/``, ``\\``), ``..``, control characters, a leading ``.`` (the daemon
     ignores hidden files), more than :data:`MAX_NAME_BYTES` UTF-8 bytes, any other extension. Characters
@@ -63,11 +67,8 @@ def check_upload_name(name: str | None) -> str:
     if len(name.encode("utf-8")) > MAX_NAME_BYTES:
         raise UploadError(f"the file name is longer than {MAX_NAME_BYTES} bytes")
     lower = name.lower()
-    if lower.endswith(".json"):
-        raise UploadError("a .json file is not JSON Lines: convert a JSON array with  jq -c '.[]' in.json > "
-                          "out.jsonl  and upload the .jsonl")
     if not lower.endswith(ACCEPTED_SUFFIXES) or lower in ACCEPTED_SUFFIXES:
-        raise UploadError("quests must be .jsonl or .jsonl.gz files (one JSON object per line)")
+        raise UploadError(f"quests are {containers.ACCEPTED_NAMES} files")
     return name
 
 
@@ -138,12 +139,47 @@ def _open_binary(path: Path) -> IO[bytes]:
 
 
 def read_preview(path: Path, lines: int = PREVIEW_LINES) -> dict[str, Any]:
-    """The first ``lines`` lines of a quest file (plain or gzip, detected by magic bytes).
+    """The first ``lines`` records of a quest file: the raw lines of JSON Lines (plain or gzip, detected by
+    magic bytes), else the first records of its container as JSON (:func:`core.containers.iter_items`).
 
-    Returns ``{"lines": [{"number": int (1-based), "text": str, "truncated": bool}], "problem": str|None}``.
-    Each text is at most :data:`PREVIEW_LINE_CHARS` characters, decoded as UTF-8 with replacement; at most
-    :data:`PREVIEW_BUDGET_BYTES` decompressed bytes are read, so a huge line or a gzip bomb costs little.
+    Returns ``{"lines": [{"number": int (1-based), "text": str, "truncated": bool}], "problem": str|None,
+    "container": str|None}``; ``number`` is the record number of the container (a JSONL line, a CSV data row,
+    a JSON array position...). Each text is at most :data:`PREVIEW_LINE_CHARS` characters, decoded as UTF-8
+    with replacement; at most :data:`PREVIEW_BUDGET_BYTES` decompressed bytes are read from a JSONL file, so
+    a huge line or a gzip bomb costs little (another container's record counts as unreadable past that size).
     """
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file (the daemon rejected it as such)")
+        container = containers.detect(path, path.name)
+    except FileNotFoundError:
+        return {"lines": [], "problem": "the file is no longer there", "container": None}
+    except OSError as exc:
+        return {"lines": [], "problem": f"cannot read the file: {exc.strerror or exc}", "container": None}
+    except (containers.Unsupported, CorruptFileError) as exc:
+        container = None
+        if path.name.lower().endswith((".parquet",)):
+            return {"lines": [], "problem": str(exc), "container": None}
+    if container in (None, containers.JSONL):
+        return {**_read_lines(path, lines), "container": container}
+    out: list[dict[str, Any]] = []
+    items = containers.iter_items(path, container, max_line_bytes=PREVIEW_BUDGET_BYTES)
+    try:
+        for number, record, error, _ in items:
+            if len(out) >= lines:
+                break
+            text = error if error is not None else json.dumps(record, ensure_ascii=False, default=str)
+            out.append({"number": number, "text": text[:PREVIEW_LINE_CHARS],  # type: ignore[index]
+                        "truncated": len(text) > PREVIEW_LINE_CHARS})  # type: ignore[arg-type]
+    except (OSError, CorruptFileError) as exc:
+        return {"lines": out, "problem": f"the file cannot be read past record {len(out)}: {exc}",
+                "container": container}
+    finally:
+        items.close()
+    return {"lines": out, "problem": None, "container": container}
+
+
+def _read_lines(path: Path, lines: int) -> dict[str, Any]:
     out: list[dict[str, Any]] = []
     try:
         f = _open_binary(path)

@@ -276,12 +276,37 @@ def test_upload_lands_in_the_inbox_and_never_overwrites(client, qrealm):
                       XSS_NAME: "normal", "high_dropped.jsonl": "high"}
 
 
-@pytest.mark.parametrize("name", ["../evil.jsonl", "a/b.jsonl", "..\\evil.jsonl", ".hidden.jsonl", "data.json",
-                                  "data.txt", "data.jsonl.part", ".jsonl", "x\n.jsonl", ""])
+@pytest.mark.parametrize("name", ["../evil.jsonl", "a/b.jsonl", "..\\evil.jsonl", ".hidden.jsonl", "data.exe",
+                                  "data.parquet.gz", "data.jsonl.part", ".jsonl", ".csv", "x\n.jsonl", ""])
 def test_upload_refuses_bad_names(client, qrealm, name):
     r = upload(client, name, b'{"text": "a"}\n')
     assert r.status_code == 400, name
     assert inbox_files(qrealm) == [] and not list(qrealm.root.glob("evil*"))
+
+
+@pytest.mark.parametrize("name", ["data.json", "data.csv", "data.tsv.gz", "data.parquet", "notes.txt"])
+def test_upload_takes_every_quest_container(client, qrealm, name):
+    assert upload(client, name, b'[{"text": "a"}]').status_code in (200, 201), name
+    assert inbox_files(qrealm) == [f"normal/{name}"]
+
+
+def test_preview_reads_other_containers_through_core_containers(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "a.json").write_text('[{"text": "first"}, {"text": "second"}]')
+    (tmp_path / "a.csv").write_text('text,n\nfirst,1\n"two\nlines",2\nragged\n')
+    pq.write_table(pa.Table.from_pylist([{"text": "first"}, {"text": "second"}]), tmp_path / "a.parquet")
+    pv = read_preview(tmp_path / "a.json")
+    assert pv["container"] == "json" and [(x["number"], json.loads(x["text"])) for x in pv["lines"]] == [
+        (1, {"text": "first"}), (2, {"text": "second"})]
+    pv = read_preview(tmp_path / "a.csv")
+    assert [x["number"] for x in pv["lines"]] == [1, 2, 3] and json.loads(pv["lines"][1]["text"])["text"] == "two\nlines"
+    assert "the header has 2" in pv["lines"][2]["text"]
+    pv = read_preview(tmp_path / "a.parquet")
+    assert pv["container"] == "parquet" and json.loads(pv["lines"][1]["text"]) == {"text": "second"}
+    (tmp_path / "bad.parquet").write_bytes(b"garbage")
+    assert "not a Parquet file" in read_preview(tmp_path / "bad.parquet")["problem"]
 
 
 def test_upload_refuses_bad_priority_and_missing_file(client, qrealm):

@@ -254,7 +254,7 @@
     ev.preventDefault();
     const input = document.getElementById("upload-file");
     const file = input.files[0];
-    if (!file) { toast("choose a .jsonl or .jsonl.gz file first", "warning"); return; }
+    if (!file) { toast("choose a quest file (.jsonl, .json, .csv, .tsv, .parquet, .txt) first", "warning"); return; }
     if (file.size > maxUpload) {
       toast(`${file.name} is ${fmt.bytes(file.size)}, over the upload limit of ${fmt.bytes(maxUpload)}`, "error");
       return;

@@ -32,7 +32,7 @@ from typing import Any
 from watchdog.utils import BaseThread
 
 from core.chat import measure_batch
-from core.config import RealmConfig
+from core.config import RealmConfig, quest_rule_for
 from core.formats import PREFERENCE_FORMATS
 from core.ingest import InboxScanner, InboxWatcher, entry_kind, priority_for
 from core.ledger import Ledger, QuestState
@@ -241,8 +241,9 @@ class Admission(BaseThread):
             self.ledger.event("quest_skipped_duplicate", f"{quest['name']}: {note}", quest_id=quest["id"])
             return
         verdicts.save(self.queue.verdicts_path_of(quest))
-        fields["examples_total"] = count_train_examples(info.get("examples") or 0,
-                                                        self.config.training.eval_holdout_every)
+        fields["examples_total"] = count_train_examples(info.get("examples") or 0,  # x epochs (schools.<glob>)
+                                                        self.config.training.eval_holdout_every) \
+            * quest_rule_for(quest["name"], self.config.schools).epochs
         note = "preference data: waits in the queue for the DPO school" \
             if info.get("format") in PREFERENCE_FORMATS else None
         self.queue.transition(quest["id"], QuestState.QUEUED, note=note, **fields)

@@ -31,6 +31,7 @@ from core.checkpoint_layout import (
     KEY_ADAPTER,
     KEY_CONFIG,
     KEY_CURSOR,
+    KEY_EPOCHS,
     KEY_EVAL_LOSS,
     KEY_EXAMPLES_DONE,
     KEY_FORMAT_VERSION,
@@ -47,6 +48,7 @@ from core.checkpoint_layout import (
     KEY_RNG_PYTHON,
     KEY_RNG_TORCH,
     KEY_SCHEDULER,
+    KEY_SHUFFLE,
     KEY_TIME,
     MODEL_CONFIG_FILE,
     OLD_PREFIX,
@@ -64,9 +66,10 @@ from core.checkpoint_layout import (
 from core.fsutil import fsync_tree
 
 __all__ = [  # the layout names the engine and tools use through this module
-    "FORMAT_VERSION", "KEY_ADAPTER", "KEY_CONFIG", "KEY_CURSOR", "KEY_EVAL_LOSS", "KEY_EXAMPLES_DONE", "KEY_FORMAT_VERSION",
+    "FORMAT_VERSION", "KEY_ADAPTER", "KEY_CONFIG", "KEY_CURSOR", "KEY_EPOCHS", "KEY_EVAL_LOSS", "KEY_EXAMPLES_DONE",
+    "KEY_FORMAT_VERSION",
     "KEY_GLOBAL_STEP", "KEY_HERO", "KEY_HOLDOUT_EVERY", "KEY_LOSS", "KEY_OPTIMIZER", "KEY_QUEST_DONE",
-    "KEY_QUEST_ID", "KEY_REASON", "KEY_RNG", "KEY_RNG_CUDA", "KEY_RNG_PYTHON", "KEY_RNG_TORCH", "KEY_SCHEDULER",
+    "KEY_QUEST_ID", "KEY_REASON", "KEY_RNG", "KEY_RNG_CUDA", "KEY_RNG_PYTHON", "KEY_RNG_TORCH", "KEY_SCHEDULER", "KEY_SHUFFLE",
     "KEY_TIME", "TRAINER_STATE_JSON", "TRAINER_STATE_PT", "WEIGHTS_FILE", "CheckpointError", "checkpoint_name",
     "clean_incomplete", "latest_checkpoint", "list_checkpoints", "load_trainer_state", "prune_checkpoints",
     "quarantine", "read_checkpoint_info", "rng_state", "save_checkpoint", "set_rng_state", "step_of",

@@ -77,6 +77,8 @@ KEY_QUEST_ID = "quest_id"
 KEY_EXAMPLES_DONE = "examples_done"
 KEY_QUEST_DONE = "quest_done"
 KEY_HOLDOUT_EVERY = "eval_holdout_every"  # the quest's held-out spacing: its train example indices depend on it
+KEY_EPOCHS = "epochs"  # the quest's epochs (schools.<glob>.epochs): the cursor runs to epochs x train examples
+KEY_SHUFFLE = "shuffle"  # whether its epochs are shuffled (core.epochs.permutation): the order depends on it
 # trainer_state.pt keys
 KEY_OPTIMIZER = "optimizer"
 KEY_SCHEDULER = "scheduler"

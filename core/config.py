@@ -353,6 +353,35 @@ def _skill_name_problem(name: str) -> str | None:
     return f"skill name {name!r}: letters, digits, '_', '.', '-', a letter first, at most 32 characters"
 
 
+class QuestRule(_Section):
+    """Rules for the quests whose file name matches a glob (``schools: {"<glob>": {...}}``; the first
+    matching glob wins, in the order written; the name is matched as ``validation.field_map`` matches it).
+    A quest that matches none trains once, in file order."""
+
+    epochs: int = Field(1, ge=1, le=10_000, description="Passes over the quest's train examples (held-out "
+                        "records are never trained); progress and ETA count all of them.")
+    shuffle: bool = Field(False, description="Train each epoch in a seeded random order: the permutation of "
+                          "epoch e is seeded by the quest's content SHA-256 and e, so it survives restarts (the "
+                          "cursor stays exact). A shuffled quest holds its normalized records in memory.")
+
+
+def quest_rule_for(file_name: str, schools: dict[str, QuestRule]) -> QuestRule:
+    """The :class:`QuestRule` of the first glob in ``schools`` matching ``file_name`` (its base name, also
+    without a ``.gz`` suffix or a ``high_``/``low_`` priority prefix, ``fnmatch`` rules), else the defaults."""
+    import fnmatch
+
+    name = Path(file_name).name
+    names = {name}
+    for prefix in ("high_", "low_"):
+        if name.lower().startswith(prefix):
+            names.add(name[len(prefix):])
+    names |= {n[:-3] for n in names if n.lower().endswith(".gz")}
+    for pattern, rule in schools.items():
+        if any(fnmatch.fnmatch(n, pattern) for n in names):
+            return rule
+    return QuestRule()
+
+
 class RealmConfig(_Section):
     """The whole ``config.json`` of a realm."""
 
@@ -368,6 +397,9 @@ class RealmConfig(_Section):
     webhooks: list[WebhookConfig] = Field(default_factory=list, description="Receivers of training events.")
     skills: SkillsConfig = Field(default_factory=SkillsConfig)
     idle_generation: IdleGenerationConfig = Field(default_factory=IdleGenerationConfig)
+    schools: dict[str, QuestRule] = Field(
+        default_factory=dict, description="Per glob of quest file names (first match wins), how its quests "
+        'train, e.g. {"gsm8k*": {"epochs": 3, "shuffle": true}}.')
 
 
 class ConfigError(ValueError):
@@ -468,12 +500,14 @@ def type_name(annotation) -> str:
 
 def config_sections() -> list[tuple[str, type[BaseModel]]]:
     """``(name, model)`` of every section of ``config.json``, in order; a list of sections (``webhooks``)
-    is named ``webhooks[]`` with the model of one item."""
+    is named ``webhooks[]`` with the model of one item, a dict of them (``schools``) ``schools.<glob>``."""
     out: list[tuple[str, type[BaseModel]]] = []
     for name, field in RealmConfig.model_fields.items():
         model = field.default_factory().__class__  # type: ignore[misc]
         if model is list:
             out.append((f"{name}[]", field.annotation.__args__[0]))  # type: ignore[union-attr]
+        elif model is dict:
+            out.append((f"{name}.<glob>", field.annotation.__args__[1]))  # type: ignore[union-attr]
         else:
             out.append((name, model))
     return out

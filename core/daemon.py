@@ -323,10 +323,11 @@ class Daemon:
                               f"{attempts + 1} of {self.config.training.max_attempts}", level="warning",
                               quest_id=quest["id"])
 
-    def _verified_records(self, quest: dict[str, Any]) -> Iterator[tuple[int, dict]] | None:
-        """The quest's records exactly as validation kept them (:func:`core.records.trainable_records`),
-        after checking that its file is the one validated (SHA-256). None when it is not, or when its
-        verdict is missing (a quest queued before verdicts existed): it goes back to validation."""
+    def _verified_records(self, quest: dict[str, Any]) -> Callable[[], Iterator[tuple[int, dict]]] | None:
+        """A function returning the quest's records exactly as validation kept them
+        (:func:`core.records.trainable_records`; called again for each unshuffled epoch), after checking
+        that its file is the one validated (SHA-256). None when it is not, or when its verdict is missing
+        (a quest queued before verdicts existed): it goes back to validation."""
         assert self.queue is not None
         path = self.queue.path_of(quest)
         try:
@@ -347,7 +348,7 @@ class Daemon:
             self._validate_again(quest, f"the record verdicts of {quest['name']} cannot be used ({problem})",
                                  kind="quest_verdicts_missing")
             return None
-        return trainable_records(path, verdicts)
+        return lambda: trainable_records(path, verdicts)
 
     def _file_changed(self, quest: dict[str, Any], why: str) -> None:
         """A quest's file is not what validation read: validate it again -- unless examples of it were

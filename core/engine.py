@@ -20,7 +20,12 @@ transaction. After a crash, :meth:`Engine.setup` loads the newest loadable check
 rolls the ledger back to S (:meth:`core.ledger.Ledger.rollback_to`), so the quest's ``examples_trained``
 is again the cursor of the weights; training restarts from there with the same optimizer, scheduler and
 RNG state: no example is replayed or skipped. The checkpoint's cursor also records the quest's
-``eval_holdout_every``, kept for that quest when the config changes before it is resumed from that cursor.
+``eval_holdout_every``, ``epochs`` and ``shuffle``, kept for that quest when the config changes before it is
+resumed from that cursor.
+
+**Epochs and order** (:mod:`core.epochs`): a quest whose ``schools`` rule has ``epochs = E`` has a cursor
+over ``E x`` its train examples; each epoch is in file order or, with ``shuffle``, in a permutation seeded
+by the quest's content SHA-256 and the epoch -- a pure function of the cursor, so resume stays exact.
 
 **Loss.** Summed token cross-entropy over the whole optimizer step divided by the step's trainable
 tokens (exact gradient accumulation). A step whose loss or gradient norm is not finite, or that has no
@@ -55,8 +60,9 @@ import torch.nn.functional as F
 from core import adapters, memory, trackers
 from core import checkpoint as ckpt
 from core.chat import TokenizedExample, count_tokens, tokenize_example
-from core.config import RealmConfig
+from core.config import RealmConfig, quest_rule_for
 from core.config_diff import config_changes, format_changes
+from core.epochs import ordered_examples
 from core.faults import NonFiniteLossError, TrainingRolledBack, free_memory, load_lr_scale, store_lr_scale
 from core.hero import NEWBORN_HINT, describe_model, load_tokenizer
 from core.ledger import Ledger
@@ -364,14 +370,18 @@ class Engine:
     def _pad_to(self) -> int | None:
         return self.config.training.max_length if self.config.training.packing else None
 
-    def train_quest(self, quest_id: int, records: Iterable[tuple[int, dict]], *, examples_done: int = 0,
-                    should_stop: Callable[[], bool] = lambda: False) -> QuestResult:
+    def train_quest(self, quest_id: int,
+                    records: Iterable[tuple[int, dict]] | Callable[[], Iterable[tuple[int, dict]]], *,
+                    examples_done: int = 0, should_stop: Callable[[], bool] = lambda: False) -> QuestResult:
         """Train one quest from its cursor to its end (see the module doc for the exact semantics).
 
-        ``records``: ``(line, normalized example)`` in file order, the records validation kept
+        ``records``: ``(record number, normalized example)`` in file order, the records validation kept
         (:func:`core.records.trainable_records`; the whole quest, also when resuming: held-out records are
-        picked by position). ``examples_done``: train examples
-        already consumed (the ledger's ``examples_trained``). ``should_stop`` is called before each
+        picked by position) -- or a function returning that stream anew, needed for a quest with more than
+        one unshuffled epoch (``schools.<glob>``, :class:`core.config.QuestRule`: each epoch reads it
+        again). The cursor runs over ``epochs x`` train examples in the order of :mod:`core.epochs`
+        (shuffled per epoch when the rule says so). ``examples_done``: the cursor already consumed (the
+        ledger's ``examples_trained``). ``should_stop`` is called before each
         optimizer step; when it returns True the call returns ``status="interrupted"`` without saving.
         At the end: evaluation, a checkpoint with ``quest_done=True``, ``status="completed"``.
 
@@ -384,14 +394,23 @@ class Engine:
         quest = self.ledger.get_quest(quest_id)
         base_steps = int(quest["steps"]) if quest else 0
         every = self._holdout_every(quest_id)
-        split = _HoldoutSplit(records, every, t.eval_max_examples, EVAL_READAHEAD_RECORDS)
+        epochs, shuffle = self._quest_order(quest_id, quest)
+        factory = records if callable(records) else None
+        if epochs > 1 and not shuffle and factory is None:
+            raise ValueError("a quest with several unshuffled epochs needs records as a function returning "
+                             "the stream anew")
+        split = _HoldoutSplit(factory() if factory else records, every, t.eval_max_examples,  # type: ignore[arg-type]
+                              EVAL_READAHEAD_RECORDS)
         split.read_ahead()
         eval_set: list[TokenizedExample] = []
-        train = (tokenize_example(ex, self.tokenizer, t.max_length, line)
-                 for i, line, ex in split.train_examples() if i >= examples_done)
+        shuffle_key = str(quest["content_hash"]) if shuffle and quest else None
+        ordered = ordered_examples(split.train_examples(),
+                                   lambda: _HoldoutSplit(factory(), every, 0, 0).train_examples(),  # type: ignore[misc]
+                                   epochs, shuffle_key, examples_done)
+        train = (tokenize_example(ex, self.tokenizer, t.max_length, line) for _, line, ex in ordered)
         cursor, steps, evaluated_at = examples_done, 0, None
         self.cursor = {ckpt.KEY_QUEST_ID: quest_id, ckpt.KEY_EXAMPLES_DONE: cursor, ckpt.KEY_QUEST_DONE: False,
-                       ckpt.KEY_HOLDOUT_EVERY: every}
+                       ckpt.KEY_HOLDOUT_EVERY: every, ckpt.KEY_EPOCHS: epochs, ckpt.KEY_SHUFFLE: shuffle}
 
         def run_eval() -> None:
             nonlocal evaluated_at
@@ -407,7 +426,8 @@ class Engine:
         def result(status: str) -> QuestResult:
             return QuestResult(status, quest_id, cursor, steps, base_steps + steps, self.global_step,
                                self.last_loss, self.last_eval_loss, len(eval_set),
-                               str(self.last_checkpoint) if self.last_checkpoint else None, split.train_total)
+                               str(self.last_checkpoint) if self.last_checkpoint else None,
+                               None if split.train_total is None else split.train_total * epochs)
 
         self._check_memory(quest_id)
         if self.probe_memory if self.probe_memory is not None else self.accelerator.device.type == "cuda":
@@ -455,6 +475,22 @@ class Engine:
         self.cursor[ckpt.KEY_QUEST_DONE] = True
         self.save_checkpoint("quest_end")
         return result("completed")
+
+    def _quest_order(self, quest_id: int, quest: dict | None) -> tuple[int, bool]:
+        """``(epochs, shuffle)`` of this quest: its ``schools`` rule by file name
+        (:func:`core.config.quest_rule_for`), or the values it started with when resuming it from the
+        checkpoint's cursor (the cursor's meaning depends on them; a changed rule applies to new quests)."""
+        rule = quest_rule_for(str(quest["name"]) if quest else "", self.config.schools)
+        epochs, shuffle = rule.epochs, rule.shuffle
+        rc = self.resume_cursor
+        if rc and rc.get(ckpt.KEY_QUEST_ID) == quest_id and not rc.get(ckpt.KEY_QUEST_DONE):
+            pinned = (int(rc.get(ckpt.KEY_EPOCHS, 1)), bool(rc.get(ckpt.KEY_SHUFFLE, False)))
+            if pinned != (epochs, shuffle):
+                self._warn("order_pinned", f"quest {quest_id} started with epochs={pinned[0]}, shuffle="
+                           f"{pinned[1]}; keeping them (not epochs={epochs}, shuffle={shuffle}) so its cursor "
+                           "stays exact", quest_id=quest_id)
+            return pinned
+        return epochs, shuffle
 
     def _holdout_every(self, quest_id: int) -> int:
         """``eval_holdout_every`` for this quest: the value it started with when resuming it from the

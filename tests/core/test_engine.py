@@ -89,7 +89,7 @@ def test_global_step_continues_across_quests_and_restarts(make_realm):
         [ckpt.checkpoint_name(s) for s in sorted({s for s in range(1, r1.steps + 1) if s % 3 == 0} | {r1.steps})]
     state = ckpt.read_checkpoint_info(ckpt.latest_checkpoint(realm.checkpoints_dir("hero")))
     assert state["cursor"] == {"quest_id": q1, "examples_done": 23, "quest_done": True,
-                               "eval_holdout_every": 4}
+                               "eval_holdout_every": 4, "epochs": 1, "shuffle": False}
     assert state["hero"]["newborn"] and state["config"]["training"]["save_steps"] == 3
     assert state["reason"] == "quest_end" and state["eval_loss"] == r1.eval_loss
 
@@ -158,7 +158,7 @@ def test_resume_after_a_kill_is_exact(make_realm):
     quest = ledger.get_quest(qid)
     assert quest["steps"] == 4 and quest["examples_trained"] == ledger.steps()[-1]["example_end"]
     assert engine.resume_cursor == {"quest_id": qid, "examples_done": quest["examples_trained"], "quest_done": False,
-                                    "eval_holdout_every": 5}
+                                    "eval_holdout_every": 5, "epochs": 1, "shuffle": False}
     assert any(e["kind"] == "rollback" for e in ledger.events())
     result = engine.train_quest(qid, records, examples_done=quest["examples_trained"])
     assert any(e["kind"] == "holdout_pinned" for e in ledger.events())
@@ -303,3 +303,33 @@ def test_packed_steps_on_cpu_compute_the_same_loss_as_padded_rows_with_the_4d_ma
     assert first["loss"] == pytest.approx(total / n, abs=1e-5)
     engine.cleanup()
     ledger.close()
+
+
+def test_shuffled_epochs_train_every_example_once_per_epoch_in_the_seeded_order(make_realm):
+    from core.epochs import permutation
+
+    realm = make_realm(training={**SMALL, "save_steps": 1000, "eval_holdout_every": 5, "eval_max_examples": 2},
+                       schools={"shuf*": {"epochs": 3, "shuffle": True}, "*": {"epochs": 2}})
+    ledger = Ledger(realm.ledger_path)
+    engine = start(realm, ledger)
+    records = make_records(20)
+    qid = admit(realm, ledger, "shuffled.jsonl", records)
+    result = engine.train_quest(qid, records)
+    n = count_train_examples(20, 5)
+    assert result.status == "completed" and result.examples_trained == result.examples_total == 3 * n
+    train_lines = [line for i, (line, _) in enumerate(records) if not is_held_out(i, 5)]
+    key = ledger.get_quest(qid)["content_hash"]
+    expected = [train_lines[j] for epoch in range(3) for j in permutation(n, key, epoch)]
+    assert trained_lines(ledger) == expected and expected[:n] != train_lines
+    assert engine.cursor["epochs"] == 3 and engine.cursor["shuffle"] is True
+
+    # the other glob: two epochs in file order, the file read again for the second (records as a function)
+    other = make_records(10, seed=3)
+    q2 = admit(realm, ledger, "plain.jsonl", other)
+    with pytest.raises(ValueError, match="function"):
+        engine.train_quest(q2, other)
+    done = engine.train_quest(q2, lambda: iter(other))
+    plain = [line for i, (line, _) in enumerate(other) if not is_held_out(i, 5)]
+    assert done.examples_total == 2 * len(plain)
+    assert trained_lines(ledger)[3 * n:] == plain * 2
+    engine.cleanup()

@@ -55,20 +55,11 @@ def _trained(ledger):
             for row in ledger.steps()]
 
 
-def test_sigkill_mid_quest_resumes_exactly(make_realm):
-    settings = dict(training={"micro_batch_size": 2, "save_steps": 4, "eval_holdout_every": 10})
-    # reference: one uninterrupted run
-    ref = make_realm("reference", **settings)
-    write_text_quest(ref.inbox / "a.jsonl", 50)
-    write_text_quest(ref.inbox / "b.jsonl", 30, prefix="bee")
-    assert Daemon(ref, ref.load_config(), until_idle=True).run() == 0
-    expected = _trained(Ledger(ref.ledger_path))
-
-    realm = make_realm("killed", **settings)
-    write_text_quest(realm.inbox / "a.jsonl", 50)
-    write_text_quest(realm.inbox / "b.jsonl", 30, prefix="bee")
+def _kill_and_finish(realm, kill_after_steps) -> None:
+    """Run the daemon as a real process, SIGKILL it once the ledger reaches each step, then finish with
+    ``daemon --until-idle``."""
     env = python_env()
-    for kill_after_step in (6, 13):  # kill twice: mid-quest a, then later
+    for kill_after_step in kill_after_steps:
         with open(realm.root / f"daemon-{kill_after_step}.log", "wb") as log:  # a pipe nobody reads could fill
             proc = subprocess.Popen([PYTHON, "-m", "training", "--realm", str(realm.root), "daemon"], env=env,
                                     stdout=log, stderr=subprocess.STDOUT)
@@ -88,6 +79,21 @@ def test_sigkill_mid_quest_resumes_exactly(make_realm):
     done = subprocess.run([PYTHON, "-m", "training", "--realm", str(realm.root), "daemon", "--until-idle"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_sigkill_mid_quest_resumes_exactly(make_realm):
+    settings = dict(training={"micro_batch_size": 2, "save_steps": 4, "eval_holdout_every": 10})
+    # reference: one uninterrupted run
+    ref = make_realm("reference", **settings)
+    write_text_quest(ref.inbox / "a.jsonl", 50)
+    write_text_quest(ref.inbox / "b.jsonl", 30, prefix="bee")
+    assert Daemon(ref, ref.load_config(), until_idle=True).run() == 0
+    expected = _trained(Ledger(ref.ledger_path))
+
+    realm = make_realm("killed", **settings)
+    write_text_quest(realm.inbox / "a.jsonl", 50)
+    write_text_quest(realm.inbox / "b.jsonl", 30, prefix="bee")
+    _kill_and_finish(realm, (6, 13))
     got = _trained(Ledger(realm.ledger_path))
     assert [g[:3] for g in got] == [e[:3] for e in expected]       # same steps, same examples, same order
     lines = [(q, ln) for _, q, lns, _ in got for ln in lns]
@@ -124,3 +130,28 @@ def test_stop_command_checkpoints_ends_the_daemon_and_the_supervisor_does_not_re
         assert again.returncode == 5 and "nothing to stop" in again.stderr, again.stdout + again.stderr
     finally:
         cli(realm, "stop-all", "--timeout", "60")
+
+
+def test_sigkill_mid_shuffled_three_epoch_quest_resumes_exactly(make_realm):
+    """schools: a shuffled 3-epoch quest killed three times (once in each epoch: 2 examples per step, 27 train
+    examples per epoch) trains the same examples per step, with the same losses, as an uninterrupted run:
+    the permutation survives restarts."""
+    settings = dict(training={"micro_batch_size": 2, "packing": False, "save_steps": 4, "eval_holdout_every": 10},
+                    schools={"shuf*.jsonl": {"epochs": 3, "shuffle": True}})
+    ref = make_realm("reference", **settings)
+    write_text_quest(ref.inbox / "shuf.jsonl", 30)
+    assert Daemon(ref, ref.load_config(), until_idle=True).run() == 0
+    expected = _trained(Ledger(ref.ledger_path))
+
+    realm = make_realm("killed", **settings)
+    write_text_quest(realm.inbox / "shuf.jsonl", 30)
+    _kill_and_finish(realm, (9, 23, 34))
+    got = _trained(Ledger(realm.ledger_path))
+    assert len(got) == 41
+    assert [g[:3] for g in got] == [e[:3] for e in expected]       # same steps, same examples, same order
+    assert [g[3] for g in got] == pytest.approx([e[3] for e in expected], rel=1e-5, abs=1e-6)
+    lines = [ln for _, _, lns, _ in got for ln in lns]
+    assert sorted(set(lines)) == [ln for ln in range(1, 31) if ln % 10] and all(lines.count(ln) == 3 for ln in lines)
+    assert lines[:27] != sorted(lines[:27])                          # shuffled, not file order
+    quest = Ledger(realm.ledger_path).list_quests()[0]
+    assert quest["state"] == "completed" and quest["examples_trained"] == quest["examples_total"] == 81

@@ -39,10 +39,11 @@ def test_schema_and_reference_cover_every_section():
     schema = config_json_schema()
     assert set(schema["properties"]) == {"hero", "training", "ingest", "validation", "tavern", "retention",
                                          "backup", "supervisor", "sources", "webhooks", "skills",
-                                         "idle_generation"}
+                                         "idle_generation", "schools"}
     ref = config_reference_markdown()
     for key in ("learning_rate", "max_length", "save_steps", "settle_seconds", "length_policy", "access_token",
-                "keep_last", "min_free_gb", "hang_minutes", "report_to", "max_download_bytes", "secret"):
+                "keep_last", "min_free_gb", "hang_minutes", "report_to", "max_download_bytes", "secret", "epochs",
+                "shuffle"):
         assert f"`{key}`" in ref
 
 
@@ -125,3 +126,15 @@ def test_a_threshold_no_trial_can_reach_is_refused():
     with pytest.raises(ConfigError, match="skills.promotion_threshold: .*0.929"):
         parse_config({"skills": {"promotion_threshold": 0.93}})
     assert parse_config({"skills": {"promotion_threshold": 0.93, "trial_samples": 100}}).skills.trial_samples == 100
+
+
+def test_schools_rules_first_matching_glob_wins_and_errors_name_the_key():
+    from core.config import quest_rule_for
+
+    c = parse_config({"schools": {"gsm8k*": {"epochs": 3, "shuffle": True}, "*.csv": {"epochs": 2}, "*": {}}})
+    assert (quest_rule_for("high_gsm8k_train.csv.gz", c.schools).epochs, c.schools["gsm8k*"].shuffle) == (3, True)
+    assert quest_rule_for("other.csv", c.schools).epochs == 2 and quest_rule_for("x.txt", c.schools).epochs == 1
+    assert quest_rule_for("x.txt", {}).shuffle is False
+    with pytest.raises(ConfigError) as exc:
+        parse_config({"schools": {"a*": {"epochs": 0, "shuffle": "yes", "order": 1}}})
+    assert {e.split(":")[0] for e in exc.value.errors} == {"schools.a*.epochs", "schools.a*.shuffle", "schools.a*.order"}

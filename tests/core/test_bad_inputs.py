@@ -68,6 +68,7 @@ def malformed_corpus() -> dict[str, bytes]:
                  "emoji \U0001f409.jsonl", "percent %s %n.jsonl", "back\\slash.jsonl", "no-extension",
                  "x.json", "x.txt", "x.csv", "x.parquet", "UPPER.JSONL"):
         out[name] = b'{"text": 42}\n'
+    out["x.txt"] = b"\x00\x01 binary \xff\xfe"  # '{"text": 42}' is a fine paragraph of plain text
     return out
 
 

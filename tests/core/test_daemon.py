@@ -134,11 +134,11 @@ def test_same_name_twice_both_train_and_identical_content_is_skipped(make_realm)
 def test_malformed_file_fails_and_daemon_keeps_running(make_realm):
     realm = make_realm()
     with DaemonThread(realm) as d:
-        (realm.inbox / "array.json").write_text('[{"text": "a"}]')
+        (realm.inbox / "object.json").write_text('{"data":\n [{"text": "a"}]}')
         (realm.inbox / "junk.jsonl").write_bytes(b"\x00\xff\xfe garbage\n{]\n")
         d.wait_for(lambda: d.states() == ["failed", "failed"], what="both rejected")
         reasons = " ".join(q["error"] or "" for q in d.quests())
-        assert "jq -c" in reasons
+        assert "a JSON object, not an array of records" in reasons
         write_text_quest(realm.inbox / "good.jsonl", 6)
         d.wait_for(lambda: d.states()[-1] == "completed", what="good file trained after bad ones")
         for q in d.quests()[:2]:

@@ -184,7 +184,7 @@ def test_real_alpaca_json_csv_and_parquet_are_validated_and_trained(make_realm, 
     records = json.loads(ALPACA.read_text(encoding="utf-8"))
     realm = make_realm(training={"max_length": 32, "micro_batch_size": 16, "packing": False, "save_steps": 1000},
                        schools={"*.parquet": {"epochs": 1}})
-    hostile = {"object.json": b'{"data": [{"text": "a"}]}\n{"x": 1}\n',
+    hostile = {"object.json": b'{\n  "data": [{"text": "a"}]\n}\n',
                "truncated.json": ALPACA.read_bytes()[:5000],
                "ragged.csv": b"instruction,input,output\n" + b"a,,b\n" * 5 + b"c,d\n" * 5,
                "garbage.txt": bytes((i * 37) % 256 for i in range(4096)),

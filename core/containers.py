@@ -50,6 +50,7 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import json
 import re
 import sys
 import zlib
@@ -184,11 +185,11 @@ def detect(path: Path, name: str) -> str:
         if stripped.startswith(b"["):
             return JSON
         if stripped.startswith(b"{"):
-            first = stripped.split(b"\n", 1)[0].strip()
+            first, newline, _ = stripped.partition(b"\n")
+            if not newline and len(head) >= _HEAD_BYTES:
+                return JSONL  # a first line longer than we peek: JSON Lines (validation judges each line)
             try:
-                import json
-
-                if isinstance(json.loads(first), dict):
+                if isinstance(json.loads(first.strip()), dict):
                     return JSONL  # JSON Lines named .json (as the Hugging Face hub often has them)
             except ValueError:
                 pass

@@ -72,8 +72,10 @@ def _kill_and_finish(realm, kill_after_steps) -> None:
             last = ledger.last_step() if ledger else None
             return last and last["global_step"] >= step
 
-        wait_for(reached, what=f"step {kill_after_step}")
-        proc.send_signal(signal.SIGKILL)
+        try:
+            wait_for(reached, timeout=300, what=f"step {kill_after_step}")
+        finally:
+            proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         ledger.close()
     done = subprocess.run([PYTHON, "-m", "training", "--realm", str(realm.root), "daemon", "--until-idle"],

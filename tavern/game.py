@@ -67,7 +67,7 @@ GLOSSARY: dict[str, str] = {
     "realm": "the working folder: config.json, inbox/, queue/, models/, logs, ledger.sqlite",
     "hero": "the model being fine-tuned (config hero.name; weights under models/<hero>/)",
     "newborn hero": "a randomly initialised default model (no base_model configured)",
-    "quest": "one training data file (.jsonl) dropped into inbox/; a row of the ledger's quests table",
+    "quest": "one training data file (.jsonl, .json, .csv, .parquet, .txt...) dropped into inbox/; a row of the ledger's quests table",
     "XP": "global_step: optimizer steps since the model was created, never reset",
     "level": "a function of global_step (quadratic curve, see the formula table)",
     "ATK": "100 * exp(-training loss), loss averaged over the last 20 steps",

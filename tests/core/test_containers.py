@@ -182,7 +182,7 @@ def test_empty_parquet_is_rejected(tmp_path):
 @pytest.mark.slow
 def test_real_alpaca_json_csv_and_parquet_are_validated_and_trained(make_realm, restore_signals, tmp_path):
     records = json.loads(ALPACA.read_text(encoding="utf-8"))
-    realm = make_realm(training={"max_length": 32, "micro_batch_size": 16, "packing": False, "save_steps": 1000},
+    realm = make_realm(training={"max_length": 16, "micro_batch_size": 50, "packing": False, "save_steps": 1000},
                        schools={"*.parquet": {"epochs": 1}})
     hostile = {"object.json": b'{\n  "data": [{"text": "a"}]\n}\n',
                "truncated.json": ALPACA.read_bytes()[:5000],
@@ -203,7 +203,7 @@ def test_real_alpaca_json_csv_and_parquet_are_validated_and_trained(make_realm, 
     for name in ("alpaca_en_demo.json", "alpaca.csv", "alpaca.parquet"):
         q = quests[name]
         assert (q["state"], q["format"], q["records"], q["bad_records"]) == ("completed", "alpaca", 999, 0), q
-        assert q["examples_trained"] == q["examples_total"] == 999 and q["steps"] == 63  # ceil(999 / 16)
+        assert q["examples_trained"] == q["examples_total"] == 999 and q["steps"] == 20  # ceil(999 / 50)
         report = json.loads((realm.queue_dir("recently_completed") / (q["stored_name"] + ".report.json")).read_text())
         assert report["container"] == name.rsplit(".", 1)[1] and report["format"] == "alpaca"
     expected = {"object.json": "a JSON object, not an array", "truncated.json": "invalid or truncated JSON at record",

@@ -366,7 +366,7 @@ def _start_all(args, realm: Realm, config: RealmConfig, environ) -> int:
     for role, child in children.items():
         where = f" on http://{config.tavern.host}:{config.tavern.port}/" if role == "tavern" else ""
         print(f"{role} {child.get('state')} (pid {child.get('pid')}){where}; log: {realm.logs / (role + '.log')}")
-    print(f"drop .jsonl files into {realm.inbox}/ ; `python -m training status` shows progress; "
+    print(f"drop dataset files (.jsonl, .json, .csv, .tsv, .parquet, .txt) into {realm.inbox}/ ; `python -m training status` shows progress; "
           "`python -m training stop-all` stops everything")
     return ExitCode.OK
 

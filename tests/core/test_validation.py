@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import core.validation as validation
 from core.config import RealmConfig
-from core.formats import iter_valid_records, preference_as_sft
+from core.formats import CorruptFileError, iter_valid_records, preference_as_sft
 from core.validation import (
     ValidationReport,
     format_report_text,
@@ -377,6 +377,7 @@ MIXED_LENGTHS = "\n".join([text_line(3), text_line(12), "nope", text_line(8), te
 @example(raw=MIXED_LENGTHS, name="a.jsonl", compress=False, policy="truncate")  # every run checks each policy
 @example(raw=MIXED_LENGTHS, name="a.jsonl.gz", compress=True, policy="drop")
 @example(raw=MIXED_LENGTHS, name="A.JSONL", compress=False, policy="reject")
+@example(raw=b'[{"text": "a"}, ""', name="a.json", compress=False, policy="truncate")  # truncated JSON array
 def test_fuzz_validate_never_raises(tmp_path, raw, name, compress, policy):
     p = tmp_path / "fuzz.bin"
     p.write_bytes(gzip.compress(raw) if compress else raw)
@@ -392,7 +393,11 @@ def test_fuzz_validate_never_raises(tmp_path, raw, name, compress, policy):
     if policy != "truncate":
         assert report.truncated == 0
     if report.lines:  # the file was read: the trainer sees exactly the records that validation found valid
-        parsed = {n: ex for n, ex in iter_valid_records(p, name, cfg.validation)}
+        try:
+            parsed = {n: ex for n, ex in iter_valid_records(p, name, cfg.validation)}
+        except CorruptFileError as exc:  # it cannot be read to its end: rejected, saying so
+            assert not report.accepted and str(exc) in report.reason
+            return
         bad = {b.line: b.reason for b in report.bad_lines}
         too_long = {n for n, reason in bad.items() if "(length_policy reject)" in reason}
         dropped = {d.line for d in report.dropped_lines}

@@ -370,7 +370,7 @@ MIXED_LENGTHS = "\n".join([text_line(3), text_line(12), "nope", text_line(8), te
         st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.integers(1, 16).map(text_line), st.text(max_size=40)),
                  max_size=12).map(lambda parts: "\n".join(parts).encode("utf-8", "surrogatepass")),
     ),
-    name=st.sampled_from(["a.jsonl", "a.jsonl.gz", "a.json", "x", "A.JSONL", "d.txt"]),
+    name=st.sampled_from(["a.jsonl", "a.jsonl.gz", "a.json", "x", "A.JSONL", "d.txt", "a.csv", "a.tsv.gz"]),
     compress=st.booleans(),
     policy=st.sampled_from(["truncate", "drop", "reject"]),
 )

@@ -353,16 +353,44 @@ def _skill_name_problem(name: str) -> str | None:
     return f"skill name {name!r}: letters, digits, '_', '.', '-', a letter first, at most 32 characters"
 
 
+SCHOOL_NAMES = ("sft", "dpo", "ipo", "orpo", "kto", "fortune_teller")
+"""Schools a quest rule may name (:mod:`core.schools`)."""
+
+
 class QuestRule(_Section):
     """Rules for the quests whose file name matches a glob (``schools: {"<glob>": {...}}``; the first
     matching glob wins, in the order written; the name is matched as ``validation.field_map`` matches it).
-    A quest that matches none trains once, in file order."""
+    A quest that matches none trains once, in file order, with the school of its format.
 
+    ``school`` null: chosen by the file's format (SFT formats -> ``sft``, paired preferences -> ``dpo``,
+    unpaired ratings -> ``kto``), see :mod:`core.schools`."""
+
+    school: Literal["sft", "dpo", "ipo", "orpo", "kto", "fortune_teller"] | None = Field(
+        None, description="sft (Scribe), dpo / ipo / orpo / kto (Judge), fortune_teller (surprise-weighted "
+        "SFT); null: by the file's format.")
+    beta: float = Field(0.1, gt=0, le=100, description="DPO/IPO/KTO: strength of the reference constraint "
+                        "(TRL's beta; IPO's tau). ORPO: weight lambda of the odds-ratio term.")
+    loss_type: Literal["sigmoid", "ipo"] | None = Field(
+        None, description="With school dpo: sigmoid (DPO, Rafailov et al. 2023, the default) or ipo (Azar et "
+        "al. 2023; the same as school ipo).")
+    desirable_weight: float = Field(1.0, gt=0, le=100, description="KTO: weight of the good (label true) "
+                                    "completions' losses.")
+    undesirable_weight: float = Field(1.0, gt=0, le=100, description="KTO: weight of the bad (label false) "
+                                      "completions' losses.")
+    weighting: Literal["entropy", "confidence", "margin"] = Field(
+        "entropy", description="fortune_teller: which surprise weighs each token's loss (mean weight 1).")
     epochs: int = Field(1, ge=1, le=10_000, description="Passes over the quest's train examples (held-out "
                         "records are never trained); progress and ETA count all of them.")
     shuffle: bool = Field(False, description="Train each epoch in a seeded random order: the permutation of "
                           "epoch e is seeded by the quest's content SHA-256 and e, so it survives restarts (the "
                           "cursor stays exact). A shuffled quest holds its normalized records in memory.")
+
+    @field_validator("loss_type")
+    @classmethod
+    def _loss_type_for_dpo(cls, value, info):
+        if value is not None and info.data.get("school") not in ("dpo", None):
+            raise ValueError(f"loss_type is a setting of school dpo, not {info.data.get('school')}")
+        return value
 
 
 def quest_rule_for(file_name: str, schools: dict[str, QuestRule]) -> QuestRule:
@@ -398,8 +426,9 @@ class RealmConfig(_Section):
     skills: SkillsConfig = Field(default_factory=SkillsConfig)
     idle_generation: IdleGenerationConfig = Field(default_factory=IdleGenerationConfig)
     schools: dict[str, QuestRule] = Field(
-        default_factory=dict, description="Per glob of quest file names (first match wins), how its quests "
-        'train, e.g. {"gsm8k*": {"epochs": 3, "shuffle": true}}.')
+        default_factory=dict, description="Per glob of quest file names (first match wins, matched as "
+        "validation.field_map matches them), how its quests train: school and its settings, epochs, order, e.g. "
+        '{"prefs*.jsonl": {"school": "dpo", "beta": 0.1}, "gsm8k*": {"epochs": 3, "shuffle": true}}.')
 
 
 class ConfigError(ValueError):

@@ -8,6 +8,12 @@ Formats follow TRL's dataset types and their standard field names:
 ``prompt_completion``       ``{"prompt", "completion"}``: both strings, or both lists of messages
 ``preference``              ``{"prompt", "chosen", "rejected"}`` (explicit prompt)
 ``preference_implicit``     ``{"chosen", "rejected"}`` (prompt inside each, e.g. hh-rlhf)
+``preference_sharegpt``     ``{"conversations", "chosen", "rejected"}``: sharegpt turns as the prompt, each answer a
+                            turn (or a list of turns), LLaMA-Factory's sharegpt preference data
+``unpaired_preference``     ``{"prompt", "completion", "label"}`` with a boolean ``label`` (TRL's unpaired
+                            preference type, for KTO)
+``messages_rated``          ``{"messages", "label"}``: the last (assistant) message rated by a boolean ``label``
+                            (LLaMA-Factory's KTO data)
 ``alpaca``                  ``{"instruction", "input"?, "output", "system"?, "history"?}``
 ``sharegpt``                ``{"conversations": [{"from", "value"}, ...], "system"?}``
 ==========================  ==================================================================
@@ -18,6 +24,7 @@ Formats follow TRL's dataset types and their standard field names:
   ``{"messages": [{"role": str, "content": str}, ...]}`` (message-list prompt/completion, alpaca and
   sharegpt all become ``messages``; the loss is then on every assistant message).
 - preference: ``{"prompt": str | list[message] | None, "chosen": str | list, "rejected": str | list}``.
+- unpaired preference: ``{"prompt": str | list[message], "completion": str | list[message], "label": bool}``.
 
 Every problem with a record raises :class:`RecordError` with a human reason. Files are read by
 :func:`open_text_lines` (plain or gzip by magic bytes, UTF-8 with optional BOM, CRLF tolerated, one
@@ -46,15 +53,23 @@ PREFERENCE = "preference"
 PREFERENCE_IMPLICIT = "preference_implicit"
 ALPACA = "alpaca"
 SHAREGPT = "sharegpt"
+PREFERENCE_SHAREGPT = "preference_sharegpt"
+UNPAIRED_PREFERENCE = "unpaired_preference"
+MESSAGES_RATED = "messages_rated"
 
 SFT_FORMATS = frozenset({TEXT, MESSAGES, PROMPT_COMPLETION, ALPACA, SHAREGPT})
-PREFERENCE_FORMATS = frozenset({PREFERENCE, PREFERENCE_IMPLICIT})
-ALL_FORMATS = (PREFERENCE, PREFERENCE_IMPLICIT, MESSAGES, SHAREGPT, PROMPT_COMPLETION, ALPACA, TEXT)
+PREFERENCE_FORMATS = frozenset({PREFERENCE, PREFERENCE_IMPLICIT, PREFERENCE_SHAREGPT})
+UNPAIRED_FORMATS = frozenset({UNPAIRED_PREFERENCE, MESSAGES_RATED})
+ALL_FORMATS = (PREFERENCE, PREFERENCE_SHAREGPT, PREFERENCE_IMPLICIT, UNPAIRED_PREFERENCE, MESSAGES_RATED, MESSAGES,
+               SHAREGPT, PROMPT_COMPLETION, ALPACA, TEXT)
 
 #: Fields that identify each format (all required), in detection order (first match wins).
 FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
     PREFERENCE: ("prompt", "chosen", "rejected"),
+    PREFERENCE_SHAREGPT: ("conversations", "chosen", "rejected"),
     PREFERENCE_IMPLICIT: ("chosen", "rejected"),
+    UNPAIRED_PREFERENCE: ("prompt", "completion", "label"),
+    MESSAGES_RATED: ("messages", "label"),
     MESSAGES: ("messages",),
     SHAREGPT: ("conversations",),
     PROMPT_COMPLETION: ("prompt", "completion"),
@@ -287,7 +302,7 @@ def _normalize_alpaca(record: dict) -> dict:
     return {"messages": messages}
 
 
-def _normalize_sharegpt(record: dict) -> dict:
+def _normalize_sharegpt(record: dict, need_assistant: bool = True) -> dict:
     turns = record["conversations"]
     if not isinstance(turns, list):
         raise RecordError(f"conversations must be a list of turns, got {_type_name(turns)}")
@@ -313,7 +328,7 @@ def _normalize_sharegpt(record: dict) -> dict:
             continue
         messages.append({"role": role, "content": _content(turn[text_key], f"{here}.{text_key}")})
         has_assistant = has_assistant or role == "assistant"
-    if not has_assistant:
+    if need_assistant and not has_assistant:
         raise RecordError("conversations has no assistant (gpt) turn (nothing to learn)")
     return {"messages": messages}
 
@@ -343,6 +358,55 @@ def _normalize_preference(record: dict, explicit: bool) -> dict:
     return out
 
 
+def _label(record: dict) -> bool:
+    label = record["label"]
+    if not isinstance(label, bool):
+        raise RecordError(f"label must be true (a good completion) or false (a bad one), got {_type_name(label)}")
+    return label
+
+
+def _normalize_unpaired(record: dict) -> dict:
+    label = _label(record)
+    prompt, completion = record["prompt"], record["completion"]
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return {"prompt": _text(prompt, "prompt"), "completion": _text(completion, "completion"), "label": label}
+    if isinstance(prompt, list) and isinstance(completion, list):
+        return {"prompt": _messages(prompt, "prompt", need_assistant=False),
+                "completion": _messages(completion, "completion", need_assistant=True), "label": label}
+    raise RecordError("prompt and completion must both be strings or both be lists of messages, got "
+                      f"{_type_name(prompt)} and {_type_name(completion)}")
+
+
+def _normalize_messages_rated(record: dict) -> dict:
+    label = _label(record)
+    messages = _messages(record["messages"], "messages", need_assistant=True)
+    if messages[-1]["role"] != "assistant":
+        raise RecordError("the last message must be the assistant's (the rated answer)")
+    if len(messages) < 2:
+        raise RecordError("messages needs a prompt before the rated assistant message")
+    return {"prompt": messages[:-1], "completion": messages[-1:], "label": label}
+
+
+def _sharegpt_answer(value: Any, name: str) -> list[dict[str, str]]:
+    """A sharegpt answer: one turn ``{"from": "gpt", "value": ...}`` or a list of turns, as messages."""
+    turns = value if isinstance(value, list) else [value]
+    try:
+        return _normalize_sharegpt({"conversations": turns})["messages"]
+    except RecordError as exc:
+        raise RecordError(f"{name}: {str(exc).replace('conversations', 'turns')}") from None
+
+
+def _normalize_preference_sharegpt(record: dict) -> dict:
+    prompt = _normalize_sharegpt({"conversations": record["conversations"], "system": record.get("system")},
+                                 need_assistant=False)["messages"]
+    if prompt[-1]["role"] != "user":
+        raise RecordError("conversations (the prompt) must end with a human/user turn")
+    chosen, rejected = _sharegpt_answer(record["chosen"], "chosen"), _sharegpt_answer(record["rejected"], "rejected")
+    if chosen == rejected:
+        raise RecordError("chosen and rejected are identical (nothing to learn)")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
 _NORMALIZERS = {
     TEXT: _normalize_text,
     MESSAGES: _normalize_messages,
@@ -351,6 +415,9 @@ _NORMALIZERS = {
     SHAREGPT: _normalize_sharegpt,
     PREFERENCE: lambda r: _normalize_preference(r, explicit=True),
     PREFERENCE_IMPLICIT: lambda r: _normalize_preference(r, explicit=False),
+    PREFERENCE_SHAREGPT: _normalize_preference_sharegpt,
+    UNPAIRED_PREFERENCE: _normalize_unpaired,
+    MESSAGES_RATED: _normalize_messages_rated,
 }
 
 
@@ -374,6 +441,11 @@ def normalize(record: dict, fmt: str) -> dict:
 def preference_as_sft(example: dict) -> tuple[dict, dict]:
     """The (chosen, rejected) sides of a normalized preference example as SFT-shaped examples
     (``prompt``/``completion``, ``messages`` or ``text``), e.g. to measure their token lengths."""
+    if "label" in example:  # unpaired: one side
+        side = {"prompt": example["prompt"], "completion": example["completion"]}
+        if isinstance(example["prompt"], list):
+            side = {"messages": example["prompt"] + example["completion"]}
+        return (side,)  # type: ignore[return-value]
     prompt, sides = example["prompt"], (example["chosen"], example["rejected"])
     if prompt is None:
         return tuple({"text": s} if isinstance(s, str) else {"messages": s} for s in sides)  # type: ignore[return-value]

@@ -14,6 +14,7 @@ from core.formats import (
     ALL_FORMATS,
     PREFERENCE_FORMATS,
     SFT_FORMATS,
+    UNPAIRED_FORMATS,
     CorruptFileError,
     RecordError,
     apply_field_map,
@@ -78,8 +79,9 @@ def test_detect_and_normalize_each_format(record, fmt, expected):
 
 def test_format_sets_cover_every_format():
     assert SFT_FORMATS == {"text", "messages", "prompt_completion", "alpaca", "sharegpt"}
-    assert PREFERENCE_FORMATS == {"preference", "preference_implicit"}
-    assert set(ALL_FORMATS) == SFT_FORMATS | PREFERENCE_FORMATS
+    assert PREFERENCE_FORMATS == {"preference", "preference_implicit", "preference_sharegpt"}
+    assert UNPAIRED_FORMATS == {"unpaired_preference", "messages_rated"}
+    assert set(ALL_FORMATS) == SFT_FORMATS | PREFERENCE_FORMATS | UNPAIRED_FORMATS
 
 
 def test_content_parts_and_empty_system_messages():

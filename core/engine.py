@@ -57,9 +57,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from core import adapters, memory, trackers
+from core import adapters, memory, schools, trackers
 from core import checkpoint as ckpt
-from core.chat import TokenizedExample, count_tokens, tokenize_example
+from core.chat import TokenizedExample, count_tokens
 from core.config import RealmConfig, quest_rule_for
 from core.config_diff import config_changes, format_changes
 from core.epochs import ordered_examples
@@ -71,7 +71,6 @@ from core.packing import (
     Batch,
     collate,
     collate_flat,
-    iter_steps,
     micro_batches,
     model_attention_mask,
     pack_rows,
@@ -79,6 +78,8 @@ from core.packing import (
 )
 from core.realm import Realm
 from core.records import count_train_examples, is_held_out  # noqa: F401 - re-exported
+from core.schools import reference
+from core.schools.base import School
 
 EVAL_READAHEAD_RECORDS = 20_000
 """Records read ahead (kept as raw dicts) to fill the eval set before training a quest."""
@@ -346,6 +347,26 @@ class Engine:
         """``(tokens, trainable tokens)`` of a normalized example, untruncated, with the hero's tokenizer."""
         return count_tokens(example, self.tokenizer)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model and its batches are."""
+        return self.accelerator.device
+
+    @property
+    def attn_implementation(self) -> str | None:
+        """The model's attention implementation (:data:`core.packing.PACKED_SDPA` on the CPU)."""
+        return self._attn
+
+    def logits(self, batch: Batch) -> torch.Tensor:
+        """The model's logits ``(B, L, V)`` for a batch already on :attr:`device` (a school's forward pass:
+        segmented attention or the 4D mask, as the engine's own)."""
+        b = batch
+        if self._attn == PACKED_SDPA:
+            extra = {"attention_mask": None, "packed_segments": b.segments}
+        else:
+            extra = {"attention_mask": model_attention_mask(b.attention_mask, self._attn, self._mask_dtype)}
+        return self.model(input_ids=b.input_ids, position_ids=b.position_ids, use_cache=False, **extra).logits
+
     def _loss_sum(self, batch: Batch) -> torch.Tensor:
         """Summed next-token cross-entropy (fp32 scalar) over the batch's trainable tokens."""
         b = batch.to(self.accelerator.device)
@@ -372,7 +393,8 @@ class Engine:
 
     def train_quest(self, quest_id: int,
                     records: Iterable[tuple[int, dict]] | Callable[[], Iterable[tuple[int, dict]]], *,
-                    examples_done: int = 0, should_stop: Callable[[], bool] = lambda: False) -> QuestResult:
+                    examples_done: int = 0, should_stop: Callable[[], bool] = lambda: False,
+                    reference_path: Path | None = None) -> QuestResult:
         """Train one quest from its cursor to its end (see the module doc for the exact semantics).
 
         ``records``: ``(record number, normalized example)`` in file order, the records validation kept
@@ -389,10 +411,17 @@ class Engine:
         (non-finite losses, see :mod:`core.faults`): call again with the ledger's ``examples_trained``;
         :class:`core.faults.NonFiniteLossError` when rollbacks do not help; ``torch.OutOfMemoryError`` when
         even one row per forward pass does not fit.
+
+        The quest's school (:func:`core.schools.make_school`; the ledger's ``quests.school``, else by its
+        name and format) turns records into steps and losses. ``reference_path``: where a school that needs
+        a reference model keeps the quest's reference log-probs (:mod:`core.schools.reference`; the daemon
+        passes the sidecar beside the quest's file; None keeps them in memory only, no exact resume).
+        Raises :class:`core.schools.reference.ReferenceError` when a started quest's reference is missing.
         """
         t = self.config.training
         quest = self.ledger.get_quest(quest_id)
         base_steps = int(quest["steps"]) if quest else 0
+        school = self.school_of(quest)
         every = self._holdout_every(quest_id)
         epochs, shuffle = self._quest_order(quest_id, quest)
         factory = records if callable(records) else None
@@ -402,22 +431,35 @@ class Engine:
         split = _HoldoutSplit(factory() if factory else records, every, t.eval_max_examples,  # type: ignore[arg-type]
                               EVAL_READAHEAD_RECORDS)
         split.read_ahead()
-        eval_set: list[TokenizedExample] = []
         shuffle_key = str(quest["content_hash"]) if shuffle and quest else None
-        ordered = ordered_examples(split.train_examples(),
-                                   lambda: _HoldoutSplit(factory(), every, 0, 0).train_examples(),  # type: ignore[misc]
-                                   epochs, shuffle_key, examples_done)
-        train = (tokenize_example(ex, self.tokenizer, t.max_length, line) for _, line, ex in ordered)
+        rows_per_step = t.micro_batch_size * t.gradient_accumulation_steps
+
+        def encode(line: int, ex: dict):
+            return school.encode(ex, self.tokenizer, t.max_length, line)
+
+        def in_order(start: int):
+            return ordered_examples(split.train_examples(),
+                                    lambda: _HoldoutSplit(factory(), every, 0, 0).train_examples(),  # type: ignore[misc]
+                                    epochs, shuffle_key, start)
+
+        eval_set: list = []
+        if school.needs_reference:  # the whole quest is read now: its reference is computed over all of it
+            items = [encode(line, ex) for _, line, ex in in_order(0)]  # every cursor position, all epochs
+            eval_set.extend(encode(line, ex) for line, ex in split.eval_records)
+            rows_per_step = reference.prepare(self, school, quest_id, items, eval_set, reference_path,
+                                              rows_per_step, examples_done)
+            train: Iterable = iter(items[examples_done:])
+        else:
+            train = (encode(line, ex) for _, line, ex in in_order(examples_done))
         cursor, steps, evaluated_at = examples_done, 0, None
         self.cursor = {ckpt.KEY_QUEST_ID: quest_id, ckpt.KEY_EXAMPLES_DONE: cursor, ckpt.KEY_QUEST_DONE: False,
                        ckpt.KEY_HOLDOUT_EVERY: every, ckpt.KEY_EPOCHS: epochs, ckpt.KEY_SHUFFLE: shuffle}
 
         def run_eval() -> None:
             nonlocal evaluated_at
-            eval_set.extend(tokenize_example(ex, self.tokenizer, t.max_length, line)
-                            for line, ex in split.eval_records[len(eval_set):])
+            eval_set.extend(encode(line, ex) for line, ex in split.eval_records[len(eval_set):])
             if eval_set and evaluated_at != self.global_step:
-                self.last_eval_loss = self.evaluate(eval_set)
+                self.last_eval_loss = school.evaluate(self, eval_set)
                 evaluated_at = self.global_step
                 if math.isfinite(self.last_eval_loss):
                     self.ledger.record_eval(self.global_step, quest_id, self.last_eval_loss, len(eval_set))
@@ -432,7 +474,7 @@ class Engine:
         self._check_memory(quest_id)
         if self.probe_memory if self.probe_memory is not None else self.accelerator.device.type == "cuda":
             self._probe_memory()
-        pending = iter_steps(train, t.micro_batch_size * t.gradient_accumulation_steps, t.max_length, t.packing)
+        pending = school.steps(train, rows_per_step, t.max_length, t.packing)
         mark = time.perf_counter()  # tokens/s counts tokenization and compute, not evaluation or saving
         rows = next(pending, None)
         while rows is not None:
@@ -440,13 +482,13 @@ class Engine:
                 return result("interrupted")
             examples = [ex for row in rows for ex in row]
             start, end = cursor, cursor + len(examples)
-            metrics = self._optimizer_step(rows, quest_id, start, end)
+            metrics = self._optimizer_step(rows, quest_id, start, end, school)
             cursor = self.cursor[ckpt.KEY_EXAMPLES_DONE] = end  # consumed, also when the update was skipped
             rows = next(pending, None)  # the next step, tokenized now; None: this was the quest's last
             if metrics is None:
                 mark = time.perf_counter()
                 continue
-            loss, grad_norm, learning_rate, n_tokens = metrics
+            loss, grad_norm, learning_rate, n_tokens, school_metrics = metrics
             self.global_step += 1
             steps += 1
             self.last_loss = loss
@@ -455,9 +497,10 @@ class Engine:
                 global_step=self.global_step, quest_id=quest_id, loss=loss, learning_rate=learning_rate,
                 grad_norm=grad_norm, tokens=n_tokens, tokens_per_second=tokens_per_second,
                 example_start=start, example_end=end, example_lines=[e.line for e in examples],
-                quest_steps=base_steps + steps)
+                quest_steps=base_steps + steps, metrics=school_metrics)
             trackers.log(self.accelerator, {"loss": loss, "learning_rate": learning_rate, "grad_norm": grad_norm,
-                                            "tokens_per_second": tokens_per_second}, self.global_step)
+                                            "tokens_per_second": tokens_per_second, **(school_metrics or {})},
+                         self.global_step)
             level = logging.INFO if self.global_step % 10 == 0 or steps == 1 else logging.DEBUG
             self.log.log(level, "step %d quest %d loss %.4f lr %.3g grad_norm %.3f %.0f tokens/s examples %d-%d",
                          self.global_step, quest_id, loss, learning_rate, grad_norm, tokens_per_second,
@@ -505,28 +548,39 @@ class Engine:
             return pinned
         return every
 
-    def _optimizer_step(self, rows: list[list[TokenizedExample]], quest_id: int, start: int,
-                        end: int) -> tuple[float, float, float, int] | None:
+    def _optimizer_step(self, rows: list[list[Any]], quest_id: int, start: int, end: int, school: School
+                        ) -> tuple[float, float, float, int, dict[str, float] | None] | None:
         """Forward/backward over the step's micro-batches, clip, update. Returns ``(loss, grad_norm,
-        learning_rate, tokens)``, or None when the update was skipped (no trainable token, non-finite loss
-        or gradient norm, fp16 overflow); warnings name the examples [start, end) of the quest."""
+        learning_rate, tokens, school metrics)``, or None when the update was skipped (no trainable token,
+        non-finite loss or gradient norm, fp16 overflow); warnings name the examples [start, end) of the quest."""
         t = self.config.training
         while True:  # once, unless CUDA runs out of memory: then again with half the micro-batch
-            batches = [self._collate(mb) for mb in micro_batches(rows, self.micro_batch_size)]
-            n_trainable = sum(b.num_trainable for b in batches)
+            batches = [school.collate(self, mb) for mb in micro_batches(rows, self.micro_batch_size)]
+            n_trainable = school.denominator(batches)
             if n_trainable == 0:
                 self._warn("empty_step", f"examples {start}-{end - 1} of quest {quest_id} carry no trainable "
                            "token (all masked or truncated away); skipped", quest_id=quest_id)
                 return None
             try:
-                loss_total = self._forward_backward(batches, n_trainable)
+                school.start_step(self, batches)
+                loss_total, metric_total = self._forward_backward(school, batches, n_trainable)
                 break
             except torch.OutOfMemoryError as exc:
                 error = str(exc)  # leave the except block first: its traceback holds the step's tensors
             self._out_of_memory(error, f"examples {start}-{end - 1} of quest {quest_id}")
         grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), t.max_grad_norm)
-        # the step's only host sync: two scalars for the metrics
-        loss, norm = torch.stack([loss_total / n_trainable, grad_norm.float().to(loss_total.device)]).tolist()
+        # the step's only host sync: two scalars for the metrics (and the school's metric sums and counts)
+        scalars = [loss_total / n_trainable, grad_norm.float().to(loss_total.device)]
+        if metric_total is not None:
+            scalars.extend(metric_total.to(loss_total.device).reshape(-1))
+        values = torch.stack(scalars).tolist()
+        loss, norm = values[0], values[1]
+        school_metrics = None
+        if metric_total is not None:
+            sums = values[2:]
+            school_metrics = school.finish_metrics({
+                name: sums[2 * k] / sums[2 * k + 1] for k, name in enumerate(school.metric_names)
+                if sums[2 * k + 1] > 0 and math.isfinite(sums[2 * k])})
         learning_rate = self.optimizer.param_groups[0]["lr"]
         if not math.isfinite(loss) or (not math.isfinite(norm) and self.mixed_precision != "fp16"):
             self.optimizer.zero_grad(set_to_none=True)
@@ -544,16 +598,28 @@ class Engine:
             return None
         self.scheduler.step()
         self.nonfinite_streak = self.rollbacks_in_a_row = 0
-        return loss, norm, learning_rate, sum(b.num_tokens for b in batches)
+        return loss, norm, learning_rate, school.tokens(batches), school_metrics
 
-    def _forward_backward(self, batches: list[Batch], n_trainable: int) -> torch.Tensor:
-        """Accumulate the gradients of the step's micro-batches; returns the summed loss (fp32 scalar)."""
+    def _forward_backward(self, school: School, batches: list[Any], n_trainable: int
+                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Accumulate the gradients of the step's micro-batches; returns the summed loss (fp32 scalar) and
+        the school's summed metrics (``(M, 2)`` sums and counts, or None)."""
         loss_total = torch.zeros((), device=self.accelerator.device)
+        metric_total = None
         for b in batches:
-            loss_sum = self._loss_sum(b)
+            loss_sum, metrics = school.loss_sum(self, b)
             self.accelerator.backward(loss_sum / n_trainable)  # normalized over the whole optimizer step
             loss_total += loss_sum.detach()
-        return loss_total
+            if metrics is not None:
+                metric_total = metrics.detach() if metric_total is None else metric_total + metrics.detach()
+        return loss_total, metric_total
+
+    def school_of(self, quest: dict[str, Any] | None) -> School:
+        """The school training ``quest``: its ledger ``school`` (set by validation) with the settings of the
+        ``config.schools`` rule matching its name, else chosen by its name and format (:mod:`core.schools`)."""
+        name = (quest or {}).get("name") or ""
+        default, rule = schools.school_for(name, (quest or {}).get("format"), self.config)
+        return schools.make_school((quest or {}).get("school") or default, rule)
 
     def _out_of_memory(self, error: str, where: str) -> None:
         """After ``torch.OutOfMemoryError``: drop the partial gradients, free memory and halve the

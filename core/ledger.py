@@ -155,7 +155,7 @@ QUEST_COLUMNS = (
     "id", "name", "stored_name", "state", "priority", "attempts", "content_hash", "format", "size_bytes",
     "records", "bad_records", "examples_total", "examples_trained", "tokens", "steps", "first_global_step",
     "last_global_step", "report_path", "note", "error", "deferred", "created_at", "updated_at", "started_at", "finished_at",
-    "source_url", "source_sha256",
+    "source_url", "source_sha256", "school",
 )
 
 
@@ -206,9 +206,21 @@ def _add_source_columns(c: sqlite3.Connection) -> None:
             c.execute(f"ALTER TABLE quests ADD COLUMN {column} {sql_type}")
 
 
+def _add_schools(c: sqlite3.Connection) -> None:
+    """``quests.school`` (the school training the quest, :mod:`core.schools`) and the ``step_metrics`` table
+    (a school's own per-step metrics, e.g. ``rewards/margins``: one row per step and name)."""
+    have = {r[1] for r in c.execute("PRAGMA table_info(quests)").fetchall()}
+    if "school" not in have:
+        c.execute("ALTER TABLE quests ADD COLUMN school TEXT")
+    c.execute("CREATE TABLE IF NOT EXISTS step_metrics (global_step INTEGER NOT NULL, name TEXT NOT NULL, "
+              "value REAL NOT NULL, PRIMARY KEY (global_step, name))")
+
+
 #: Data migrations run once per ledger, in order; ``PRAGMA user_version`` = how many have run.
 #: 1: fill the chart rollups of a ledger written before they existed. 2: the quests' source columns.
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (step_rollups.rebuild_all, _add_source_columns)
+#: 3: the quests' school and the schools' step metrics.
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (step_rollups.rebuild_all, _add_source_columns,
+                                                                 _add_schools)
 
 
 class DownloadState(str, Enum):
@@ -352,8 +364,10 @@ class Ledger:
     # steps and evals -----------------------------------------------------------
     def record_step(self, *, global_step: int, quest_id: int | None, loss: float, learning_rate: float,
                     grad_norm: float, tokens: int, tokens_per_second: float, example_start: int,
-                    example_end: int, example_lines: list[int], quest_steps: int) -> None:
-        """One optimizer step's metrics, the quest's progress and the chart rollups, in one transaction."""
+                    example_end: int, example_lines: list[int], quest_steps: int,
+                    metrics: dict[str, float] | None = None) -> None:
+        """One optimizer step's metrics, the quest's progress and the chart rollups, in one transaction.
+        ``metrics``: the school's own (``{"rewards/margins": 0.3, ...}``, finite values), in ``step_metrics``."""
         now = time.time()
         with self.transaction() as c:
             replaced = c.execute("SELECT 1 FROM steps WHERE global_step=?", (global_step,)).fetchone()
@@ -362,6 +376,11 @@ class Ledger:
                 (global_step, quest_id, now, loss, learning_rate, grad_norm, tokens, tokens_per_second,
                  example_start, example_end, json.dumps(example_lines)),
             )
+            if replaced:
+                c.execute("DELETE FROM step_metrics WHERE global_step=?", (global_step,))
+            if metrics:
+                c.executemany("INSERT OR REPLACE INTO step_metrics VALUES (?,?,?)",
+                              [(global_step, k, float(v)) for k, v in metrics.items() if math.isfinite(v)])
             if replaced:
                 step_rollups.rebuild_block(c, step_rollups.STEPS, global_step)
             else:
@@ -386,6 +405,25 @@ class Ledger:
                 n += len(chunk)
             step_rollups.rebuild_all(c)
         return n
+
+    def step_metrics(self, quest_id: int | None = None, since_step: int = 0) -> dict[int, dict[str, float]]:
+        """``{global_step: {name: value}}`` of the schools' step metrics after ``since_step`` (of one quest)."""
+        sql = ("SELECT m.global_step AS s, m.name AS name, m.value AS value FROM step_metrics m "
+               "JOIN steps t ON t.global_step = m.global_step WHERE m.global_step > ?")
+        params: tuple = (since_step,)
+        if quest_id is not None:
+            sql += " AND t.quest_id = ?"
+            params += (quest_id,)
+        out: dict[int, dict[str, float]] = {}
+        for r in self.query(sql + " ORDER BY m.global_step", params):
+            out.setdefault(r["s"], {})[r["name"]] = r["value"]
+        return out
+
+    def school_step_counts(self) -> dict[str, dict[str, int]]:
+        """``{school: {"quests", "steps"}}`` over the quests that trained steps (school NULL counted as sft)."""
+        rows = self.query("SELECT COALESCE(school, 'sft') AS school, COUNT(*) AS quests, SUM(steps) AS steps "
+                          "FROM quests WHERE steps > 0 GROUP BY COALESCE(school, 'sft')")
+        return {r["school"]: {"quests": r["quests"], "steps": r["steps"] or 0} for r in rows}
 
     def record_eval(self, global_step: int, quest_id: int | None, eval_loss: float, examples: int) -> None:
         """A held-out evaluation at ``global_step`` (``eval_loss``: mean token cross-entropy, nats)."""
@@ -412,6 +450,7 @@ class Ledger:
                 "SELECT DISTINCT quest_id FROM steps WHERE global_step > ? AND quest_id IS NOT NULL",
                 (global_step,)).fetchall()]
             n = c.execute("DELETE FROM steps WHERE global_step > ?", (global_step,)).rowcount
+            c.execute("DELETE FROM step_metrics WHERE global_step > ?", (global_step,))
             c.execute("DELETE FROM evals WHERE global_step > ?", (global_step,))
             step_rollups.truncate_after(c, global_step)
             for qid in affected:

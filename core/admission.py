@@ -33,7 +33,6 @@ from watchdog.utils import BaseThread
 
 from core.chat import measure_batch
 from core.config import RealmConfig, quest_rule_for
-from core.formats import PREFERENCE_FORMATS
 from core.ingest import InboxScanner, InboxWatcher, entry_kind, priority_for
 from core.ledger import Ledger, QuestState
 from core.quest_queue import QuestQueue, printable_name
@@ -215,6 +214,7 @@ class Admission(BaseThread):
     def _validate(self, quest: dict[str, Any]) -> None:
         path = self.queue.path_of(quest)
         self.queue.verdicts_path_of(quest).unlink(missing_ok=True)  # validated again: the old verdict goes
+        self.queue.reference_path_of(quest).unlink(missing_ok=True)  # and the reference of its old content
         kind = entry_kind(path.lstat())
         if kind == "symbolic link":
             return self._reject(quest, "symbolic links are not accepted: drop the file itself")
@@ -244,10 +244,9 @@ class Admission(BaseThread):
         fields["examples_total"] = count_train_examples(info.get("examples") or 0,  # x epochs (schools.<glob>)
                                                         self.config.training.eval_holdout_every) \
             * quest_rule_for(quest["name"], self.config.schools).epochs
-        note = "preference data: waits in the queue for the DPO school" \
-            if info.get("format") in PREFERENCE_FORMATS else None
-        self.queue.transition(quest["id"], QuestState.QUEUED, note=note, **fields)
+        self.queue.transition(quest["id"], QuestState.QUEUED, school=info.get("school"), **fields)
         self.ledger.event("quest_queued", f"{quest['name']} queued ({quest['priority']}, {info.get('format')}, "
+                          f"school {info.get('school')}, "
                           f"{info.get('records_valid')} records, {info.get('examples')} to train)",
                           quest_id=quest["id"])
 

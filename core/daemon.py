@@ -44,7 +44,7 @@ from core.contract import (
 )
 from core.engine import CheckpointSkipped, Engine
 from core.faults import TrainingRolledBack
-from core.formats import SFT_FORMATS
+from core.formats import ALL_FORMATS
 from core.fsutil import ExclusiveLock, sha256_file
 from core.ledger import CommandState, Ledger, QuestState
 from core.quest_queue import QuestQueue, QuestStateError
@@ -55,11 +55,13 @@ from core.records import (
     load_verdicts,
     trainable_records,
 )
+from core.schools.reference import ReferenceError
 from core.skills.loop import HeroLoop, is_generated
 
 log = logging.getLogger("realm.daemon")
 
-TRAINABLE_FORMATS = set(SFT_FORMATS)
+#: Every format has a school now (:mod:`core.schools`): SFT formats, paired preferences, unpaired ratings.
+TRAINABLE_FORMATS = set(ALL_FORMATS)
 
 
 class AlreadyRunning(RuntimeError):
@@ -243,7 +245,8 @@ class Daemon:
         completed = self._completed_steps()
         try:
             result = self.engine.train_quest(qid, records, examples_done=quest["examples_trained"] or 0,
-                                             should_stop=self._should_interrupt)
+                                             should_stop=self._should_interrupt,
+                                             reference_path=self.queue.reference_path_of(quest))
         except TrainingRolledBack as exc:  # non-finite losses: the engine is back at its last checkpoint
             log.error("%s; quest %s resumes from the ledger's cursor", exc, qid)
             self._status["hero"] = self.engine.hero_info
@@ -254,6 +257,10 @@ class Daemon:
             return
         except QuestChanged as exc:  # its file changed while it trained
             self._file_changed(self.ledger.get_quest(qid) or quest, str(exc))
+            return
+        except ReferenceError as exc:  # a started quest lost its reference log-probs: no retry can help
+            self.queue.transition(qid, QuestState.FAILED, error=str(exc))
+            self.ledger.event("quest_failed", f"quest {quest['name']} failed: {exc}", level="error", quest_id=qid)
             return
         except Exception as exc:  # a failing quest must not kill the daemon
             self._quest_raised(quest, exc)

@@ -21,9 +21,10 @@ from typing import Any
 from core.ledger import Ledger, QuestState
 from core.realm import PRIORITIES, Realm
 from core.records import RECORDS_SUFFIX
+from core.schools import REFERENCE_SUFFIX
 
 REPORT_SUFFIX = ".report.json"
-SIDECAR_SUFFIXES = (REPORT_SUFFIX, RECORDS_SUFFIX)
+SIDECAR_SUFFIXES = (REPORT_SUFFIX, RECORDS_SUFFIX, REFERENCE_SUFFIX)
 """Files that live beside a quest's data file and move with it."""
 MAX_STORED_NAME_BYTES = 200
 """Longest stored name (UTF-8 bytes): with ``.report.json`` and a temporary-file suffix it stays within the
@@ -98,6 +99,11 @@ class QuestQueue:
     def report_path_of(self, quest: dict[str, Any]) -> Path:
         p = self.path_of(quest)
         return p.with_name(p.name + REPORT_SUFFIX)
+
+    def reference_path_of(self, quest: dict[str, Any]) -> Path:
+        """The quest's reference log-probs sidecar (:mod:`core.schools.reference`), beside its file."""
+        p = self.path_of(quest)
+        return p.with_name(p.name + REFERENCE_SUFFIX)
 
     def verdicts_path_of(self, quest: dict[str, Any]) -> Path:
         """The quest's per-record verdict (:mod:`core.records`), beside its data file."""

@@ -45,6 +45,7 @@ from core.config import RealmConfig
 from core.formats import (
     PREFERENCE_FORMATS,
     SFT_FORMATS,
+    UNPAIRED_FORMATS,
     CorruptFileError,
     RecordError,
     field_map_for,
@@ -52,14 +53,15 @@ from core.formats import (
 )
 from core.fsutil import sha256_file, write_text_atomic
 from core.records import RecordVerdicts
+from core.schools import school_for, school_problem
 
 #: At most this many bad lines (and, separately, dropped lines) are stored in a report.
 MAX_LISTED_LINES = 10_000
 ACCEPTED_SUFFIXES = containers.ACCEPTED_SUFFIXES
 #: Bad lines quoted in a rejection reason.
 REASON_EXAMPLES = 3
-PREFERENCE_NOTE = ("preference data: validated and accepted; waits in the queue for the DPO school "
-                   "(SFT does not train it)")
+#: Formats measured as their SFT-shaped sides (:func:`core.formats.preference_as_sft`).
+_SIDED_FORMATS = PREFERENCE_FORMATS | UNPAIRED_FORMATS
 
 #: Examples (and bytes of their JSON lines) measured per ``count_tokens_batch`` call.
 TOKEN_BATCH_EXAMPLES = 256
@@ -133,6 +135,7 @@ class ValidationReport(BaseModel):
     max_length: int = 0
     length_policy: str = "truncate"
     trainable: bool = False
+    school: str | None = None
     field_map: dict[str, str] = {}
     note: str | None = None
 
@@ -167,7 +170,7 @@ def measure_example(example: dict, fmt: str, count_tokens: CountTokens) -> tuple
     are; a preference example is measured as its longer side (prompt + chosen, or prompt + rejected, as
     SFT-shaped examples, see :func:`core.formats.preference_as_sft`). Raises whatever ``count_tokens``
     raises."""
-    if fmt in PREFERENCE_FORMATS:
+    if fmt in _SIDED_FORMATS:
         sides = [count_tokens(side) for side in preference_as_sft(example)]
         tokens, trainable = max(sides)
     else:
@@ -232,7 +235,7 @@ class _Measurer:
         owners: list[int] = []
         for k, (_, example, fmt) in enumerate(self.pending):
             if example is not None:
-                sides = preference_as_sft(example) if fmt in PREFERENCE_FORMATS else (example,)
+                sides = preference_as_sft(example) if fmt in _SIDED_FORMATS else (example,)
                 parts.extend(sides)
                 owners.extend([k] * len(sides))
         try:
@@ -462,18 +465,21 @@ def validate_file(path: Path, *, display_name: str | None = None, config: RealmC
     report.tokens = tally.token_stats()
     if report.tokens is not None and report.tokens.total:
         report.trainable_token_ratio = report.tokens.trainable / report.tokens.total
-    report.trainable = fmt in SFT_FORMATS
+    report.school, _ = school_for(name, fmt, config)
+    school_reason = school_problem(report.school, fmt)
+    report.trainable = fmt is not None and school_reason is None
 
     notes = []
-    if fmt in PREFERENCE_FORMATS:
-        notes.append(PREFERENCE_NOTE)
     min_ratio = config.training.min_trainable_token_ratio
-    if report.trainable and report.trainable_token_ratio is not None and report.trainable_token_ratio < min_ratio:
+    if report.trainable and fmt in SFT_FORMATS and report.trainable_token_ratio is not None \
+            and report.trainable_token_ratio < min_ratio:
         notes.append(f"only {report.trainable_token_ratio:.2%} of tokens are trainable (below "
                      f"training.min_trainable_token_ratio {min_ratio:.2%}): check that completions or "
                      "assistant messages hold the answers")
     report.note = "; ".join(notes) or None
     report.reason = _rejection_reason(tally, report, stream_error, container)  # type: ignore[arg-type]
+    if report.reason is None and school_reason is not None:
+        report.reason = school_reason
     if report.reason is not None and looks_like_array:  # a JSON array named .jsonl: say how to read it
         report.reason = f"{_array_hint(name)} ({report.reason})"
     report.accepted = report.reason is None
@@ -527,7 +533,7 @@ def format_report_text(report: ValidationReport, max_listed: int = 20) -> str:
     verdict = "ACCEPTED" if report.accepted else "REJECTED"
     kind = ""
     if report.accepted:
-        kind = ", trainable now" if report.trainable else ", waits for the DPO school"
+        kind = f", school {report.school}" if report.trainable else ""
     container = f"container {report.container}" if report.container else ""
     what = ", ".join(x for x in (f"format {report.format}{kind}" if report.format else "", container) if x)
     head = f"{report.file}: {verdict}" + (f" ({what})" if what else "")

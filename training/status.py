@@ -58,7 +58,8 @@ def collect_status(realm: Realm, config: RealmConfig) -> dict[str, Any]:
         quests = ledger.list_quests(limit=100000)
         out["quests"] = [{
             "id": q["id"], "name": q["name"], "state": q["state"], "priority": q["priority"],
-            "format": q["format"], "examples_total": q["examples_total"],
+            "format": q["format"], "school": q.get("school") or ("sft" if q["format"] else None),
+            "examples_total": q["examples_total"],
             "examples_trained": q["examples_trained"], "steps": q["steps"], "attempts": q["attempts"],
             "note": q["note"], "error": q["error"],
         } for q in quests]

@@ -42,6 +42,8 @@ from core.formats import PREFERENCE_FORMATS, SFT_FORMATS, UNPAIRED_FORMATS
 if TYPE_CHECKING:
     from core.schools.base import School
 
+#: The sidecar beside a quest's stored file holding its reference log-probs (:mod:`core.schools.reference`).
+REFERENCE_SUFFIX = ".reference.safetensors"
 #: school name -> what it trains ("sft", "paired", "unpaired")
 SCHOOL_DATA = {"sft": "sft", "fortune_teller": "sft", "dpo": "paired", "ipo": "paired", "orpo": "paired",
                "kto": "unpaired"}

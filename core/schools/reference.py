@@ -27,12 +27,11 @@ import torch
 
 from core import checkpoint as ckpt
 from core.fsutil import atomic_write
+from core.schools import REFERENCE_SUFFIX  # noqa: F401 - re-exported
 
 if TYPE_CHECKING:
     from core.engine import Engine
     from core.schools.base import School
-
-REFERENCE_SUFFIX = ".reference.safetensors"
 
 
 class ReferenceError(RuntimeError):

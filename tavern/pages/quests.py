@@ -30,6 +30,7 @@ from core.formats import PREFERENCE_FORMATS, SFT_FORMATS
 from core.ledger import QuestState
 from core.quest_queue import QuestStateError, folder_name
 from core.realm import PRIORITIES, RealmError
+from core.schools import SCHOOL_TITLES, school_by_format
 from tavern.context import current_config, current_ledger, current_queue, current_realm
 from tavern.pages.quest_files import UploadError, list_inbox, read_preview, read_report, save_upload
 from tavern.security import refuse
@@ -76,6 +77,8 @@ def public_quest(quest: dict[str, Any], trainable: frozenset[str] = SFT_FORMATS)
     state = QuestState(quest["state"])
     waiting = state == QuestState.QUEUED and quest["format"] and quest["format"] not in trainable
     out["waiting_for"] = SCHOOL_OF_FORMAT.get(quest["format"], "a school") if waiting else None
+    out["school"] = quest.get("school") or (school_by_format(quest["format"]) if quest["format"] else None)
+    out["school_title"] = SCHOOL_TITLES.get(out["school"] or "")
     out["failure"] = failure_kind(quest)
     out["actions"] = [action for action, ok in (
         ("priority", state == QuestState.QUEUED),

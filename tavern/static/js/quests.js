@@ -105,6 +105,7 @@
       el("td", {}, el("span", {class: "badge state-" + q.state}, q.state)),
       priorityCell(q),
       el("td", {}, q.format || "—"),
+      el("td", {class: "school", title: q.school_title || ""}, q.school || "—"),
       examplesCell(q),
       el("td", {class: "num"}, fmt.num(q.steps)),
       notesCell(q),

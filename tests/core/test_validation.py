@@ -256,12 +256,12 @@ def test_low_trainable_ratio_is_noted(tmp_path):
     assert "min_trainable_token_ratio" in report.note
 
 
-def test_preference_accepted_waits_for_dpo(tmp_path):
+def test_preference_accepted_for_the_dpo_school(tmp_path):
     lines = [json.dumps({"prompt": "Q", "chosen": "a b c", "rejected": "d"}) for _ in range(3)]
     p = write_lines(tmp_path / "prefs.jsonl", lines)
     report = validate_file(p, config=config(), count_tokens=words)
-    assert report.accepted and report.format == "preference" and not report.trainable
-    assert "DPO" in report.note
+    assert report.accepted and report.format == "preference" and report.trainable and report.school == "dpo"
+    assert report.note is None and "school dpo" in format_report_text(report)
     assert report.tokens.total == 3 * 4 and report.tokens.max == 4  # the longer side: prompt + chosen
 
 
@@ -294,7 +294,7 @@ def test_write_report_atomic_json(tmp_path):
     assert ValidationReport.model_validate(data) == report
     assert sorted(x.name for x in tmp_path.iterdir()) == ["a.jsonl", "a.jsonl.report.json"]
     text = format_report_text(report)
-    assert text.startswith("a.jsonl: ACCEPTED (format text, trainable now, container jsonl)") and "line 2: invalid JSON" in text
+    assert text.startswith("a.jsonl: ACCEPTED (format text, school sft, container jsonl)") and "line 2: invalid JSON" in text
 
 
 def test_missing_file_raises_oserror(tmp_path):
@@ -416,7 +416,7 @@ def test_real_hh_rlhf_gz_is_accepted_preference():
     path = SHARED / "data" / "hh_rlhf_harmless_base_test.jsonl.gz"
     report = validate_file(path, config=config(), count_tokens=words)
     assert report.accepted and report.format == "preference_implicit" and report.records_valid == 2312
-    assert not report.trainable and "DPO" in report.note
+    assert report.trainable and report.school == "dpo"
 
 
 @needs_stories

@@ -1,4 +1,5 @@
-"""Held-out loss of any model folder (a checkpoint, the base model) on a quest file.
+"""Held-out loss of any model folder (a checkpoint, the base model) on a quest file; on a preference file,
+preference accuracy and mean margin (:func:`evaluate_preferences`).
 
 Used by ``python -m training eval FILE [--checkpoint NAME]``: the same records, tokenization and loss mask
 as training (:mod:`core.records`, :mod:`core.chat`), one example per row (no packing), fp32.
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 
 from core.chat import TokenizedExample, measure_batch, tokenize_example
 from core.config import RealmConfig
+from core.formats import PREFERENCE_FORMATS, SFT_FORMATS, UNPAIRED_FORMATS
 from core.fsutil import sha256_file
 from core.hero import load_model, load_tokenizer
 from core.ledger import Ledger
@@ -29,6 +31,10 @@ from core.records import RecordVerdicts, VerdictsError, held_out_records, load_v
 from core.validation import validate_file
 
 EVAL_BATCH_ROWS = 8
+
+
+class EvaluationError(ValueError):
+    """The file cannot be evaluated this way (e.g. unpaired ratings have no pairs to compare)."""
 
 
 @torch.no_grad()
@@ -69,6 +75,76 @@ def stored_verdicts(realm: Realm, path: Path) -> RecordVerdicts | None:
     return None
 
 
+def file_verdicts(path: Path, config: RealmConfig, tokenizer, realm: Realm | None = None) -> RecordVerdicts:
+    """The records of ``path`` validation keeps: the realm's stored verdict for the same content, else
+    validated now with ``tokenizer`` and the realm's config (as the daemon would)."""
+    verdicts = stored_verdicts(realm, path) if realm is not None else None
+    if verdicts is None:
+        verdicts = RecordVerdicts()
+        max_length = config.training.max_length
+        validate_file(path, display_name=path.name, config=config, verdicts=verdicts,
+                      count_tokens_batch=lambda exs: measure_batch(exs, tokenizer, max_length))
+    return verdicts
+
+
+@torch.no_grad()
+def sequence_logprobs(model, tokenizer, seqs: list[TokenizedExample], batch_rows: int = EVAL_BATCH_ROWS
+                      ) -> list[float]:
+    """Summed log-probability (nats, fp32) of each sequence's labelled tokens (its response), one sequence
+    per row, padded, with the model's own attention."""
+    model.eval()
+    impl = getattr(model.config, "_attn_implementation", None)
+    out: list[float] = []
+    for i in range(0, len(seqs), batch_rows):
+        batch = collate([[s] for s in seqs[i:i + batch_rows]], tokenizer.pad_token_id or 0)
+        mask = model_attention_mask(batch.attention_mask, impl, next(model.parameters()).dtype)
+        logits = model(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids,
+                       use_cache=False).logits[:, :-1].float()
+        targets = batch.labels[:, 1:]
+        token = -F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
+                                 reduction="none").view(targets.shape)
+        out.extend(token.sum(dim=1).tolist())
+    return out
+
+
+def evaluate_preferences(model_dir: Path | str, path: Path, config: RealmConfig, *, max_examples: int = 256,
+                         every: int = 1, realm: Realm | None = None) -> dict[str, float | int]:
+    """Preference accuracy of the model in ``model_dir`` on the pairs of ``path`` (records chosen as in
+    :func:`evaluate_file`): ``{"preference_accuracy": share of pairs with log p(chosen) > log p(rejected),
+    "mean_margin": mean of log p(chosen) - log p(rejected) (nats), "pairs": n}``, each log p summed over
+    the response tokens only, tokenized as the Judge trains (:mod:`core.schools.judge`, truncated to
+    ``training.max_length``) -- the same rule for every checkpoint and the base model.
+
+    Raises :class:`EvaluationError` when ``path`` holds no paired preferences, :class:`core.hero.HeroError`
+    when the model cannot be loaded, ``OSError`` when the file cannot be read."""
+    from transformers.utils import logging as hf_logging
+
+    from core.schools import make_school
+
+    hf_logging.disable_progress_bar()
+    tokenizer = load_tokenizer(model_dir, config.hero)
+    verdicts = file_verdicts(path, config, tokenizer, realm)
+    if verdicts.format not in PREFERENCE_FORMATS:
+        raise EvaluationError(f"{path.name} holds {verdicts.format or 'no valid'} records, not paired preferences")
+    judge = make_school("dpo")
+    items = [judge.encode(ex, tokenizer, config.training.max_length, line)
+             for line, ex in held_out_records(path, verdicts, every, max_examples)]
+    model = load_model(model_dir, config.hero)
+    logps = sequence_logprobs(model, tokenizer, [s for item in items for s in item.sequences])
+    margins = [c - r for c, r in zip(logps[0::2], logps[1::2], strict=True)]
+    n = len(margins)
+    return {"preference_accuracy": sum(m > 0 for m in margins) / n if n else math.nan,
+            "mean_margin": sum(margins) / n if n else math.nan, "pairs": n}
+
+
+def file_kind(path: Path, config: RealmConfig, model_dir: Path | str, realm: Realm | None = None) -> str:
+    """``"preference"`` for a file of paired preferences, ``"unpaired"`` for ratings, else ``"sft"``."""
+    verdicts = file_verdicts(path, config, load_tokenizer(model_dir, config.hero), realm)
+    if verdicts.format in PREFERENCE_FORMATS:
+        return "preference"
+    return "unpaired" if verdicts.format in UNPAIRED_FORMATS else "sft"
+
+
 def evaluate_file(model_dir: Path | str, path: Path, config: RealmConfig, *, max_examples: int = 256,
                   every: int = 1, realm: Realm | None = None) -> tuple[float, int]:
     """``(mean token loss, examples)`` of the model in ``model_dir`` on the records of ``path`` that
@@ -85,11 +161,9 @@ def evaluate_file(model_dir: Path | str, path: Path, config: RealmConfig, *, max
     hf_logging.disable_progress_bar()
     tokenizer = load_tokenizer(model_dir, config.hero)
     max_length = config.training.max_length
-    verdicts = stored_verdicts(realm, path) if realm is not None else None
-    if verdicts is None:
-        verdicts = RecordVerdicts()
-        validate_file(path, display_name=path.name, config=config, verdicts=verdicts,
-                      count_tokens_batch=lambda exs: measure_batch(exs, tokenizer, max_length))
+    verdicts = file_verdicts(path, config, tokenizer, realm)
+    if verdicts.format not in SFT_FORMATS and verdicts.format is not None:
+        raise EvaluationError(f"{path.name} holds {verdicts.format} records: no SFT loss to evaluate")
     examples = [tokenize_example(ex, tokenizer, max_length, line)
                 for line, ex in held_out_records(path, verdicts, every, max_examples)]
     model = load_model(model_dir, config.hero)

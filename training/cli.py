@@ -101,9 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("validate", help="validate a file and print its report (exit 0 accepted, 1 rejected)")
     s.add_argument("file")
     s.add_argument("--json", action="store_true", help="print the JSON report")
-    s = sub.add_parser("eval", help="held-out loss of a checkpoint (or the base model) on a quest file")
+    s = sub.add_parser("eval", help="held-out loss (SFT file) or preference accuracy and mean margin (preference "
+                       "file) of a checkpoint or the base model")
     s.add_argument("file")
-    s.add_argument("--checkpoint", default="latest", help=f"checkpoint name ({EXAMPLE_NAME}), 'latest' or 'base'")
+    s.add_argument("--checkpoint", default="latest",
+                   help=f"checkpoint name ({EXAMPLE_NAME}), step-N, 'latest' or 'base'")
+    s.add_argument("--compare-base", action="store_true",
+                   help="also evaluate the base model and print both and the delta (checkpoint - base)")
     s.add_argument("--max-examples", type=int, default=256)
     s.add_argument("--every", type=int, default=1, help="use records N-1, 2N-1, ... (N = training.eval_holdout_every: the ones training held out)")
     s.add_argument("--json", action="store_true")
@@ -446,28 +450,73 @@ def cmd_validate(args, realm: Realm, config: RealmConfig, environ) -> int:
     return ExitCode.OK if report.accepted else ExitCode.REJECTED
 
 
-def cmd_eval(args, realm: Realm, config: RealmConfig, environ) -> int:
-    from core.checkpoint_layout import latest_checkpoint, list_checkpoints
-    from core.evaluation import evaluate_file
+def _eval_model_dir(name: str, realm: Realm, config: RealmConfig) -> Path:
+    """The model folder ``eval --checkpoint`` names: base, latest, a checkpoint name or ``step-N``."""
+    import re
+
+    from core.checkpoint_layout import checkpoint_name, latest_checkpoint, list_checkpoints
     from core.hero import resolve_model_source
+
+    if name == "base":
+        return Path(resolve_model_source(realm, config.hero, create=False)[0])
+    if name == "latest":
+        model_dir = latest_checkpoint(realm.checkpoints_dir(config.hero.name))
+        if model_dir is None:
+            raise FileNotFoundError("no checkpoint yet (use --checkpoint base)")
+        return model_dir
+    m = re.fullmatch(r"step-(\d{1,8})", name.strip())
+    wanted = checkpoint_name(int(m.group(1))) if m else name
+    matches = [p for p in list_checkpoints(realm.checkpoints_dir(config.hero.name)) if p.name == wanted]
+    if not matches:
+        raise FileNotFoundError(f"no checkpoint named {name!r}")
+    return matches[0]
+
+
+def cmd_eval(args, realm: Realm, config: RealmConfig, environ) -> int:
+    from core.evaluation import EvaluationError, evaluate_file, evaluate_preferences, file_kind
 
     path = Path(args.file)
     if not path.exists():
         raise FileNotFoundError(f"no such file: {path}")
-    if args.checkpoint == "base":
-        model_dir = Path(resolve_model_source(realm, config.hero, create=False)[0])
-    elif args.checkpoint == "latest":
-        model_dir = latest_checkpoint(realm.checkpoints_dir(config.hero.name))
-        if model_dir is None:
-            raise FileNotFoundError("no checkpoint yet (use --checkpoint base)")
+    model_dir = _eval_model_dir(args.checkpoint, realm, config)
+    kind = file_kind(path, config, model_dir, realm)
+    if kind == "unpaired":
+        print(f"error: {path.name} holds unpaired ratings (prompt/completion/label): eval compares pairs "
+              "(prompt/chosen/rejected) or measures the loss of SFT records", file=sys.stderr)
+        return ExitCode.REJECTED
+
+    def measure(folder: Path) -> dict:
+        if kind == "preference":
+            return evaluate_preferences(folder, path, config, max_examples=args.max_examples, every=args.every,
+                                        realm=realm)
+        loss, n = evaluate_file(folder, path, config, max_examples=args.max_examples, every=args.every,
+                                realm=realm)
+        return {"loss": loss, "examples": n}
+
+    def line(name: str, r: dict) -> str:
+        if kind == "preference":
+            return (f"{name}: preference accuracy {r['preference_accuracy']:.2%}, mean margin "
+                    f"{r['mean_margin']:+.4f} nats on {r['pairs']} pairs")
+        return f"{name}: loss {r['loss']:.4f} nats/token on {r['examples']} examples"
+
+    try:
+        result = {"checkpoint": model_dir.name, "file": str(path), **measure(model_dir)}
+        if args.compare_base:
+            base_dir = _eval_model_dir("base", realm, config)
+            base = measure(base_dir)
+            keys = ("preference_accuracy", "mean_margin") if kind == "preference" else ("loss",)
+            result["base"] = base
+            result["delta"] = {k: result[k] - base[k] for k in keys}
+    except EvaluationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return ExitCode.REJECTED
+    if args.json:
+        print(json.dumps(result))
     else:
-        matches = [p for p in list_checkpoints(realm.checkpoints_dir(config.hero.name)) if p.name == args.checkpoint]
-        if not matches:
-            raise FileNotFoundError(f"no checkpoint named {args.checkpoint!r}")
-        model_dir = matches[0]
-    loss, n = evaluate_file(model_dir, path, config, max_examples=args.max_examples, every=args.every, realm=realm)
-    result = {"checkpoint": model_dir.name, "file": str(path), "examples": n, "loss": loss}
-    print(json.dumps(result) if args.json else f"{model_dir.name}: loss {loss:.4f} nats/token on {n} examples")
+        print(line(model_dir.name, result))
+        if args.compare_base:
+            print(line("base", result["base"]))
+            print("delta: " + ", ".join(f"{k} {v:+.4f}" for k, v in result["delta"].items()))
     return ExitCode.OK
 
 

@@ -48,3 +48,60 @@ def test_eval_every_n_evaluates_exactly_the_records_training_held_out(make_realm
     model_dir = realm.checkpoints_dir("hero") / ckpt.checkpoint_name(held_out["global_step"])
     loss, n = evaluate_file(model_dir, source, realm.load_config(), max_examples=50, every=3)
     assert n == held_out["examples"] and loss == pytest.approx(held_out["eval_loss"], rel=1e-4)
+
+
+def _write_pairs(path, n):
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            f.write(json.dumps({"prompt": f"Q{i}: what is {i} plus {i}?", "chosen": f" It is {2 * i}.",
+                                "rejected": f" Perhaps {3 * i + 1}{'!' * (i % 4)}"}) + "\n")
+
+
+@pytest.mark.slow
+def test_eval_on_a_preference_file_gives_accuracy_margin_and_pairs(make_realm, tmp_path):
+    from core.engine import Engine
+    from core.evaluation import evaluate_preferences
+    from core.records import held_out_records
+    from core.schools import make_school
+
+    realm = make_realm(training={"micro_batch_size": 4, "learning_rate": 3e-3, "save_steps": 100})
+    source = tmp_path / "prefs.jsonl"
+    _write_pairs(source, 24)
+    config = realm.load_config()
+
+    # the base model, through the engine's own (training) path: the same log-probs as eval's
+    ledger = Ledger(realm.ledger_path)
+    engine = Engine(realm, config, ledger)
+    engine.setup()
+    judge = make_school("dpo")
+    from core.evaluation import file_verdicts
+    verdicts = file_verdicts(source, config, engine.tokenizer)
+    items = [judge.encode(ex, engine.tokenizer, config.training.max_length, line)
+             for line, ex in held_out_records(source, verdicts, 1)]
+    engine.model.eval()
+    values = judge.reference_values(engine, items)
+    engine.cleanup()
+    ledger.close()
+    margins = (values[:, 0] - values[:, 1]).tolist()
+    base_dir = realm.hero_dir("hero") / "base"
+    base = evaluate_preferences(base_dir, source, config)
+    assert base["pairs"] == 24
+    assert base["preference_accuracy"] == pytest.approx(sum(m > 0 for m in margins) / 24)
+    assert base["mean_margin"] == pytest.approx(sum(margins) / 24, abs=1e-4)
+
+    shutil.copy(source, realm.inbox / "prefs.jsonl")
+    assert Daemon(realm, config, until_idle=True).run() == 0
+    out = cli(realm, "eval", str(source), "--checkpoint", "latest", "--compare-base", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["pairs"] == result["base"]["pairs"] == 24 and 0 <= result["preference_accuracy"] <= 1
+    assert result["base"]["preference_accuracy"] == pytest.approx(base["preference_accuracy"])
+    assert result["delta"]["mean_margin"] == pytest.approx(result["mean_margin"] - base["mean_margin"])
+    assert result["mean_margin"] > base["mean_margin"]  # DPO on these pairs widened the margin
+    step = result["checkpoint"]
+    again = cli(realm, "eval", str(source), "--checkpoint", "step-" + str(int(step.split("-")[1])), "--json")
+    assert again.returncode == 0 and json.loads(again.stdout)["mean_margin"] == pytest.approx(result["mean_margin"])
+    rated = tmp_path / "ratings.jsonl"
+    rated.write_text(json.dumps({"prompt": "q", "completion": "a", "label": True}) + "\n")
+    refused = cli(realm, "eval", str(rated), "--checkpoint", "base", "--json")
+    assert refused.returncode == 1 and "unpaired ratings" in refused.stderr

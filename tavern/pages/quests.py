@@ -26,7 +26,7 @@ from typing import Any
 from flask import Blueprint, jsonify, render_template, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from core.formats import PREFERENCE_FORMATS, SFT_FORMATS
+from core.formats import ALL_FORMATS, PREFERENCE_FORMATS, SFT_FORMATS
 from core.ledger import QuestState
 from core.quest_queue import QuestStateError, folder_name
 from core.realm import PRIORITIES, RealmError
@@ -63,11 +63,11 @@ def failure_kind(quest: dict[str, Any]) -> str | None:
 
 def trainable_formats() -> frozenset[str]:
     """Formats the daemon trains: ``trainable_formats`` of its ledger status when it publishes them, else
-    the SFT formats (what the daemon trains until the DPO school exists)."""
+    every format (each has a school, :mod:`core.schools`)."""
     published = current_ledger().daemon_status().get("trainable_formats")
     if isinstance(published, list) and all(isinstance(f, str) for f in published):
         return frozenset(published)
-    return SFT_FORMATS
+    return frozenset(ALL_FORMATS)
 
 
 def public_quest(quest: dict[str, Any], trainable: frozenset[str] = SFT_FORMATS) -> dict[str, Any]:

@@ -95,7 +95,7 @@ def quests_by_id(client):
 
 
 # the board --------------------------------------------------------------------------------------------
-def test_board_lists_quests_by_state_with_counts_and_waiting_for_dpo(client, qrealm, daemon_ledger):
+def test_board_lists_quests_by_state_with_counts_and_schools(client, qrealm, daemon_ledger):
     a = add_quest(qrealm, daemon_ledger, "stories.jsonl", TEXT_LINES, "high")
     b = add_quest(qrealm, daemon_ledger, "hh.jsonl", PREF_LINES, "low")
     c = add_quest(qrealm, daemon_ledger, "broken.jsonl", ["{not json"] * 5)
@@ -104,19 +104,20 @@ def test_board_lists_quests_by_state_with_counts_and_waiting_for_dpo(client, qre
     data = client.get("/api/quests").get_json()
     counts = data["counts"]
     assert counts["queued"] == 2 and counts["queued_high"] == 1 and counts["queued_low"] == 1
-    assert counts["failed"] == 2 and counts["waiting"] == 1 and counts["processing"] == 0
+    assert counts["failed"] == 2 and counts["waiting"] == 0 and counts["processing"] == 0
     q = {x["id"]: x for x in data["quests"]}
     assert q[a]["state"] == "queued" and q[a]["format"] == "text" and q[a]["examples_total"] == 8
     assert q[a]["waiting_for"] is None and q[a]["actions"] == ["priority", "remove"]
-    assert q[b]["format"] == "preference_implicit" and q[b]["waiting_for"] == "DPO"
+    assert q[b]["format"] == "preference_implicit" and q[b]["waiting_for"] is None
+    assert (q[a]["school"], q[b]["school"], q[b]["school_title"]) == ("sft", "dpo", "Judge")
     assert q[c]["failure"] == "validation" and q[c]["actions"] == ["remove"] and q[c]["error"]
     assert q[d]["failure"] == "training" and q[d]["actions"] == ["retry", "remove"]
     assert "stored_name" not in q[a] and "report_path" not in q[a]  # no server paths leak into the board
-    # once the daemon says it trains preference data (the DPO school), nothing waits any more
-    daemon_ledger.set_value("daemon", {"state": "idle", "trainable_formats": ["text", "preference_implicit"]})
+    # a daemon that trains fewer formats (an older one) says so: those quests wait for their school
+    daemon_ledger.set_value("daemon", {"state": "idle", "trainable_formats": ["text"]})
     data = client.get("/api/quests").get_json()
-    assert data["counts"]["waiting"] == 0
-    assert all(x["waiting_for"] is None for x in data["quests"])
+    assert data["counts"]["waiting"] == 1
+    assert {x["id"]: x["waiting_for"] for x in data["quests"]}[b] == "DPO"
 
 
 def test_detail_has_report_and_escaped_preview_of_plain_and_gzip_files(client, qrealm, daemon_ledger):
@@ -350,7 +351,9 @@ def test_browser_shows_hostile_names_as_text_and_takes_the_screenshot(live_taver
     page.locator("#preview-lines").wait_for()
     assert "<script>alert(2)</script>" in page.locator("#preview-lines").inner_text()
     assert page.locator("#quest-detail img, #quest-detail script").count() == 0
-    assert page.locator("#group-waiting").inner_text().count("waiting for DPO") == 1
+    assert page.locator("#group-waiting").inner_text().count("waiting for DPO") == 0  # every format has a school
+    hh = page.locator("#group-queued tr", has_text="hh_rlhf_harmless")
+    assert hh.locator("td.school").inner_text() == "dpo" and hh.locator("td.school").get_attribute("title") == "Judge"
     page.locator("#group-queued button.qname", has_text="onerror").click()
     page.locator("#detail-name", has_text="onerror").wait_for()
     # positive sentinel, not a pause: the hostile quest's own preview is on screen, so its detail is rendered

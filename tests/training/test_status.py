@@ -94,3 +94,20 @@ def test_status_and_the_tavern_give_the_same_eta(make_realm):
     assert collect_status(realm, realm.load_config())["current_quest"]["eta_seconds"] == 42.0
     assert _tavern_daemon(realm)["quest"]["eta_seconds"] == 42.0
     ledger.close()
+
+
+def test_status_json_names_each_quests_school(make_realm):
+    realm = make_realm(schools={"ipo*.jsonl": {"school": "ipo"}})
+    ledger = Ledger(realm.ledger_path)
+    queue = QuestQueue(realm, ledger)
+    ids = []
+    for name, fmt, school in (("a.jsonl", "text", "sft"), ("ipo_b.jsonl", "preference", "ipo"),
+                              ("old.jsonl", "text", None)):  # a quest queued before schools: sft
+        path = realm.root / name
+        path.write_text('{"text": "x"}\n')
+        qid = queue.admit(path, "normal")
+        queue.transition(qid, QuestState.QUEUED, format=fmt, school=school)
+        ids.append(qid)
+    ledger.close()
+    quests = {q["id"]: q for q in collect_status(realm, realm.load_config())["quests"]}
+    assert [quests[i]["school"] for i in ids] == ["sft", "ipo", "sft"]

@@ -125,3 +125,19 @@ def test_kto_loss_equals_trl(engine):
     assert abs(ours.item() - theirs.item()) < 1e-5, (ours.item(), theirs.item())
     assert trainer._metrics["train"]["kl"][0] == pytest.approx(school._kl.item(), abs=1e-5)
     assert ours.item() > 0.05
+
+
+def test_padded_rows_give_the_packed_rows_log_probs(engine):
+    """On a GPU the pairs are padded rows with the 4D mask (core.packing.collate); on the CPU one flat row
+    with segmented attention: the same sequence log-probs either way."""
+    from core.packing import PACKED_SDPA
+
+    school = make_school("dpo")
+    items = [school.encode(p, engine.tokenizer, 64, i + 1) for i, p in enumerate(PAIRS)]
+    assert engine.attn_implementation == PACKED_SDPA
+    with torch.no_grad():
+        packed = school.reference_values(engine, items)
+        engine._raw_model.set_attn_implementation("sdpa")
+        engine._attn = "sdpa"
+        padded = school.reference_values(engine, items)
+    assert torch.allclose(packed, padded, atol=1e-4) and packed.abs().min() > 1

@@ -27,7 +27,13 @@ resumed from that cursor.
 over ``E x`` its train examples; each epoch is in file order or, with ``shuffle``, in a permutation seeded
 by the quest's content SHA-256 and the epoch -- a pure function of the cursor, so resume stays exact.
 
-**Loss.** Summed token cross-entropy over the whole optimizer step divided by the step's trainable
+**Schools** (:mod:`core.schools`). The quest's school turns its records into items and steps and gives
+the loss and metrics; the engine keeps everything else (optimizer, scheduler, ``global_step``, RNG,
+cursor, checkpoints, faults, resume). A school's summed loss is divided by its step denominator (SFT:
+trainable tokens; preferences: pairs or records); its metrics go to the ledger with the step. Schools
+with a reference model get its log-probs once per quest (:mod:`core.schools.reference`).
+
+**Loss** (Scribe, SFT). Summed token cross-entropy over the whole optimizer step divided by the step's trainable
 tokens (exact gradient accumulation). A step whose loss or gradient norm is not finite, or that has no
 trainable token, is skipped: no optimizer update, ``global_step`` not incremented, no step row, a
 warning event; its examples count as consumed (the cursor moves on).
@@ -171,7 +177,7 @@ class CheckpointSkipped(RuntimeError):
 
 
 class Engine:
-    """The continuous SFT trainer of one realm's hero (see the module doc).
+    """The continuous trainer of one realm's hero, whatever the quest's school (see the module doc).
 
     After :meth:`setup`: ``global_step`` (int, never reset), ``model`` (accelerate-prepared), ``tokenizer``,
     ``hero_info`` {name, base_model, architecture, parameters, newborn, checkpoint}, ``cursor`` (of the

@@ -64,7 +64,7 @@ class DaemonThread:
         return [q["state"] for q in self.quests()]
 
 
-def test_until_idle_trains_all_sft_quests(make_realm, restore_signals):
+def test_until_idle_trains_every_quest_with_its_school(make_realm, restore_signals):
     realm = make_realm()
     write_text_quest(realm.inbox / "a.jsonl", 24)
     write_text_quest(realm.inbox / "high" / "b.jsonl", 10, prefix="bee")
@@ -78,18 +78,19 @@ def test_until_idle_trains_all_sft_quests(make_realm, restore_signals):
     assert quests["a.jsonl"]["state"] == "completed" and quests["b.jsonl"]["state"] == "completed"
     assert quests["b.jsonl"]["first_global_step"] < quests["a.jsonl"]["first_global_step"]  # high first
     assert quests["a.jsonl"]["examples_trained"] == 24 and quests["b.jsonl"]["examples_trained"] == 10
-    assert quests["pref.jsonl.gz"]["state"] == "queued"
-    assert "DPO" in quests["pref.jsonl.gz"]["note"]
+    pref = quests["pref.jsonl.gz"]  # preference data: trained by the Judge (DPO)
+    assert (pref["state"], pref["school"], pref["examples_trained"]) == ("completed", "dpo", 1)
+    assert quests["a.jsonl"]["school"] == quests["b.jsonl"]["school"] == "sft"
     bad = quests["bad.jsonl"]
     assert bad["state"] == "failed"
     report = json.loads((realm.queue_dir("failed") / (bad["stored_name"] + ".report.json")).read_text())
     assert [b["line"] for b in report["bad_lines"]] == [2, 3]
     last = ledger.last_step()["global_step"]
-    assert last == quests["a.jsonl"]["steps"] + quests["b.jsonl"]["steps"]
+    assert last == quests["a.jsonl"]["steps"] + quests["b.jsonl"]["steps"] + pref["steps"]
     assert (realm.checkpoints_dir("hero") / f"step-{last:08d}").is_dir()
     # every example line trained exactly once
     lines = [(s["quest_id"], ln) for s in ledger.steps() for ln in json.loads(s["examples_json"])]
-    assert len(lines) == len(set(lines)) == 34
+    assert len(lines) == len(set(lines)) == 35
     assert ledger.get_value("daemon")["state"] == "stopped"
 
 

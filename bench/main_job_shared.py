@@ -1,5 +1,5 @@
 """The main job end to end on real data, with the numbers: a realm on ../shared/models/stories260K,
-tiny Shakespeare cut into text quests, GSM8K mapped with field_map, hh-rlhf (waits for DPO).
+tiny Shakespeare cut into text quests, GSM8K mapped with field_map, hh-rlhf (trained by the Judge, DPO).
 
     .venv/bin/python bench/main_job_shared.py [--realm DIR] [--shakespeare-chars N] [--gsm8k-lines N]
 

@@ -75,8 +75,8 @@ def test_schema_has_config_and_quest_schemas(client):
     s = client.get("/api/schema").get_json()
     assert "tavern" in s["config"]["properties"] and "$defs" in s["config"]
     titles = [x["title"] for x in s["quest_record"]["oneOf"]]
-    assert titles == ["text", "messages", "prompt_completion", "preference", "preference_implicit", "alpaca",
-                      "sharegpt"]
+    assert titles == ["text", "messages", "prompt_completion", "preference", "preference_implicit",
+                      "preference_sharegpt", "unpaired_preference", "messages_rated", "alpaca", "sharegpt"]
     assert "queued" in s["quest"]["properties"]["state"]["enum"]
 
 

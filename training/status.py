@@ -33,7 +33,7 @@ def collect_status(realm: Realm, config: RealmConfig) -> dict[str, Any]:
                            "processes": {}, "queue": {s.value: 0 for s in QuestState}, "quests": [],
                            "current_quest": None, "last_checkpoint": _last_checkpoint(realm, config.hero.name),
                            "supervisor": None, "crashes": [], "last_crash": None,
-                           "skills": skills_status(config, None), "skill_errors": []}
+                           "schools": {}, "skills": skills_status(config, None), "skill_errors": []}
     for role in (*ROLES, SUPERVISOR):
         info = process_info(realm, role)
         out["processes"][role] = {"state": info.state.value, "pid": info.pid}
@@ -63,6 +63,7 @@ def collect_status(realm: Realm, config: RealmConfig) -> dict[str, Any]:
             "examples_trained": q["examples_trained"], "steps": q["steps"], "attempts": q["attempts"],
             "note": q["note"], "error": q["error"],
         } for q in quests]
+        out["schools"] = ledger.school_step_counts()  # {school: {"quests", "steps"}} of quests that trained
         out["skills"] = skills_status(config, ledger)
         out["skill_errors"] = ledger.skill_load_errors()
         current = [q for q in quests if q["state"] == QuestState.PROCESSING.value]

@@ -109,5 +109,14 @@ def test_status_json_names_each_quests_school(make_realm):
         queue.transition(qid, QuestState.QUEUED, format=fmt, school=school)
         ids.append(qid)
     ledger.close()
-    quests = {q["id"]: q for q in collect_status(realm, realm.load_config())["quests"]}
+    status = collect_status(realm, realm.load_config())
+    quests = {q["id"]: q for q in status["quests"]}
     assert [quests[i]["school"] for i in ids] == ["sft", "ipo", "sft"]
+    assert status["schools"] == {}  # none trained a step yet
+    ledger = Ledger(realm.ledger_path)
+    for step, qid in enumerate(ids, start=1):
+        ledger.record_step(global_step=step, quest_id=qid, loss=1.0, learning_rate=1e-3, grad_norm=1.0, tokens=1,
+                           tokens_per_second=1.0, example_start=0, example_end=1, example_lines=[1], quest_steps=1)
+    ledger.close()
+    assert collect_status(realm, realm.load_config())["schools"] == {"sft": {"quests": 2, "steps": 2},
+                                                                    "ipo": {"quests": 1, "steps": 1}}

@@ -32,11 +32,9 @@ This module imports no torch: validation and the Tavern use it; :func:`make_scho
 
 from __future__ import annotations
 
-import fnmatch
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from core.config import QuestRule, RealmConfig
+from core.config import QuestRule, RealmConfig, quest_rule_for
 from core.formats import PREFERENCE_FORMATS, SFT_FORMATS, UNPAIRED_FORMATS
 
 if TYPE_CHECKING:
@@ -55,23 +53,11 @@ _DATA_WORDS = {"sft": "SFT records (text, messages, prompt/completion, alpaca, s
                "unpaired": "unpaired ratings (prompt/completion/label)"}
 
 
-def _names(file_name: str) -> set[str]:
-    name = Path(file_name).name
-    names = {name}
-    for prefix in ("high_", "low_"):
-        if name.lower().startswith(prefix):
-            names.add(name[len(prefix):])
-    return names | {n[:-3] for n in names if n.lower().endswith(".gz")}
-
-
 def rule_for(file_name: str, config: RealmConfig) -> QuestRule:
     """The :class:`QuestRule` of the first ``config.schools`` glob matching ``file_name`` (fnmatch on the
-    base name, also without ``.gz`` and a ``high_``/``low_`` prefix); the defaults when none matches."""
-    names = _names(file_name)
-    for pattern, rule in config.schools.items():
-        if any(fnmatch.fnmatch(n, pattern) for n in names):
-            return rule
-    return QuestRule()
+    base name, also without ``.gz`` and a ``high_``/``low_`` prefix); the defaults when none matches
+    (:func:`core.config.quest_rule_for`: one matching rule for schools, epochs and order)."""
+    return quest_rule_for(file_name, config.schools)
 
 
 def school_by_format(fmt: str | None) -> str:

@@ -347,6 +347,21 @@ class IdleGenerationConfig(_Section):
                                                        "user quests train first whatever their priority.")
 
 
+class SparringConfig(_Section):
+    """The Mirror: sparring rounds whose wrong answers become correction quests (see the README's Mirror
+    section)."""
+
+    after_failed_trial: bool = Field(False, description="The daemon's trial loop spars right after a promotion "
+                                     "trial that did not promote (same weights, fresh items); off: only on "
+                                     "demand, `python -m training spar SKILL`.")
+    samples: int = Field(64, ge=1, le=100_000, description="Items answered per sparring round (each wrong answer "
+                         "becomes one correction example).")
+    feedback_turn: bool = Field(False, description="Correction examples show the wrong answer: the prompt, the "
+                                "hero's answer and a user turn saying it was wrong, then the right answer as the "
+                                "completion (loss on the completion only); off: the prompt and the right answer.")
+    priority: Literal["high", "normal", "low"] = Field("high", description="Inbox folder of correction quests.")
+
+
 def _skill_name_problem(name: str) -> str | None:
     if re.fullmatch(SKILL_NAME_PATTERN, name):
         return None
@@ -429,6 +444,7 @@ class RealmConfig(_Section):
         default_factory=dict, description="Per glob of quest file names (first match wins, matched as "
         "validation.field_map matches them), how its quests train: school and its settings, epochs, order, e.g. "
         '{"prefs*.jsonl": {"school": "dpo", "beta": 0.1}, "gsm8k*": {"epochs": 3, "shuffle": true}}.')
+    sparring: SparringConfig = Field(default_factory=SparringConfig)
 
 
 class ConfigError(ValueError):

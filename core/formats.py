@@ -275,8 +275,13 @@ def _normalize_prompt_completion(record: dict) -> dict:
     if isinstance(prompt, str) and isinstance(completion, str):
         return {"prompt": _text(prompt, "prompt"), "completion": _text(completion, "completion")}
     if isinstance(prompt, list) and isinstance(completion, list):
-        return {"messages": _messages(prompt, "prompt", need_assistant=False)
-                + _messages(completion, "completion", need_assistant=True)}
+        prompt_messages = _messages(prompt, "prompt", need_assistant=False)
+        completion_messages = _messages(completion, "completion", need_assistant=True)
+        if any(m["role"] == "assistant" for m in prompt_messages):
+            # TRL: loss on the completion only, never on an assistant turn of the prompt (e.g. a wrong
+            # answer a sparring correction shows, core.skills.sparring): kept apart for core.chat
+            return {"prompt": prompt_messages, "completion": completion_messages}
+        return {"messages": prompt_messages + completion_messages}
     raise RecordError("prompt and completion must both be strings or both be lists of messages, got "
                       f"{_type_name(prompt)} and {_type_name(completion)}")
 

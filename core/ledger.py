@@ -893,6 +893,35 @@ class Ledger:
                           f"({','.join('?' * len(states))})", (name_glob, *states))
         return int(rows[0]["n"])
 
+    # sparring rounds (core.skills.sparring): an event each, numbered by an atomic counter -----------------
+    def next_spar_round(self) -> int:
+        """The number of a new sparring round: 1, 2, ... (an atomic counter in ``kv`` under
+        :data:`SPAR_ROUNDS_KEY`, so a round of the CLI and one of the daemon never share a number, a seed
+        or a file name)."""
+        with self.transaction() as c:
+            row = c.execute("SELECT value FROM kv WHERE key=?", (SPAR_ROUNDS_KEY,)).fetchone()
+            number = int(json.loads(row[0]) if row else 0) + 1
+            c.execute("INSERT OR REPLACE INTO kv VALUES (?,?,?)", (SPAR_ROUNDS_KEY, json.dumps(number), time.time()))
+        return number
+
+    def record_spar_round(self, record: SparRecord) -> None:
+        """Store a sparring round as a ``spar`` event (its data: :meth:`SparRecord.to_dict`)."""
+        r = record
+        quest = f"-> {r.quest} ({r.examples} correction example(s))" if r.quest else "no correction quest"
+        self.event("spar", f"{r.skill} level {r.level} sparring round #{r.round} at step {r.global_step}: "
+                   f"{r.wrong}/{r.n} wrong ({100 * r.accuracy:.1f}% right) {quest}", **r.to_dict())
+
+    def spar_rounds(self, hero: str, skill: str | None = None, limit: int = 100) -> list[SparRecord]:
+        """The newest ``limit`` sparring rounds of ``hero`` (of one ``skill``, or all), newest first."""
+        fields = set(SparRecord.__dataclass_fields__)
+        out = []
+        for row in self.query("SELECT data FROM events WHERE kind='spar' AND json_extract(data, '$.hero')=? "
+                              "AND (? IS NULL OR json_extract(data, '$.skill')=?) ORDER BY id DESC LIMIT ?",
+                              (hero, skill, skill, limit)):
+            data = json.loads(row["data"])
+            out.append(SparRecord(**{k: v for k, v in data.items() if k in fields}))
+        return out
+
     def set_skill_load_errors(self, errors: list[dict[str, str]]) -> None:
         """The problems of the last skill registry built (``[{"source", "message"}]``), and a
         ``skill_error`` warning event for each one not stored before."""
@@ -990,6 +1019,38 @@ def _chunks(rows: Iterable[Any], size: int) -> Iterator[list[Any]]:
 
 
 SKILL_ERRORS_KEY = "skills/load_errors"
+SPAR_ROUNDS_KEY = "skills/spar_rounds"
+
+
+@dataclass(frozen=True)
+class SparRecord:
+    """One sparring round (:mod:`core.skills.sparring`), stored as a ``spar`` event. ``n`` items answered,
+    ``correct`` right, ``wrong`` = n - correct, ``accuracy`` = correct / n; ``quest``: the correction quest's
+    file name (None when every answer was right: no file); ``examples``: correction examples written (one
+    per wrong answer); ``time``: Unix seconds."""
+
+    hero: str
+    skill: str
+    level: int
+    round: int
+    n: int
+    correct: int
+    wrong: int
+    accuracy: float
+    global_step: int
+    checkpoint: str | None
+    seed: int
+    quest: str | None
+    examples: int
+    feedback_turn: bool
+    duration_seconds: float
+    time: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
 
 
 @dataclass(frozen=True)

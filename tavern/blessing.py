@@ -1,7 +1,8 @@
 """The Temple's blessing from the ledger: the evaluations (:class:`tavern.game.Evaluation`) built from the
 ``trials`` and ``evals`` rows, and :func:`tavern.game.blessing` over the ``steps`` rows.
 
-A trial covers the quests named ``skill-<SKILL>-L*`` (:func:`core.skills.loop.skill_quest_glob`) and scores
+A trial covers the quests that train its skill, ``skill-<SKILL>-L*`` and ``spar-<SKILL>-L*``
+(:func:`core.skills.quests.skill_quest_globs`), and scores
 its accuracy, against the previous trial of the same skill and level; a held-out evaluation covers its quest
 and scores ``exp(-eval_loss)``, against the previous evaluation of that quest. The judged part only changes
 when an evaluation is written or removed, so it is cached per ledger on
@@ -15,7 +16,7 @@ import threading
 from fnmatch import fnmatchcase
 
 from core.ledger import Ledger
-from core.skills.loop import skill_quest_glob
+from core.skills.quests import skill_quest_globs
 from tavern import game
 
 _cache: dict[tuple[str, str], tuple[tuple, game.Blessing]] = {}
@@ -28,8 +29,8 @@ def evaluations(ledger: Ledger, hero: str) -> list[game.Evaluation]:
     out: list[game.Evaluation] = []
     previous: dict[tuple, float] = {}
     for t in ledger.trials(hero, limit=10**9):
-        glob = skill_quest_glob(t.skill)
-        covers = frozenset(qid for qid, name in names.items() if fnmatchcase(name, glob))
+        globs = skill_quest_globs(t.skill)
+        covers = frozenset(qid for qid, name in names.items() if any(fnmatchcase(name, g) for g in globs))
         key = ("trial", t.skill, t.level)
         out.append(game.Evaluation(t.global_step, covers, t.accuracy, previous.get(key)))
         previous[key] = t.accuracy

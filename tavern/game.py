@@ -30,8 +30,8 @@ Total Level   the sum of the skill levels (skills with a trial; the others are a
               level: the step level counts effort, the Total Level counts what trials proved
 blessing      the Temple's blessing: effort (optimizer steps) becomes experience only when an evaluation
               confirms it. A step is judged by the first evaluation at or after it *of what it trained*
-              (coverage): a promotion trial of its quest's skill (quests named ``skill-<SKILL>-L*``) or the
-              held-out loss of its quest. That evaluation's quality is
+              (coverage): a promotion trial of its quest's skill (quests named ``skill-<SKILL>-L*`` or
+              ``spar-<SKILL>-L*``) or the held-out loss of its quest. That evaluation's quality is
               ``q = (score + trend) / 2`` in [0, 1], with score the trial's accuracy or
               ``exp(-eval_loss)``, and ``trend = clamp(0.5 + 5 * (score - previous score), 0, 1)`` against
               the previous evaluation of the same kind (same skill and level / same quest; none: 0.5), so

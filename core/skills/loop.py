@@ -29,14 +29,20 @@ reproducible. Generated quests are *last in line*: the daemon trains every other
 a generated one trains starts at its end, the next quest boundary.
 
 **Trial schedule.** A skill's *steps since its last trial* are the optimizer steps of quests named
-``skill-<SKILL>-L*`` (generated quests and ``skills quest`` files: :func:`skill_quest_glob`) after the global
-step of its newest trial. When they reach ``skills.trial_every_steps`` (:func:`core.skills.trials.trial_due`)
+``skill-<SKILL>-L*`` (generated quests and ``skills quest`` files) or ``spar-<SKILL>-L*`` (sparring's
+correction quests, :mod:`core.skills.sparring`) after the global step of its newest trial
+(:func:`steps_trained_on`). When they reach ``skills.trial_every_steps`` (:func:`core.skills.trials.trial_due`)
 the next checkpoint runs a promotion trial (:func:`core.skills.trials.run_trial`) on the live weights, which
 are exactly the checkpoint just saved (its name is stored with the trial, so ``python -m training trial
 SKILL --checkpoint step-…`` repeats it). A trial only reads the model (eval mode, the torch RNG forked and
 restored, training mode put back), so the optimizer, the cursor and every RNG the training uses are untouched:
 a run that trials resumes and continues exactly as one that does not. A trial that raises (a custom skill's
 scorer) is a ``trial_failed`` warning event; the daemon goes on.
+
+**Sparring after a failed trial.** With ``sparring.after_failed_trial`` (off by default), a trial that did
+not promote is followed, on the same weights, by a sparring round of the same skill and level
+(:meth:`HeroLoop.spar`): fresh training-split items, each wrong answer a correction example in a quest
+queued at ``sparring.priority`` (high by default), trained before the generated quests.
 """
 
 from __future__ import annotations
@@ -53,7 +59,14 @@ from core.config import RealmConfig
 from core.ledger import Ledger, QuestState
 from core.realm import PRIORITIES, Realm
 from core.skills.base import Skill, derive_seed
-from core.skills.quests import mixed_items, quest_file_name, quest_record, training_items, write_quest
+from core.skills.quests import (
+    mixed_items,
+    quest_file_name,
+    quest_record,
+    skill_quest_globs,
+    training_items,
+    write_quest,
+)
 from core.skills.registry import SkillRegistry, build_registry, report_errors
 
 GENERATED_GLOB = "skill-*-L*-idle*.jsonl"
@@ -65,9 +78,15 @@ IDLE_CHECK_INTERVAL_SECONDS = 1.0
 
 
 def skill_quest_glob(skill: str) -> str:
-    """The names of quests that train ``skill``: ``skill-<SKILL>-L*``
+    """The names of the skill quests of ``skill``: ``skill-<SKILL>-L*``
     (:func:`core.skills.quests.quest_file_name`)."""
     return f"skill-{skill}-L*"
+
+
+def steps_trained_on(ledger: Ledger, skill: str, after_step: int) -> int:
+    """Optimizer steps after ``after_step`` of the quests that train ``skill``
+    (:func:`core.skills.quests.skill_quest_globs`: skill quests and sparring corrections)."""
+    return sum(ledger.steps_of_quests_named(glob, after_step) for glob in skill_quest_globs(skill))
 
 
 def is_generated(quest: dict[str, Any]) -> bool:
@@ -185,7 +204,7 @@ class HeroLoop:
     def steps_since_trial(self, skill: str) -> int:
         """Optimizer steps trained on ``skill`` since its newest trial (all of them before the first)."""
         last = self.ledger.last_trial(self.hero, skill)
-        return self.ledger.steps_of_quests_named(skill_quest_glob(skill), last.global_step if last else -1)
+        return steps_trained_on(self.ledger, skill, last.global_step if last else -1)
 
     def due(self) -> list[str]:
         """Skills whose trial is due (:func:`core.skills.trials.trial_due`)."""
@@ -231,4 +250,27 @@ class HeroLoop:
             self.log.info("trial %s level %d at step %d: %d/%d right, lower bound %.3f%s", name, level,
                           global_step, result.correct, result.n, result.lower_bound,
                           " -> promoted" if record.promoted else "")
+            if not record.promoted and self.config.sparring.after_failed_trial:
+                self.spar(model, tokenizer, name, level, global_step, checkpoint, on_progress)
         return ids
+
+    def spar(self, model, tokenizer, name: str, level: int, global_step: int, checkpoint: Path,
+             on_progress: Callable[[], None] | None = None) -> Path | None:
+        """A sparring round (:func:`core.skills.sparring.spar_round`) of skill ``name`` at ``level`` on
+        ``model``, its correction quest written into the inbox. Returns the quest's path (None: every answer
+        right, or the round failed: a ``spar_failed`` warning event, training goes on)."""
+        from core.skills.sparring import spar_round
+
+        try:
+            record, _, path = spar_round(self.ledger, model, tokenizer, self.registry.skills[name], hero=self.hero,
+                                         level=level, global_step=global_step, checkpoint=Path(checkpoint).name,
+                                         inbox=self.realm.inbox, sparring=self.config.sparring,
+                                         skills=self.config.skills, on_batch=on_progress)
+        except Exception as exc:  # a custom scorer that raises, a full disk: reported, training goes on
+            self.log.error("sparring on %s level %d failed: %s", name, level, exc)
+            self.ledger.event("spar_failed", f"sparring on {name} level {level} at step {global_step} failed: "
+                              f"{type(exc).__name__}: {exc}", level="warning", skill=name, global_step=global_step)
+            return None
+        self.log.info("sparring %s level %d at step %d: %d/%d wrong%s", name, level, global_step, record.wrong,
+                      record.n, f" -> {path.name}" if path else "")
+        return path

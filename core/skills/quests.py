@@ -61,6 +61,19 @@ def quest_file_name(skill: str, level: int, key: object) -> str:
     return f"skill-{skill}-L{level}-{key}.jsonl"
 
 
+def spar_quest_name(skill: str, level: int, round_number: int, global_step: int) -> str:
+    """A sparring round's correction quest (:mod:`core.skills.sparring`):
+    ``spar-<SKILL>-L<level>-r<round, 6 digits>-s<global step, 8 digits>.jsonl``."""
+    return f"spar-{skill}-L{level}-r{round_number:06d}-s{global_step:08d}.jsonl"
+
+
+def skill_quest_globs(skill: str) -> tuple[str, str]:
+    """The names of the quests that train ``skill`` (SQLite ``GLOB`` / :func:`fnmatch.fnmatchcase`): its skill
+    quests ``skill-<SKILL>-L*`` (:func:`quest_file_name`: generated and ``skills quest`` files) and its
+    correction quests ``spar-<SKILL>-L*`` (:func:`spar_quest_name`)."""
+    return f"skill-{skill}-L*", f"spar-{skill}-L*"
+
+
 def write_quest(path: Path | str, records: Iterable[dict]) -> Path:
     """Write ``records`` as JSON lines to ``path`` atomically (:func:`core.fsutil.atomic_write`: a hidden
     temporary sibling the ingester ignores, fsync, rename), so a watcher sees the whole file or nothing.

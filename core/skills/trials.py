@@ -168,6 +168,22 @@ def run_trial(model, tokenizer, skill: Skill, level: int, *, n: int, seed: int, 
     """
     started = time.perf_counter()
     items = generate_items(skill, level, n, seed, TRIAL)
+    answers, flags = answer_items(model, tokenizer, skill, items, max_new_tokens=max_new_tokens,
+                                  batch_size=batch_size, on_batch=on_batch)
+    return TrialResult(skill.name, level, seed, items, answers, flags, time.perf_counter() - started)
+
+
+def answer_items(model, tokenizer, skill: Skill, items: list[SkillItem], *, max_new_tokens: int = 64,
+                 batch_size: int = 64, on_batch: Callable[[], None] | None = None) -> tuple[list[str], list[bool]]:
+    """The hero's greedy answers to ``items`` and, per item, whether ``skill`` scores it right (score >= 1):
+    the answering and scoring of a trial, shared by sparring (:mod:`core.skills.sparring`).
+
+    ``max_new_tokens`` caps each answer; generation also stops :data:`ANSWER_SLACK_TOKENS` tokens after the
+    longest reference answer with its end-of-turn marker. Raises :class:`core.skills.base.SkillError` for a
+    scorer that fails. ``on_batch``: see :func:`generate_answers`.
+    """
+    if not items:
+        return [], []
     marker = end_of_turn_marker(tokenizer)
     longest = max(len(tokenizer(it.answer + marker, add_special_tokens=False)["input_ids"]) for it in items)
     budget = max(1, min(max_new_tokens, longest + ANSWER_SLACK_TOKENS))
@@ -175,4 +191,4 @@ def run_trial(model, tokenizer, skill: Skill, level: int, *, n: int, seed: int, 
     answers = generate_answers(model, tokenizer, prompts, max_new_tokens=budget, batch_size=batch_size,
                                on_batch=on_batch)
     flags = [skill.score(a, it.answer) >= 1.0 for a, it in zip(answers, items, strict=True)]
-    return TrialResult(skill.name, level, seed, items, answers, flags, time.perf_counter() - started)
+    return answers, flags

@@ -16,7 +16,7 @@ from flask import Blueprint, jsonify, render_template
 
 from core.config import RealmConfig
 from core.ledger import Ledger
-from core.skills.loop import skill_quest_glob
+from core.skills.loop import steps_trained_on
 from core.skills.registry import BUILTIN_SKILLS
 from tavern import game
 from tavern.context import current_config, current_ledger
@@ -26,7 +26,8 @@ bp = Blueprint("guild", __name__)
 TRIALS_PER_SKILL = 200
 """Trials per skill in the accuracy chart (the newest)."""
 LOG_EVENTS = 50
-LOG_KINDS = ("trial", "promotion", "quest_generated", "trial_failed", "quest_generation_failed")
+LOG_KINDS = ("trial", "promotion", "quest_generated", "trial_failed", "quest_generation_failed", "spar",
+             "spar_failed")
 BUILTIN_MAX_LEVEL = {cls.name: cls.max_level for cls in BUILTIN_SKILLS}
 
 
@@ -45,9 +46,10 @@ def guild_view(ledger: Ledger, config: RealmConfig, hero: str | None = None) -> 
     others), ``mastered``, ``trials`` (count), ``history`` (its newest :data:`TRIALS_PER_SKILL` trials, oldest
     first: ``global_step``, ``level``, ``n``, ``correct``, ``accuracy``, ``lower_bound``, ``threshold``,
     ``promoted``...), ``last_trial`` (the same plus ``samples``: ``{prompt, expected, answer, correct}``),
-    ``steps_since_trial`` (optimizer steps of quests named ``skill-<SKILL>-L*`` after its newest trial) and
+    ``steps_since_trial`` (optimizer steps of quests named ``skill-<SKILL>-L*`` or ``spar-<SKILL>-L*``
+    after its newest trial) and
     ``steps_until_trial`` (``max(0, skills.trial_every_steps - steps_since_trial)``; None when the loop does
-    not try it: ``trial_every_steps`` 0, or mastered). ``log``: the newest trial, promotion and generation
+    not try it: ``trial_every_steps`` 0, or mastered). ``log``: the newest trial, promotion, generation and sparring
     events, newest first.
     """
     hero = hero or config.hero.name
@@ -61,7 +63,7 @@ def guild_view(ledger: Ledger, config: RealmConfig, hero: str | None = None) -> 
         max_level = BUILTIN_MAX_LEVEL.get(name)
         mastered = max_level is not None and level > max_level
         last = info.get("last_trial")
-        since = ledger.steps_of_quests_named(skill_quest_glob(name), last.global_step if last else -1)
+        since = steps_trained_on(ledger, name, last.global_step if last else -1)
         skills.append({
             "name": name, "priority": config.skills.priorities.get(name, 0.0), "level": level,
             "max_level": max_level, "mastered": mastered, "trials": info.get("trials", 0),

@@ -6,7 +6,7 @@
   "use strict";
   const {el, fmt} = Tavern;
   const $ = (id) => document.getElementById(id);
-  const REFRESH_KINDS = new Set(["trial", "promotion", "quest_generated", "trial_failed", "quest_completed"]);
+  const REFRESH_KINDS = new Set(["trial", "promotion", "quest_generated", "trial_failed", "quest_completed", "spar"]);
   const STEP_REFRESH_MS = 3000;  // steps move "steps until the next trial": refetch at most this often
   const plots = {};
 

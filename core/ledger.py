@@ -908,8 +908,11 @@ class Ledger:
         """Store a sparring round as a ``spar`` event (its data: :meth:`SparRecord.to_dict`)."""
         r = record
         quest = f"-> {r.quest} ({r.examples} correction example(s))" if r.quest else "no correction quest"
-        self.event("spar", f"{r.skill} level {r.level} sparring round #{r.round} at step {r.global_step}: "
-                   f"{r.wrong}/{r.n} wrong ({100 * r.accuracy:.1f}% right) {quest}", **r.to_dict())
+        message = (f"{r.skill} level {r.level} sparring round #{r.round} at step {r.global_step}: "
+                   f"{r.wrong}/{r.n} wrong ({100 * r.accuracy:.1f}% right) {quest}")
+        with self.transaction() as c:  # not event(): its ``level`` argument is the event's severity
+            c.execute("INSERT INTO events(time, level, kind, message, data) VALUES (?,?,?,?,?)",
+                      (r.time or time.time(), "info", "spar", message, json.dumps(r.to_dict())))
 
     def spar_rounds(self, hero: str, skill: str | None = None, limit: int = 100) -> list[SparRecord]:
         """The newest ``limit`` sparring rounds of ``hero`` (of one ``skill``, or all), newest first."""

@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, what in CONTROL_COMMANDS.items():
         sub.add_parser(name, help=f"{what} (sent to the daemon through the control channel)")
     export_cli.add_parsers(sub)  # export, chat
-    skills_cli.add_parsers(sub)  # trial, skills
+    skills_cli.add_parsers(sub)  # trial, spar, skills
     return p
 
 
@@ -656,5 +656,5 @@ COMMANDS = {
     "stop-all": cmd_stop_all, "status": cmd_status, "validate": cmd_validate, "eval": cmd_eval, "enqueue": cmd_enqueue,
     "new-hero": cmd_new_hero, "doctor": cmd_doctor, "supervise": cmd_supervise, "vault": cmd_vault, **{c: cmd_control for c in CONTROL_COMMANDS},
     "export": export_cli.cmd_export, "chat": export_cli.cmd_chat,
-    "trial": skills_cli.cmd_trial, "skills": skills_cli.cmd_skills,
+    "trial": skills_cli.cmd_trial, "spar": skills_cli.cmd_spar, "skills": skills_cli.cmd_skills,
 }

@@ -1,5 +1,6 @@
-"""``python -m training trial SKILL`` and ``python -m training skills list|quest``: promotion trials on
-demand, the realm's skills with their levels, and skill quests written into the inbox.
+"""``python -m training trial SKILL``, ``python -m training spar SKILL`` and ``python -m training skills
+list|quest``: promotion trials and sparring rounds on demand, the realm's skills with their levels, and
+skill quests written into the inbox.
 
 Exit codes (:class:`training.cli.ExitCode`): 0 done, 2 a level the skill does not have, 5 no such skill
 or checkpoint.
@@ -7,6 +8,7 @@ or checkpoint.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -21,7 +23,7 @@ OK, USAGE, NOT_FOUND = 0, 2, 5
 
 
 def add_parsers(sub) -> None:
-    """Register ``trial`` and ``skills`` on the CLI's subparsers."""
+    """Register ``trial``, ``spar`` and ``skills`` on the CLI's subparsers."""
     s = sub.add_parser("trial", help="promotion trial: the hero answers fresh items of a skill at its level "
                        "(greedy); promoted when the Wilson 95%% lower bound reaches skills.promotion_threshold")
     s.add_argument("skill")
@@ -30,6 +32,16 @@ def add_parsers(sub) -> None:
     s.add_argument("--level", type=int, help="try this level instead of the skill's current one (measures "
                    "only: promotion needs the current level)")
     s.add_argument("--samples", type=int, help="items (default skills.trial_samples; at least 30)")
+    s.add_argument("--json", action="store_true")
+    s = sub.add_parser("spar", help="sparring (the Mirror): the hero answers items of a skill at its level "
+                       "(greedy); each wrong answer becomes a correction example in a quest queued at high priority")
+    s.add_argument("skill")
+    s.add_argument("--checkpoint", default="latest", help=f"checkpoint ({EXAMPLE_NAME} or its global step), "
+                   "'latest' or 'base'")
+    s.add_argument("--level", type=int, help="spar at this level instead of the skill's current one")
+    s.add_argument("--count", type=int, help="items (default sparring.samples)")
+    s.add_argument("--feedback-turn", action=argparse.BooleanOptionalAction, default=None,
+                   help="show the wrong answer in the correction (default sparring.feedback_turn)")
     s.add_argument("--json", action="store_true")
     s = sub.add_parser("skills", help="the realm's skills and levels; write skill quests into the inbox")
     skills = s.add_subparsers(dest="skills_command", required=True, metavar="skills-command")
@@ -137,6 +149,59 @@ def cmd_trial(args, realm: Realm, config: RealmConfig, environ) -> int:
     for sample in record.samples:
         mark = "right" if sample["correct"] else "wrong"
         print(f"  {mark:5}  {sample['prompt'][:60]!r} -> {sample['answer'][:40]!r} (expected {sample['expected'][:40]!r})")
+    return OK
+
+
+def cmd_spar(args, realm: Realm, config: RealmConfig, environ) -> int:
+    """A sparring round (:func:`core.skills.sparring.spar_round`) on a checkpoint."""
+    from core.hero import HeroError, load_model, load_tokenizer
+    from core.skills.base import SkillError
+    from core.skills.sparring import spar_round
+
+    realm.ensure_layout()
+    hero = config.hero.name
+    if args.count is not None and not 1 <= args.count <= 100_000:
+        print("error: --count must be 1..100000", file=sys.stderr)
+        return USAGE
+    sparring = config.sparring if args.feedback_turn is None else \
+        config.sparring.model_copy(update={"feedback_turn": args.feedback_turn})
+    ledger = Ledger(realm.ledger_path)
+    try:
+        try:
+            skill = _registry(realm, config, ledger).get(args.skill)
+        except SkillError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return NOT_FOUND
+        current = ledger.skill_level(hero, skill.name)
+        if args.level is None and current > skill.max_level:
+            print(f"{skill.name}: mastered (level {current}); --level N spars at a level")
+            return OK
+        level = current if args.level is None else args.level
+        if not 0 <= level <= skill.max_level:
+            print(f"error: skill {skill.name} has levels 0..{skill.max_level}, not {level}", file=sys.stderr)
+            return USAGE
+        try:
+            model_dir, step = _model_dir(realm, config, args.checkpoint)
+            model, tokenizer = load_model(model_dir, config.hero), load_tokenizer(model_dir, config.hero)
+        except (HeroError, FileNotFoundError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return NOT_FOUND
+        try:
+            record, _, path = spar_round(ledger, model, tokenizer, skill, hero=hero, level=level, global_step=step,
+                                         checkpoint=model_dir.name, inbox=realm.inbox, sparring=sparring,
+                                         skills=config.skills, samples=args.count)
+        except SkillError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return NOT_FOUND
+    finally:
+        ledger.close()
+    if args.json:
+        print(json.dumps({**record.to_dict(), "path": str(path) if path else None}, indent=2))
+        return OK
+    where = (f"{record.examples} correction example(s) -> {path}" if path else
+             "every answer right: no correction quest")
+    print(f"{skill.name} level {level} sparring round #{record.round} on {model_dir.name}: {record.wrong}/{record.n} "
+          f"wrong ({100 * record.accuracy:.1f}% right); {where} ({record.duration_seconds:.1f} s)")
     return OK
 
 

@@ -59,6 +59,25 @@ def test_guild_levels_trials_and_steps_until_the_next_trial(client, tavern_realm
     ledger.close()
 
 
+def test_guild_counts_correction_quests_and_logs_sparring_rounds(client, tavern_realm):
+    from core.ledger import SparRecord
+
+    ledger = Ledger(tavern_realm.ledger_path)
+    add_skill_quest(tavern_realm, ledger, "skill-BIN-L0-idle000001.jsonl", range(1, 6))
+    ledger.record_trial(trial("BIN", 0, 30, 5, promoted=False))
+    ledger.record_spar_round(SparRecord(hero="hero", skill="BIN", level=0, round=1, n=40, correct=28, wrong=12,
+                                        accuracy=0.7, global_step=5, checkpoint="step-00000005", seed=3,
+                                        quest="spar-BIN-L0-r000001-s00000005.jsonl", examples=12,
+                                        feedback_turn=False, duration_seconds=1.0, time=time.time()))
+    add_skill_quest(tavern_realm, ledger, "spar-BIN-L0-r000001-s00000005.jsonl", range(6, 9))
+    g = client.get("/api/guild").get_json()
+    assert g["skills"][0]["steps_since_trial"] == 3  # the correction quest's steps train BIN
+    spar = g["log"][0]
+    assert spar["kind"] == "spar" and spar["data"]["wrong"] == 12 and spar["data"]["level"] == 0
+    assert "12/40 wrong" in spar["message"] and spar["level"] == "info"
+    ledger.close()
+
+
 def test_hero_card_total_level_is_the_sum_of_the_skill_levels(client, tavern_realm):
     ledger = Ledger(tavern_realm.ledger_path)
     assert client.get("/api/status").get_json()["hero"]["total_level"] == 0

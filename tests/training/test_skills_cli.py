@@ -84,3 +84,35 @@ def test_invalid_skills_config_exits_3(make_realm):
     result = cli(realm, "status")
     assert result.returncode == ExitCode.CONFIG
     assert "skills.trial_samples" in result.stderr and "skills.promotion_threshold" in result.stderr
+
+
+def test_spar_queues_the_corrections_of_the_wrong_answers(capsys, make_realm):
+    realm = make_realm()
+    code, out, _ = run(capsys, realm, "spar", "BIN", "--checkpoint", "base", "--count", "30", "--json")
+    assert code == ExitCode.OK
+    spar = json.loads(out)
+    assert spar["skill"] == "BIN" and spar["level"] == 0 and spar["n"] == 30 and spar["round"] == 1
+    assert spar["wrong"] == 30 - spar["correct"] > 0  # the newborn hero knows no BIN yet
+    path = realm.inbox / "high" / "spar-BIN-L0-r000001-s00000000.jsonl"
+    assert spar["path"] == str(path) and spar["quest"] == path.name
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(records) == spar["examples"] == spar["wrong"]
+    assert all(r["completion"][0]["content"] == str(int(r["prompt"][0]["content"][0], 2)
+                                                     + int(r["prompt"][0]["content"][2], 2))
+               .replace("2", "10") for r in records)  # the right answers of level 0
+    code, out, _ = run(capsys, realm, "spar", "BIN", "--checkpoint", "base", "--count", "5", "--feedback-turn")
+    assert code == ExitCode.OK and "sparring round #2 on base" in out and "correction example(s) ->" in out
+    second = realm.inbox / "high" / "spar-BIN-L0-r000002-s00000000.jsonl"
+    assert all(len(json.loads(line)["prompt"]) == 3 for line in second.read_text().splitlines())
+    status = json.loads(run(capsys, realm, "status", "--json")[1])
+    assert status["skills"][0]["trials"] == 0  # a sparring round is not a trial
+
+
+def test_spar_refusals(capsys, make_realm):
+    realm = make_realm()
+    assert run(capsys, realm, "spar", "BIN")[0] == ExitCode.NOT_FOUND  # no checkpoint yet
+    code, _, err = run(capsys, realm, "spar", "GHOST", "--checkpoint", "base")
+    assert code == ExitCode.NOT_FOUND and "no skill named 'GHOST'" in err
+    assert run(capsys, realm, "spar", "BIN", "--checkpoint", "base", "--count", "0")[0] == ExitCode.USAGE
+    assert run(capsys, realm, "spar", "BIN", "--checkpoint", "base", "--level", "12")[0] == ExitCode.USAGE
+    assert not any(realm.inbox.rglob("*.jsonl"))

@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 CONFIG_FILENAME = "config.json"
 
@@ -362,6 +362,97 @@ class SparringConfig(_Section):
     priority: Literal["high", "normal", "low"] = Field("high", description="Inbox folder of correction quests.")
 
 
+SCHOOLS: list[str] = ["sft"]
+"""School names a campaign stage may name: the schools the engine trains (extend it as schools land)."""
+
+
+class StageUntil(_Section):
+    """When a campaign stage ends: exactly one condition (see the README's Campaigns section)."""
+
+    steps: int | None = Field(None, ge=1, le=10**9, description="Optimizer steps trained since the stage began.")
+    skill_level: dict[str, int] | None = Field(None, description="Every named skill at least this level, e.g. "
+                                               "{\"BIN\": 3}.")
+    accuracy: float | None = Field(None, gt=0, le=1, description="The newest trial (after the stage began) of "
+                                   "each of the stage's skills has at least this accuracy.")
+    eval_loss_patience: int | None = Field(None, ge=1, le=1000, description="Held-out loss not improving over "
+                                           "this many evaluations (since the stage began) in a row.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StageUntil:
+        given = [k for k in ("steps", "skill_level", "accuracy", "eval_loss_patience") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of steps, skill_level, accuracy, eval_loss_patience"
+                             + (f" (got {', '.join(given)})" if given else ""))
+        if self.skill_level is not None:
+            problems = [_skill_name_problem(n) for n in self.skill_level if _skill_name_problem(n)]
+            problems += [f"level of {n!r} must be 1..100, got {v}" for n, v in self.skill_level.items()
+                         if not 1 <= v <= 100]
+            if problems or not self.skill_level:
+                raise ValueError("; ".join(problems) or "skill_level must name a skill")
+        return self
+
+
+class CampaignStage(_Section):
+    """One stage of a campaign: what it trains (skills and/or quest name globs), with which school, until when."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}$", description="Shown in status and the Tavern.")
+    school: str = Field("sft", description="The school of the stage's quests (one of core.config.SCHOOLS).")
+    skills: dict[str, float] = Field(default_factory=dict, description="Skill -> weight practised in this stage "
+                                     "(replaces skills.priorities for idle generation while it lasts).")
+    quests: list[str] = Field(default_factory=list, description="Glob(s) of quest file names trained first in "
+                              "this stage, e.g. [\"warmup*\"].")
+    until: StageUntil
+
+    @model_validator(mode="after")
+    def _check(self) -> CampaignStage:
+        problems = [] if self.school in SCHOOLS else [f"school {self.school!r} is not one of {', '.join(SCHOOLS)}"]
+        problems += [_skill_name_problem(n) for n in self.skills if _skill_name_problem(n)]
+        problems += [f"weight of {n!r} must be > 0" for n, w in self.skills.items() if not w > 0]
+        if not self.skills and not self.quests:
+            problems.append("a stage names skills and/or quests")
+        if self.until.accuracy is not None and not self.skills:
+            problems.append("until.accuracy needs the stage's skills")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+CAMPAIGN_PRESETS: dict[str, list[dict]] = {
+    "warmup-bin": [
+        {"name": "warm-up", "school": "sft", "quests": ["warmup*"], "until": {"steps": 200}},
+        {"name": "BIN levels", "school": "sft", "skills": {"BIN": 1.0}, "until": {"skill_level": {"BIN": 3}}},
+    ],
+}
+"""Shipped campaigns (``campaign.preset``): warm-up SFT on your ``warmup*`` quests, then BIN to level 3."""
+
+
+class CampaignConfig(_Section):
+    """A curriculum: stages the daemon goes through in order (see the README's Campaigns section)."""
+
+    enabled: bool = Field(False, description="Run the campaign (the daemon advances through its stages).")
+    preset: Literal["warmup-bin"] | None = Field(None, description="A shipped campaign instead of stages: "
+                                                 "warmup-bin = SFT on warmup* quests for 200 steps, then BIN to "
+                                                 "level 3.")
+    stages: list[CampaignStage] = Field(default_factory=list, description="The stages, in order.")
+
+    @model_validator(mode="after")
+    def _stages_or_preset(self) -> CampaignConfig:
+        if self.preset is not None and self.stages:
+            raise ValueError("give stages or a preset, not both")
+        if self.enabled and self.preset is None and not self.stages:
+            raise ValueError("an enabled campaign needs stages or a preset")
+        names = [st.name for st in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError("stage names must be unique")
+        return self
+
+    def resolved_stages(self) -> list[CampaignStage]:
+        """The stages to run: ``stages``, or the preset's."""
+        if self.preset is not None:
+            return [CampaignStage.model_validate(st) for st in CAMPAIGN_PRESETS[self.preset]]
+        return list(self.stages)
+
+
 def _skill_name_problem(name: str) -> str | None:
     if re.fullmatch(SKILL_NAME_PATTERN, name):
         return None
@@ -445,6 +536,7 @@ class RealmConfig(_Section):
         "validation.field_map matches them), how its quests train: school and its settings, epochs, order, e.g. "
         '{"prefs*.jsonl": {"school": "dpo", "beta": 0.1}, "gsm8k*": {"epochs": 3, "shuffle": true}}.')
     sparring: SparringConfig = Field(default_factory=SparringConfig)
+    campaign: CampaignConfig = Field(default_factory=CampaignConfig)
 
 
 class ConfigError(ValueError):

@@ -14,7 +14,9 @@ Two threads in one process:
 
 The hero loop (:class:`core.skills.loop.HeroLoop`) has three narrow hooks: ``start`` after setup,
 ``when_idle`` when nothing is trainable (idle generation; never with ``until_idle``) and
-``after_checkpoint`` after each checkpoint save (promotion trials on the schedule).
+``after_checkpoint`` after each checkpoint save (promotion trials on the schedule). A campaign
+(:class:`core.campaigns.Campaign`, with ``campaign.enabled``) is checked between quests and after each
+checkpoint; its current stage's quests are trained first.
 
 The daemon state (:class:`core.contract.DaemonState`) is published under :data:`core.contract.DAEMON_KEY`
 by :meth:`Daemon._set_state` only; its ``updated_at`` is the heartbeat. SIGTERM/SIGINT (or the ``stop``
@@ -33,6 +35,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from core.admission import Admission
+from core.campaigns import Campaign
 from core.checkpoint_layout import checkpoint_name
 from core.config import RealmConfig
 from core.contract import (
@@ -105,6 +108,7 @@ class Daemon:
         self._last_heartbeat = 0.0
         self.admission: Admission | None = None
         self.hero_loop: HeroLoop | None = None
+        self.campaign: Campaign | None = None
         self._identity = process_identity()  # pid and its start time: readers tell a reused pid
 
     # lifecycle -------------------------------------------------------------------
@@ -134,6 +138,10 @@ class Daemon:
         self.engine.setup()
         self._reopen_lost_quests(completed)
         self.hero_loop = HeroLoop(self.realm, self.config, self.ledger, logger=log)
+        if self.config.campaign.enabled:
+            self.campaign = Campaign(self.config.campaign, self.ledger, self.config.hero.name, self.realm.inbox)
+            self.campaign.start(self.engine.global_step)
+            self.hero_loop.campaign = self.campaign
         self.hero_loop.start(self.engine.global_step)
         hero = self.engine.hero_info
         self._status["hero"] = hero
@@ -165,6 +173,8 @@ class Daemon:
             engine = self.engine
             self.hero_loop.after_checkpoint(engine.accelerator.unwrap_model(engine.model), engine.tokenizer,
                                             engine.global_step, path, on_progress=self._heartbeat)
+        if self.campaign is not None and self.engine is not None:
+            self.campaign.check(self.engine.global_step, force=True)
 
     def cleanup(self) -> None:
         self._stop.set()
@@ -207,7 +217,10 @@ class Daemon:
                 self._set_state(DaemonState.PAUSED)
                 self._stop.wait(0.2)
                 continue
-            quest = self.queue.next_trainable(TRAINABLE_FORMATS, last=is_generated)
+            if self.campaign is not None and self.engine is not None:
+                self.campaign.check(self.engine.global_step)
+            quest = self.queue.next_trainable(TRAINABLE_FORMATS, last=is_generated,
+                                              first=self.campaign.is_stage_quest if self.campaign else None)
             if quest is None:
                 # re-checked after: a validation may have queued a quest since next_trainable() looked
                 idle = self.admission is not None and self.admission.idle() \

@@ -925,6 +925,22 @@ class Ledger:
             out.append(SparRecord(**{k: v for k, v in data.items() if k in fields}))
         return out
 
+    # campaigns (core.campaigns): the state of the running campaign, one kv value ------------------------
+    def campaign_state(self) -> dict[str, Any] | None:
+        """The campaign's state (:class:`core.campaigns.CampaignState` as a dict), None before any."""
+        return self.get_value(CAMPAIGN_KEY)
+
+    def set_campaign_state(self, state: dict[str, Any], kind: str, message: str, level: str = "info") -> None:
+        """Store the campaign's state with its ``kind`` event (``campaign_started``, ``campaign_stage``,
+        ``campaign_finished``, ``campaign_changed``) in one transaction: a restart never sees one without
+        the other."""
+        self.event_with_value(kind, message, CAMPAIGN_KEY, state, level=level,
+                              stage=state.get("stage"), stage_name=state.get("stage_name"))
+
+    def max_trial_id(self) -> int:
+        """The newest trial's id (0 when none)."""
+        return int(self.query("SELECT COALESCE(MAX(id), 0) AS m FROM trials")[0]["m"])
+
     def set_skill_load_errors(self, errors: list[dict[str, str]]) -> None:
         """The problems of the last skill registry built (``[{"source", "message"}]``), and a
         ``skill_error`` warning event for each one not stored before."""
@@ -1023,6 +1039,7 @@ def _chunks(rows: Iterable[Any], size: int) -> Iterator[list[Any]]:
 
 SKILL_ERRORS_KEY = "skills/load_errors"
 SPAR_ROUNDS_KEY = "skills/spar_rounds"
+CAMPAIGN_KEY = "campaign"
 
 
 @dataclass(frozen=True)

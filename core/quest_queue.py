@@ -187,10 +187,13 @@ class QuestQueue:
 
     # selection -----------------------------------------------------------------
     def next_trainable(self, trainable_formats: set[str],
-                       last: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any] | None:
+                       last: Callable[[dict[str, Any]], bool] | None = None,
+                       first: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any] | None:
         """The quest to train next, or None: a ``processing`` one first, then queued quests by priority and
         age (lowest id), quests the user skipped (``deferred``) after all others -- and queued quests for
-        which ``last(quest)`` is true (generated ones, :func:`core.skills.loop.is_generated`) after those."""
+        which ``last(quest)`` is true (generated ones, :func:`core.skills.loop.is_generated`) after those;
+        queued quests for which ``first(quest)`` is true (the campaign stage's, :mod:`core.campaigns`)
+        before all of them."""
         rows = self.ledger.list_quests([QuestState.PROCESSING])
         rows = [r for r in rows if r["format"] in trainable_formats]
         if rows:
@@ -198,7 +201,8 @@ class QuestQueue:
         order = {p: i for i, p in enumerate(PRIORITIES)}
         queued = [r for r in self.ledger.list_quests([QuestState.QUEUED], limit=100000)
                   if r["format"] in trainable_formats]
-        queued.sort(key=lambda r: (bool(last and last(r)), r["deferred"], order[r["priority"]], r["id"]))
+        queued.sort(key=lambda r: (not (first and first(r)), bool(last and last(r)), r["deferred"],
+                                   order[r["priority"]], r["id"]))
         return queued[0] if queued else None
 
     def waiting(self, trainable_formats: set[str]) -> list[dict[str, Any]]:

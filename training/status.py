@@ -9,6 +9,7 @@ import json
 import time
 from typing import Any
 
+from core.campaigns import campaign_status
 from core.checkpoint_layout import latest_checkpoint, step_of
 from core.config import RealmConfig
 from core.contract import ETA_WINDOW_STEPS, DaemonState, DaemonStatus, quest_eta, read_daemon_status
@@ -33,7 +34,8 @@ def collect_status(realm: Realm, config: RealmConfig) -> dict[str, Any]:
                            "processes": {}, "queue": {s.value: 0 for s in QuestState}, "quests": [],
                            "current_quest": None, "last_checkpoint": _last_checkpoint(realm, config.hero.name),
                            "supervisor": None, "crashes": [], "last_crash": None,
-                           "schools": {}, "skills": skills_status(config, None), "skill_errors": []}
+                           "schools": {}, "skills": skills_status(config, None), "skill_errors": [],
+                           "campaign": campaign_status(config.campaign, None)}
     for role in (*ROLES, SUPERVISOR):
         info = process_info(realm, role)
         out["processes"][role] = {"state": info.state.value, "pid": info.pid}
@@ -66,6 +68,7 @@ def collect_status(realm: Realm, config: RealmConfig) -> dict[str, Any]:
         out["schools"] = ledger.school_step_counts()  # {school: {"quests", "steps"}} of quests that trained
         out["skills"] = skills_status(config, ledger)
         out["skill_errors"] = ledger.skill_load_errors()
+        out["campaign"] = campaign_status(config.campaign, ledger)
         current = [q for q in quests if q["state"] == QuestState.PROCESSING.value]
         if current:
             q = current[0]
@@ -173,6 +176,11 @@ def format_status(s: dict[str, Any]) -> str:
         lines.append(f"{'skills:' if i == 0 else '':14}{sk['name']} level {sk['level']} ({sk['trials']} trials; {tried})")
     for e in s.get("skill_errors") or []:
         lines.append(f"skill error:  {e['source']}: {e['message'].strip().splitlines()[-1][:120]}")
+    c = s.get("campaign")
+    if c:
+        lines.append("campaign:     finished (" + f"{c['stages']} stages)" if c["finished"] else
+                     f"campaign:     stage {c['stage']} of {c['stages']}: {c['name']} ({c['school']}; until "
+                     + ", ".join(f"{k} {v}" for k, v in (c["until"] or {}).items()) + ")")
     return "\n".join(lines)
 
 

@@ -67,7 +67,7 @@ from core.skills.quests import (
     training_items,
     write_quest,
 )
-from core.skills.registry import SkillRegistry, build_registry, report_errors
+from core.skills.registry import SkillLoadError, SkillRegistry, build_registry, report_errors
 
 GENERATED_GLOB = "skill-*-L*-idle*.jsonl"
 """Names of generated quests (SQLite ``GLOB`` / :meth:`pathlib.Path.glob`)."""
@@ -127,11 +127,18 @@ class HeroLoop:
         self.log = logger or logging.getLogger("realm.skills")
         self.hero = config.hero.name
         self.registry: SkillRegistry = SkillRegistry()
+        self.campaign: Any = None
+        """A :class:`core.campaigns.Campaign` whose current stage's skills replace ``skills.priorities``."""
         self._warned_failed: int | None = None
 
     def start(self, global_step: int) -> None:
         """Build the registry (load errors reported in the ledger) and forget trials after ``global_step``."""
         self.registry = build_registry(self.realm.root, self.config.skills)
+        if self.campaign is not None:  # a stage that names a skill nobody has would never end
+            for i, stage in enumerate(self.campaign.stages):
+                for name in {*stage.skills, *(stage.until.skill_level or {})} - set(self.registry.skills):
+                    self.registry.errors.append(SkillLoadError(f"campaign stage {i + 1} ({stage.name})",
+                                                               f"no skill named {name!r}"))
         report_errors(self.ledger, self.registry)
         removed = self.ledger.forget_trials_after(global_step)
         if removed:
@@ -161,9 +168,17 @@ class HeroLoop:
                               "remove it to resume", level="warning", quest_id=newest["id"])
         return True
 
+    def priorities(self) -> dict[str, float]:
+        """The skills practised and their weights: the campaign stage's skills while a campaign stage is in
+        progress (those the registry has), else ``skills.priorities`` (the registry's)."""
+        stage = self.campaign.skill_priorities() if self.campaign is not None else None
+        if stage is None:
+            return dict(self.registry.priorities)
+        return {name: w for name, w in stage.items() if name in self.registry.skills}
+
     def levels(self) -> dict[str, int]:
-        """The hero's level of each skill of ``skills.priorities`` (0 before any trial)."""
-        return {name: self.ledger.skill_level(self.hero, name) for name in self.registry.priorities}
+        """The hero's level of each skill practised (:meth:`priorities`; 0 before any trial)."""
+        return {name: self.ledger.skill_level(self.hero, name) for name in self.priorities()}
 
     def when_idle(self) -> Path | None:
         """Write one generated quest when enabled, under the pending cap, and a skill is left to practise.
@@ -175,7 +190,7 @@ class HeroLoop:
         if self.pending_generated() >= idle.max_pending_quests or self._last_failed():
             return None
         levels = self.levels()
-        weights = {name: w for name, w in self.registry.priorities.items()
+        weights = {name: w for name, w in self.priorities().items()
                    if levels[name] <= self.registry.skills[name].max_level}
         counts: dict[str, int] = self.ledger.get_value(COUNTER_KEY, {}) or {}
         name = pick_skill(weights, counts)

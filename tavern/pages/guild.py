@@ -14,6 +14,7 @@ from typing import Any
 
 from flask import Blueprint, jsonify, render_template
 
+from core.campaigns import campaign_status
 from core.config import RealmConfig
 from core.ledger import Ledger
 from core.skills.loop import steps_trained_on
@@ -27,7 +28,7 @@ TRIALS_PER_SKILL = 200
 """Trials per skill in the accuracy chart (the newest)."""
 LOG_EVENTS = 50
 LOG_KINDS = ("trial", "promotion", "quest_generated", "trial_failed", "quest_generation_failed", "spar",
-             "spar_failed")
+             "spar_failed", "campaign_started", "campaign_stage", "campaign_finished", "campaign_changed")
 BUILTIN_MAX_LEVEL = {cls.name: cls.max_level for cls in BUILTIN_SKILLS}
 
 
@@ -39,7 +40,8 @@ def _trial_point(t) -> dict[str, Any]:
 
 
 def guild_view(ledger: Ledger, config: RealmConfig, hero: str | None = None) -> dict[str, Any]:
-    """``{"hero", "total_level", "trial_every_steps", "skills": [...], "log": [...]}``.
+    """``{"hero", "total_level", "trial_every_steps", "skills": [...], "log": [...], "campaign"}``
+    (``campaign``: :func:`core.campaigns.campaign_status`, None without a campaign).
 
     Each skill (those of ``skills.priorities``, then any other with a trial): ``name``, ``priority``,
     ``level`` (``level_after`` of its newest trial, 0 before any), ``max_level`` (built-in skills; None for
@@ -76,7 +78,7 @@ def guild_view(ledger: Ledger, config: RealmConfig, hero: str | None = None) -> 
                  key=lambda r: r["id"], reverse=True)[:LOG_EVENTS]
     return {"hero": hero, "total_level": game.total_level({s["name"]: s["level"] for s in skills}),
             "trial_every_steps": every, "promotion_threshold": config.skills.promotion_threshold,
-            "skills": skills, "log": log}
+            "skills": skills, "log": log, "campaign": campaign_status(config.campaign, ledger)}
 
 
 @bp.get("/guild")

@@ -6,7 +6,7 @@
   "use strict";
   const {el, fmt} = Tavern;
   const $ = (id) => document.getElementById(id);
-  const REFRESH_KINDS = new Set(["trial", "promotion", "quest_generated", "trial_failed", "quest_completed", "spar"]);
+  const REFRESH_KINDS = new Set(["trial", "promotion", "quest_generated", "trial_failed", "quest_completed", "spar", "campaign_stage", "campaign_finished"]);
   const STEP_REFRESH_MS = 3000;  // steps move "steps until the next trial": refetch at most this often
   const plots = {};
 
@@ -83,7 +83,7 @@
   // which are updated in place so a reader's page does not redraw under them.
   let shape = null;
   function shapeOf(g) {
-    return JSON.stringify([g.hero, g.total_level, g.promotion_threshold, g.trial_every_steps,
+    return JSON.stringify([g.hero, g.total_level, g.promotion_threshold, g.trial_every_steps, g.campaign,
       g.skills.map((s) => [s.name, s.level, s.trials, s.last_trial && s.last_trial.id, s.priority]),
       g.log.map((e) => e.id)]);
   }
@@ -105,6 +105,14 @@
     $("promotion-threshold").textContent = String(g.promotion_threshold);
     $("trial-every").textContent = String(g.trial_every_steps);
     $("guild-empty").classList.toggle("hidden", g.skills.length > 0);
+    const c = g.campaign;
+    $("guild-campaign").classList.toggle("hidden", !c);
+    if (c) {
+      const until = Object.entries(c.until || {}).map(([k, v]) => k + " " + JSON.stringify(v)).join(", ");
+      $("guild-campaign").textContent = c.finished ? "Campaign finished (" + c.stages + " stages)"
+        : "Campaign stage " + c.stage + " of " + c.stages + ": " + c.name + " (" + c.school + "; until " + until
+          + (c.started_step === null ? "" : "; since step " + c.started_step) + ")";
+    }
     const box = $("skills");
     const built = g.skills.map(skillCard);
     box.replaceChildren(...built.map((b) => b.card));

@@ -401,7 +401,10 @@ class CampaignStage(_Section):
                                      "(replaces skills.priorities for idle generation while it lasts).")
     quests: list[str] = Field(default_factory=list, description="Glob(s) of quest file names trained first in "
                               "this stage, e.g. [\"warmup*\"].")
-    until: StageUntil
+    until: StageUntil = Field(description="The stop condition, exactly one of: {\"steps\": N} (optimizer steps "
+                              "since the stage began), {\"skill_level\": {\"BIN\": 3}}, {\"accuracy\": 0.9} (the "
+                              "newest trial of each stage skill, after the stage began), {\"eval_loss_patience\": K} "
+                              "(held-out loss not improving over K evaluations).")
 
     @model_validator(mode="after")
     def _check(self) -> CampaignStage:

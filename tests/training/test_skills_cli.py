@@ -1,8 +1,10 @@
-"""``trial``, ``skills list|quest`` and ``status --json`` skills, in-process on a nano realm."""
+"""``trial``, ``spar``, ``skills list|quest`` and ``status --json`` skills, in-process on a nano realm."""
 
 from __future__ import annotations
 
 import json
+
+import pytest
 
 from tests.conftest import cli
 from training.cli import ExitCode, main
@@ -116,3 +118,15 @@ def test_spar_refusals(capsys, make_realm):
     assert run(capsys, realm, "spar", "BIN", "--checkpoint", "base", "--count", "0")[0] == ExitCode.USAGE
     assert run(capsys, realm, "spar", "BIN", "--checkpoint", "base", "--level", "12")[0] == ExitCode.USAGE
     assert not any(realm.inbox.rglob("*.jsonl"))
+
+
+@pytest.mark.slow
+def test_a_correction_quest_is_queued_at_high_priority_and_trained(capsys, make_realm):
+    realm = make_realm()
+    code, out, _ = run(capsys, realm, "spar", "BIN", "--checkpoint", "base", "--count", "30", "--json")
+    assert code == ExitCode.OK
+    spar = json.loads(out)
+    assert cli(realm, "daemon", "--until-idle", timeout=300).returncode == ExitCode.OK
+    (quest,) = json.loads(cli(realm, "status", "--json").stdout)["quests"]
+    assert quest["name"] == spar["quest"] and quest["priority"] == "high" and quest["state"] == "completed"
+    assert quest["examples_trained"] == spar["examples"]

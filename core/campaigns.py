@@ -17,8 +17,8 @@ is waiting (a file in the inbox, validating, queued or training) — so a warm-u
 passes at once instead of blocking the campaign.
 
 While a stage lasts, the daemon trains **its quests first** (those matching its globs, and the skill and
-correction quests of its skills, :func:`core.skills.quests.skill_quest_globs`), then other quests, then
-generated ones (:meth:`core.quest_queue.QuestQueue.next_trainable` with ``first``). The daemon calls
+correction quests of its skills, :func:`core.skills.quests.skill_quest_globs`; generated quests are not
+moved up: they stay last), then other quests, then generated ones (:meth:`core.quest_queue.QuestQueue.next_trainable` with ``first``). The daemon calls
 :meth:`Campaign.check` between quests (at most once a second) and after every checkpoint (after its trials),
 so a stage ends at the next quest boundary or checkpoint after its condition holds.
 

@@ -220,7 +220,7 @@ class Daemon:
             if self.campaign is not None and self.engine is not None:
                 self.campaign.check(self.engine.global_step)
             quest = self.queue.next_trainable(TRAINABLE_FORMATS, last=is_generated,
-                                              first=self.campaign.is_stage_quest if self.campaign else None)
+                                              first=self._stage_quest if self.campaign else None)
             if quest is None:
                 # re-checked after: a validation may have queued a quest since next_trainable() looked
                 idle = self.admission is not None and self.admission.idle() \
@@ -234,6 +234,10 @@ class Daemon:
                 self._stop.wait(0.1)
                 continue
             self._train(quest)
+
+    def _stage_quest(self, quest: dict[str, Any]) -> bool:
+        """The campaign stage's quests train first -- except generated ones, which stay last."""
+        return self.campaign is not None and self.campaign.is_stage_quest(quest) and not is_generated(quest)
 
     def _train(self, quest: dict[str, Any]) -> None:
         assert self.queue is not None and self.ledger is not None and self.engine is not None

@@ -145,6 +145,18 @@ def test_the_stage_quests_train_first_and_its_skills_are_practised(tmp_path):
         assert campaign.is_stage_quest({"name": "skill-LETTERS-L0-idle000001.jsonl"})
         assert campaign.is_stage_quest({"name": "spar-LETTERS-L0-r000001-s00000000.jsonl"})
         assert not campaign.is_stage_quest({"name": "skill-BIN-L0-idle000001.jsonl"})
+        # the daemon's order: the stage's quests, other quests, generated ones (the stage's too) last
+        from core.daemon import Daemon
+        from core.skills.loop import is_generated
+
+        daemon = Daemon(realm, config)
+        daemon.campaign = campaign
+        ledger.execute("UPDATE quests SET state=? WHERE id=?", (QuestState.COMPLETED.value, mine))
+        generated = _quest(ledger, "skill-LETTERS-L0-idle000001.jsonl", priority="high")
+        pick = queue.next_trainable({"prompt_completion"}, last=is_generated, first=daemon._stage_quest)
+        assert pick["name"] == "user.jsonl"
+        ledger.execute("UPDATE quests SET state=? WHERE name=?", (QuestState.COMPLETED.value, "user.jsonl"))
+        assert queue.next_trainable({"prompt_completion"}, last=is_generated, first=daemon._stage_quest)["id"] == generated
     finally:
         ledger.close()
 

@@ -219,3 +219,21 @@ def test_a_daemon_advances_the_campaign_and_status_shows_it(make_realm):
     finally:
         ledger.close()
     assert "campaign:     stage 2 of 2: BIN" in cli(realm, "status").stdout
+
+
+def test_a_stage_naming_an_unknown_skill_is_reported(tmp_path):
+    realm = init_realm(tmp_path / "realm", overrides=deep_update(FAST_CONFIG, {"campaign": {"enabled": True, "stages": [
+        {"name": "ghost", "skills": {"GHOST": 1.0}, "until": {"skill_level": {"PHANTOM": 2}}}]}}))
+    config = realm.load_config()
+    ledger = Ledger(realm.ledger_path)
+    try:
+        loop = HeroLoop(realm, config, ledger)
+        loop.campaign = Campaign(config.campaign, ledger, "hero", realm.inbox)
+        loop.campaign.start(0)
+        loop.start(0)
+        errors = {(e["source"], e["message"]) for e in ledger.skill_load_errors()}
+        assert errors == {("campaign stage 1 (ghost)", "no skill named 'GHOST'"),
+                          ("campaign stage 1 (ghost)", "no skill named 'PHANTOM'")}
+        assert loop.priorities() == {}  # nothing to generate for a skill nobody has
+    finally:
+        ledger.close()

@@ -63,8 +63,8 @@ def quest_file_name(skill: str, level: int, key: object) -> str:
 
 def spar_quest_name(skill: str, level: int, round_number: int, global_step: int) -> str:
     """A sparring round's correction quest (:mod:`core.skills.sparring`):
-    ``spar-<SKILL>-L<level>-r<round, 6 digits>-s<global step, 8 digits>.jsonl``."""
-    return f"spar-{skill}-L{level}-r{round_number:06d}-s{global_step:08d}.jsonl"
+    ``spar-<SKILL>-L<level>-r<round, 6 digits>-s<global step>.jsonl``."""
+    return f"spar-{skill}-L{level}-r{round_number:06d}-s{global_step}.jsonl"
 
 
 def skill_quest_globs(skill: str) -> tuple[str, str]:

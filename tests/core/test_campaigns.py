@@ -143,7 +143,7 @@ def test_the_stage_quests_train_first_and_its_skills_are_practised(tmp_path):
         loop.start(0)
         assert loop.when_idle().name.startswith("skill-LETTERS-L0-")  # skills.priorities says BIN
         assert campaign.is_stage_quest({"name": "skill-LETTERS-L0-idle000001.jsonl"})
-        assert campaign.is_stage_quest({"name": "spar-LETTERS-L0-r000001-s00000000.jsonl"})
+        assert campaign.is_stage_quest({"name": "spar-LETTERS-L0-r000001-s0.jsonl"})
         assert not campaign.is_stage_quest({"name": "skill-BIN-L0-idle000001.jsonl"})
         # the daemon's order: the stage's quests, other quests, generated ones (the stage's too) last
         from core.daemon import Daemon

@@ -67,9 +67,9 @@ def test_guild_counts_correction_quests_and_logs_sparring_rounds(client, tavern_
     ledger.record_trial(trial("BIN", 0, 30, 5, promoted=False))
     ledger.record_spar_round(SparRecord(hero="hero", skill="BIN", level=0, round=1, n=40, correct=28, wrong=12,
                                         accuracy=0.7, global_step=5, checkpoint="step-00000005", seed=3,
-                                        quest="spar-BIN-L0-r000001-s00000005.jsonl", examples=12,
+                                        quest="spar-BIN-L0-r000001-s5.jsonl", examples=12,
                                         feedback_turn=False, duration_seconds=1.0, time=time.time()))
-    add_skill_quest(tavern_realm, ledger, "spar-BIN-L0-r000001-s00000005.jsonl", range(6, 9))
+    add_skill_quest(tavern_realm, ledger, "spar-BIN-L0-r000001-s5.jsonl", range(6, 9))
     g = client.get("/api/guild").get_json()
     assert g["skills"][0]["steps_since_trial"] == 3  # the correction quest's steps train BIN
     spar = g["log"][0]

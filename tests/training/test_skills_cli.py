@@ -95,7 +95,7 @@ def test_spar_queues_the_corrections_of_the_wrong_answers(capsys, make_realm):
     spar = json.loads(out)
     assert spar["skill"] == "BIN" and spar["level"] == 0 and spar["n"] == 30 and spar["round"] == 1
     assert spar["wrong"] == 30 - spar["correct"] > 0  # the newborn hero knows no BIN yet
-    path = realm.inbox / "high" / "spar-BIN-L0-r000001-s00000000.jsonl"
+    path = realm.inbox / "high" / "spar-BIN-L0-r000001-s0.jsonl"
     assert spar["path"] == str(path) and spar["quest"] == path.name
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(records) == spar["examples"] == spar["wrong"]
@@ -104,7 +104,7 @@ def test_spar_queues_the_corrections_of_the_wrong_answers(capsys, make_realm):
                .replace("2", "10") for r in records)  # the right answers of level 0
     code, out, _ = run(capsys, realm, "spar", "BIN", "--checkpoint", "base", "--count", "5", "--feedback-turn")
     assert code == ExitCode.OK and "sparring round #2 on base" in out and "correction example(s) ->" in out
-    second = realm.inbox / "high" / "spar-BIN-L0-r000002-s00000000.jsonl"
+    second = realm.inbox / "high" / "spar-BIN-L0-r000002-s0.jsonl"
     assert all(len(json.loads(line)["prompt"]) == 3 for line in second.read_text().splitlines())
     status = json.loads(run(capsys, realm, "status", "--json")[1])
     assert status["skills"][0]["trials"] == 0  # a sparring round is not a trial

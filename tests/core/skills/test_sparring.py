@@ -103,7 +103,7 @@ def test_a_round_writes_a_valid_high_priority_quest_and_a_spar_event(hero, tmp_p
         record, result, path = spar_round(ledger, model, tokenizer, skill, hero="hero", level=0, global_step=12,
                                           checkpoint="step-00000012", inbox=realm.inbox, sparring=config.sparring,
                                           skills=config.skills, samples=30)
-        assert path == realm.inbox / "high" / "spar-HALF-L0-r000001-s00000012.jsonl"
+        assert path == realm.inbox / "high" / "spar-HALF-L0-r000001-s12.jsonl"
         assert not [p for p in path.parent.iterdir() if p != path]  # no temporary left beside it
         lines = [json.loads(line) for line in path.read_text().splitlines()]
         assert lines == result.corrections() and len(lines) == record.examples == record.wrong == result.wrong
@@ -119,7 +119,7 @@ def test_a_round_writes_a_valid_high_priority_quest_and_a_spar_event(hero, tmp_p
         again, _, second = spar_round(ledger, model, tokenizer, skill, hero="hero", level=0, global_step=12,
                                       checkpoint=None, inbox=realm.inbox, sparring=config.sparring,
                                       skills=config.skills, samples=30)
-        assert again.round == 2 and second.name == "spar-HALF-L0-r000002-s00000012.jsonl" and again.seed != record.seed
+        assert again.round == 2 and second.name == "spar-HALF-L0-r000002-s12.jsonl" and again.seed != record.seed
     finally:
         ledger.close()
 
@@ -181,7 +181,7 @@ def test_the_loop_spars_after_a_failed_trial_only_when_switched_on(hero, tmp_pat
             (trial_id,) = loop.after_checkpoint(model, tokenizer, 40, realm.root / "step-00000040")
             assert not ledger.trials("hero", "BIN")[0].promoted  # a random hero fails BIN
             quests = sorted(p.name for p in realm.inbox.rglob("spar-*.jsonl"))
-            assert quests == (["spar-BIN-L0-r000001-s00000040.jsonl"] if on else [])
+            assert quests == (["spar-BIN-L0-r000001-s40.jsonl"] if on else [])
             assert len(ledger.events_of_kind("spar", 5)) == int(on)
         finally:
             ledger.close()
@@ -192,8 +192,8 @@ def test_correction_quests_count_as_training_on_their_skill(tmp_path):
 
     realm, config, ledger = _realm_and_ledger(tmp_path)
     try:
-        for i, name in enumerate(("skill-BIN-L0-k.jsonl", "spar-BIN-L0-r000001-s00000002.jsonl",
-                                  "spar-BINX-L0-r000002-s00000002.jsonl"), start=1):
+        for i, name in enumerate(("skill-BIN-L0-k.jsonl", "spar-BIN-L0-r000001-s2.jsonl",
+                                  "spar-BINX-L0-r000002-s2.jsonl"), start=1):
             ledger.execute("INSERT INTO quests(name, stored_name, priority, state, created_at, updated_at) "
                            "VALUES (?,?,?,?,?,?)", (name, f"{i}-{name}", "high", QuestState.COMPLETED.value, 0, 0))
             ledger.record_step(global_step=i, quest_id=i, loss=1.0, learning_rate=1e-3, grad_norm=1.0, tokens=10,

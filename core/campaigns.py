@@ -2,8 +2,8 @@
 
 A stage (:class:`core.config.CampaignStage`) names **skills** (weights: while the stage lasts they replace
 ``skills.priorities`` for idle generation, :mod:`core.skills.loop`) and/or **quest globs** (file names,
-``fnmatch`` rules), a **school** (validated against :data:`core.config.SCHOOLS`; today every quest is
-trained by the one SFT engine) and a stop condition (:class:`core.config.StageUntil`, exactly one):
+``fnmatch`` rules), a **school** (validated against :data:`core.config.SCHOOL_NAMES` and shown; which school
+trains a quest is still decided by its ``schools`` rule) and a stop condition (:class:`core.config.StageUntil`, exactly one):
 
 - ``steps``: ``global_step - started_step >= steps`` (optimizer steps since the stage began);
 - ``skill_level``: every named skill has reached its level (:meth:`core.ledger.Ledger.skill_level`);

@@ -362,10 +362,6 @@ class SparringConfig(_Section):
     priority: Literal["high", "normal", "low"] = Field("high", description="Inbox folder of correction quests.")
 
 
-SCHOOLS: list[str] = ["sft"]
-"""School names a campaign stage may name: the schools the engine trains (extend it as schools land)."""
-
-
 class StageUntil(_Section):
     """When a campaign stage ends: exactly one condition (see the README's Campaigns section)."""
 
@@ -396,7 +392,9 @@ class CampaignStage(_Section):
     """One stage of a campaign: what it trains (skills and/or quest name globs), with which school, until when."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}$", description="Shown in status and the Tavern.")
-    school: str = Field("sft", description="The school of the stage's quests (one of core.config.SCHOOLS).")
+    school: str = Field("sft", description="The stage's school, one of SCHOOL_NAMES (sft, dpo, ipo, orpo, kto, "
+                        "fortune_teller); shown in status and the Guild. Which school trains a quest is still "
+                        "decided by its `schools` rule.")
     skills: dict[str, float] = Field(default_factory=dict, description="Skill -> weight practised in this stage "
                                      "(replaces skills.priorities for idle generation while it lasts).")
     quests: list[str] = Field(default_factory=list, description="Glob(s) of quest file names trained first in "
@@ -408,7 +406,8 @@ class CampaignStage(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> CampaignStage:
-        problems = [] if self.school in SCHOOLS else [f"school {self.school!r} is not one of {', '.join(SCHOOLS)}"]
+        problems = [] if self.school in SCHOOL_NAMES else [
+            f"school {self.school!r} is not one of {', '.join(SCHOOL_NAMES)}"]
         problems += [_skill_name_problem(n) for n in self.skills if _skill_name_problem(n)]
         problems += [f"weight of {n!r} must be > 0" for n, w in self.skills.items() if not w > 0]
         if not self.skills and not self.quests:

@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "file) of a checkpoint or the base model")
     s.add_argument("file")
     s.add_argument("--checkpoint", default="latest",
-                   help=f"checkpoint name ({EXAMPLE_NAME}), step-N, 'latest' or 'base'")
+                   help=f"checkpoint name ({EXAMPLE_NAME}), its global step (1234), 'latest' or 'base'")
     s.add_argument("--compare-base", action="store_true",
                    help="also evaluate the base model and print both and the delta (checkpoint - base)")
     s.add_argument("--max-examples", type=int, default=256)
@@ -451,10 +451,14 @@ def cmd_validate(args, realm: Realm, config: RealmConfig, environ) -> int:
 
 
 def _eval_model_dir(name: str, realm: Realm, config: RealmConfig) -> Path:
-    """The model folder ``eval --checkpoint`` names: base, latest, a checkpoint name or ``step-N``."""
-    import re
-
-    from core.checkpoint_layout import checkpoint_name, latest_checkpoint, list_checkpoints
+    """The model folder ``eval --checkpoint`` names: base, latest, a checkpoint name or its global step
+    (:func:`core.checkpoint_layout.parse_step_argument`)."""
+    from core.checkpoint_layout import (
+        checkpoint_name,
+        latest_checkpoint,
+        list_checkpoints,
+        parse_step_argument,
+    )
     from core.hero import resolve_model_source
 
     if name == "base":
@@ -464,8 +468,10 @@ def _eval_model_dir(name: str, realm: Realm, config: RealmConfig) -> Path:
         if model_dir is None:
             raise FileNotFoundError("no checkpoint yet (use --checkpoint base)")
         return model_dir
-    m = re.fullmatch(r"step-(\d{1,8})", name.strip())
-    wanted = checkpoint_name(int(m.group(1))) if m else name
+    try:
+        wanted = checkpoint_name(parse_step_argument(name))
+    except ValueError:
+        wanted = name
     matches = [p for p in list_checkpoints(realm.checkpoints_dir(config.hero.name)) if p.name == wanted]
     if not matches:
         raise FileNotFoundError(f"no checkpoint named {name!r}")

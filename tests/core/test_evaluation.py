@@ -99,7 +99,7 @@ def test_eval_on_a_preference_file_gives_accuracy_margin_and_pairs(make_realm, t
     assert result["delta"]["mean_margin"] == pytest.approx(result["mean_margin"] - base["mean_margin"])
     assert result["mean_margin"] > base["mean_margin"]  # DPO on these pairs widened the margin
     step = result["checkpoint"]
-    again = cli(realm, "eval", str(source), "--checkpoint", "step-" + str(int(step.split("-")[1])), "--json")
+    again = cli(realm, "eval", str(source), "--checkpoint", str(int(step.split("-")[1])), "--json")
     assert again.returncode == 0 and json.loads(again.stdout)["mean_margin"] == pytest.approx(result["mean_margin"])
     rated = tmp_path / "ratings.jsonl"
     rated.write_text(json.dumps({"prompt": "q", "completion": "a", "label": True}) + "\n")

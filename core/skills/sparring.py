@@ -38,7 +38,7 @@ from core.config import SkillsConfig, SparringConfig
 from core.ledger import Ledger, SparRecord
 from core.skills.base import TRAIN, Skill, SkillItem, derive_seed, generate_items
 from core.skills.quests import prompt_messages, spar_quest_name, write_quest
-from core.skills.trials import answer_items
+from core.skills.trials import AnsweredItems, answer_items
 
 SPAR = "spar"
 """The seed purpose of sparring items (trials use ``"trial"``, training quests ``"train"``)."""
@@ -66,27 +66,14 @@ def correction_record(item: SkillItem, answer: str, feedback_turn: bool = False)
 
 
 @dataclass
-class SparResult:
-    """The answers of one round: per item the hero's ``answers`` and ``flags`` (right or wrong, by the
-    skill's scorer); ``wrong`` = n - correct; ``duration_seconds``: generation + scoring."""
+class SparResult(AnsweredItems):
+    """The answers of one round (:class:`core.skills.trials.AnsweredItems`); ``wrong`` = n - correct."""
 
-    skill: str
-    level: int
-    seed: int
-    items: list[SkillItem]
-    answers: list[str]
-    flags: list[bool]
-    duration_seconds: float
-    n: int = field(init=False)
-    correct: int = field(init=False)
     wrong: int = field(init=False)
-    accuracy: float = field(init=False)
 
     def __post_init__(self) -> None:
-        self.n = len(self.items)
-        self.correct = sum(self.flags)
+        super().__post_init__()
         self.wrong = self.n - self.correct
-        self.accuracy = self.correct / self.n if self.n else 0.0
 
     def corrections(self, feedback_turn: bool = False) -> list[dict]:
         """One :func:`correction_record` per wrong answer, in the order asked."""

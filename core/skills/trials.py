@@ -119,9 +119,10 @@ def generate_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: in
 
 
 @dataclass
-class TrialResult:
-    """The outcome of :func:`run_trial`. ``correct``: right answers of ``n``; ``lower_bound``: Wilson 95 %
-    lower bound; ``flags``: per item, right or wrong; ``duration_seconds``: wall time of generation + scoring."""
+class AnsweredItems:
+    """Items of a skill the hero answered (a trial, a sparring round): per item its ``answers`` and ``flags``
+    (right or wrong, by the skill's scorer); ``correct`` of ``n``, ``accuracy`` = correct / n (0 when n is 0);
+    ``duration_seconds``: wall time of generation + scoring."""
 
     skill: str
     level: int
@@ -133,12 +134,21 @@ class TrialResult:
     n: int = field(init=False)
     correct: int = field(init=False)
     accuracy: float = field(init=False)
-    lower_bound: float = field(init=False)
 
     def __post_init__(self) -> None:
         self.n = len(self.items)
         self.correct = sum(self.flags)
         self.accuracy = self.correct / self.n if self.n else 0.0
+
+
+@dataclass
+class TrialResult(AnsweredItems):
+    """The outcome of :func:`run_trial` (:class:`AnsweredItems`); ``lower_bound``: Wilson 95 % lower bound."""
+
+    lower_bound: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         self.lower_bound = wilson_lower_bound(self.correct, self.n)
 
     def samples(self, k: int) -> list[dict]:

@@ -642,6 +642,13 @@ class Ledger:
         with self.transaction() as c:
             c.execute("INSERT OR REPLACE INTO kv VALUES (?,?,?)", (key, json.dumps(value), time.time()))
 
+    def set_value_if_absent(self, key: str, value: Any) -> bool:
+        """Write ``key`` only when it does not exist (atomically: of two processes racing, one wins).
+        Returns True when this call wrote it."""
+        with self.transaction() as c:
+            cur = c.execute("INSERT OR IGNORE INTO kv VALUES (?,?,?)", (key, json.dumps(value), time.time()))
+            return cur.rowcount == 1
+
     def get_value(self, key: str, default: Any = None) -> Any:
         rows = self.query("SELECT value FROM kv WHERE key=?", (key,))
         return json.loads(rows[0]["value"]) if rows else default

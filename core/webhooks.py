@@ -20,7 +20,10 @@ delivery is recorded failed (a ``webhook_failed`` warning event) and the next on
 ``webhook_deliveries`` row (attempts, last status code, last error); each receiver's position is a kv key
 (``webhooks/<key>/position``) moved in the same transaction as the delivery's end, so a restart neither
 skips nor repeats a delivered event (a crash between a receiver's 2xx and that transaction sends it once
-more, with the same delivery id). A new receiver starts at the end of the ledger: no history is replayed.
+more, with the same delivery id). A new receiver starts at the end of the ledger: no history is replayed. "The
+end" is taken when a process starts its :class:`DispatcherThread` (synchronously, before the supervisor starts
+its children or the daemon trains), not when the thread first polls: an event written meanwhile -- the crash of
+a daemon killed the moment it started -- is owed to the receiver, not skipped.
 
 **Where it runs.** :class:`Dispatcher` only needs a ledger; one process per realm runs it, the holder of
 the lock ``run/webhooks.lock`` (:data:`core.realm.WEBHOOKS_LOCK`; :class:`DispatcherThread`: the supervisor, or the daemon when it runs
@@ -76,6 +79,18 @@ log = logging.getLogger("realm.webhooks")
 def webhook_key(url: str) -> str:
     """A receiver's stable key: the first 16 hex digits of the SHA-256 of its URL."""
     return hashlib.sha256(url.encode("utf-8")).hexdigest()[:16]
+
+
+def position_key_for(url: str) -> str:
+    """The kv key holding the id of the last event a receiver is done with."""
+    return f"webhooks/{webhook_key(url)}/position"
+
+
+def register_receivers(ledger: Ledger, hooks: list[WebhookConfig]) -> None:
+    """Give each receiver without a position the ledger's current last event id (a new receiver gets
+    what happens from now on). Atomic per receiver; an existing position is never moved."""
+    for hook in hooks:
+        ledger.set_value_if_absent(position_key_for(hook.url), ledger.max_event_id())
 
 
 def sign(secret: str, body: bytes) -> str:
@@ -150,11 +165,9 @@ class Dispatcher:
 
     def _drain(self, hook: WebhookConfig, should_stop: Callable[[], bool]) -> int:
         key = webhook_key(hook.url)
-        position_key = f"webhooks/{key}/position"
+        position_key = position_key_for(hook.url)
+        register_receivers(self.ledger, [hook])  # a no-op when DispatcherThread.start registered it
         position = self.ledger.get_value(position_key)
-        if position is None:  # a new receiver: from now on
-            position = self.ledger.max_event_id()
-            self.ledger.set_value(position_key, position)
         kinds = sorted({kind for name in hook.events for kind in EVENT_KINDS[name]})
         attempts = 0
         while not should_stop():
@@ -221,6 +234,17 @@ class DispatcherThread:
         self._thread = threading.Thread(target=self._run, name="webhooks", daemon=True)
 
     def start(self) -> DispatcherThread:
+        """Register the receivers' positions now (see the module doc: "from now on" is this moment, whichever
+        process later holds the lock), then start the thread. Never raises: a ledger that cannot be opened is
+        logged (the thread logs it again and stops), training goes on."""
+        try:
+            ledger = Ledger(self.realm.ledger_path)
+            try:
+                register_receivers(ledger, list(self.config.webhooks))
+            finally:
+                ledger.close()
+        except Exception:  # noqa: BLE001 - webhooks never stop training
+            log.exception("webhooks: cannot register the receivers")
         self._thread.start()
         return self
 

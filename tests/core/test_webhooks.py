@@ -215,3 +215,31 @@ def test_level_ups_are_announced_once(realm, ledger):
     steps(150)  # level 3 at 150
     watch_level(ledger)
     assert json.loads(ledger.last_event(LEVEL_UP_KIND)["data"])["new_level"] == 3
+
+
+def test_a_receiver_is_owed_what_happens_after_its_process_started_not_after_its_first_poll(realm, monkeypatch):
+    """The crash of a daemon killed the moment it started was lost when the supervisor's dispatcher thread
+    polled for the first time only after the crash event was written (its position then started past it)."""
+    import core.webhooks as webhooks
+    from core.fsutil import ExclusiveLock
+    from core.realm import WEBHOOKS_LOCK
+
+    monkeypatch.setattr(webhooks, "LOCK_RETRY_SECONDS", 0.2)
+    receiver = Receiver().start()
+    config = parse_config({"webhooks": [{"url": receiver.url, "secret": SECRET, "events": ["crash"]}]})
+    other = ExclusiveLock(realm.lock_file(WEBHOOKS_LOCK))  # another process's dispatcher holds the lock ...
+    assert other.acquire()
+    ledger = Ledger(realm.ledger_path)
+    try:
+        ledger.event("before", "written before the dispatcher started: not owed")
+        thread = DispatcherThread(realm, config).start()
+        ledger.event("crash", "daemon killed", level="error", process="daemon")  # ... while this happens
+        time.sleep(0.5)
+        assert receiver.snapshot() == []  # not the lock holder: nothing sent
+        other.release()  # ... and dies without polling
+        got = wait_for(receiver.snapshot, timeout=10, what="the crash delivered by the new lock holder")
+        assert [json.loads(r["body"])["event"] for r in got] == ["crash"]
+        thread.stop()
+    finally:
+        ledger.close()
+        receiver.stop()

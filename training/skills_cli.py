@@ -91,8 +91,36 @@ def _model_dir(realm: Realm, config: RealmConfig, name: str) -> tuple[Path, int]
     return matches[0], step
 
 
-def cmd_trial(args, realm: Realm, config: RealmConfig, environ) -> int:
+def _target(args, realm: Realm, config: RealmConfig, ledger: Ledger, mastered_hint: str):
+    """What ``trial`` and ``spar`` answer on: ``(skill, current level, level, checkpoint folder, global step, model,
+    tokenizer)``, or the exit code after printing why not (unknown skill, mastered without ``--level``, a level out
+    of range, a checkpoint that cannot be loaded)."""
     from core.hero import HeroError, load_model, load_tokenizer
+    from core.skills.base import SkillError
+
+    try:
+        skill = _registry(realm, config, ledger).get(args.skill)
+    except SkillError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return NOT_FOUND
+    current = ledger.skill_level(config.hero.name, skill.name)
+    if args.level is None and current > skill.max_level:
+        print(f"{skill.name}: mastered (level {current}, every level 0..{skill.max_level} passed); {mastered_hint}")
+        return OK
+    level = current if args.level is None else args.level
+    if not 0 <= level <= skill.max_level:
+        print(f"error: skill {skill.name} has levels 0..{skill.max_level}, not {level}", file=sys.stderr)
+        return USAGE
+    try:
+        model_dir, step = _model_dir(realm, config, args.checkpoint)
+        model, tokenizer = load_model(model_dir, config.hero), load_tokenizer(model_dir, config.hero)
+    except (HeroError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return NOT_FOUND
+    return skill, current, level, model_dir, step, model, tokenizer
+
+
+def cmd_trial(args, realm: Realm, config: RealmConfig, environ) -> int:
     from core.skills.base import SkillError
     from core.skills.trials import run_trial, trial_seed
 
@@ -104,26 +132,10 @@ def cmd_trial(args, realm: Realm, config: RealmConfig, environ) -> int:
         return USAGE
     ledger = Ledger(realm.ledger_path)
     try:
-        try:
-            skill = _registry(realm, config, ledger).get(args.skill)
-        except SkillError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return NOT_FOUND
-        current = ledger.skill_level(hero, skill.name)
-        level = current if args.level is None else args.level
-        if args.level is None and current > skill.max_level:
-            print(f"{skill.name}: mastered (level {current}, every level 0..{skill.max_level} passed); "
-                  "--level N re-tests a level")
-            return OK
-        if not 0 <= level <= skill.max_level:
-            print(f"error: skill {skill.name} has levels 0..{skill.max_level}, not {level}", file=sys.stderr)
-            return USAGE
-        try:
-            model_dir, step = _model_dir(realm, config, args.checkpoint)
-            model, tokenizer = load_model(model_dir, config.hero), load_tokenizer(model_dir, config.hero)
-        except HeroError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return NOT_FOUND
+        target = _target(args, realm, config, ledger, mastered_hint="--level N re-tests a level")
+        if isinstance(target, int):
+            return target
+        skill, current, level, model_dir, step, model, tokenizer = target
         seed = trial_seed(hero, skill.name, level, step, ledger.count_trials(hero, skill.name, level, step))
         try:
             result = run_trial(model, tokenizer, skill, level, n=samples, seed=seed,
@@ -154,7 +166,6 @@ def cmd_trial(args, realm: Realm, config: RealmConfig, environ) -> int:
 
 def cmd_spar(args, realm: Realm, config: RealmConfig, environ) -> int:
     """A sparring round (:func:`core.skills.sparring.spar_round`) on a checkpoint."""
-    from core.hero import HeroError, load_model, load_tokenizer
     from core.skills.base import SkillError
     from core.skills.sparring import spar_round
 
@@ -167,25 +178,10 @@ def cmd_spar(args, realm: Realm, config: RealmConfig, environ) -> int:
         config.sparring.model_copy(update={"feedback_turn": args.feedback_turn})
     ledger = Ledger(realm.ledger_path)
     try:
-        try:
-            skill = _registry(realm, config, ledger).get(args.skill)
-        except SkillError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return NOT_FOUND
-        current = ledger.skill_level(hero, skill.name)
-        if args.level is None and current > skill.max_level:
-            print(f"{skill.name}: mastered (level {current}); --level N spars at a level")
-            return OK
-        level = current if args.level is None else args.level
-        if not 0 <= level <= skill.max_level:
-            print(f"error: skill {skill.name} has levels 0..{skill.max_level}, not {level}", file=sys.stderr)
-            return USAGE
-        try:
-            model_dir, step = _model_dir(realm, config, args.checkpoint)
-            model, tokenizer = load_model(model_dir, config.hero), load_tokenizer(model_dir, config.hero)
-        except (HeroError, FileNotFoundError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return NOT_FOUND
+        target = _target(args, realm, config, ledger, mastered_hint="--level N spars at a level")
+        if isinstance(target, int):
+            return target
+        skill, current, level, model_dir, step, model, tokenizer = target
         try:
             record, _, path = spar_round(ledger, model, tokenizer, skill, hero=hero, level=level, global_step=step,
                                          checkpoint=model_dir.name, inbox=realm.inbox, sparring=sparring,

@@ -123,3 +123,16 @@ def peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_child(script: str, *args: str) -> dict:
+    """Run ``script`` (a bench file) again in a fresh Python process with ``args`` -- so its peak RSS is its
+    own -- and return the JSON object on the last line it prints. Raises ``RuntimeError`` with its stderr
+    when it fails."""
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([PYTHON, script, *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-3000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])

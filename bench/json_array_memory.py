@@ -21,15 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PYTHON, ROOT, SHARED, emit_json, machine, peak_rss_mb, print_table, require  # noqa: E402
+from _common import SHARED, emit_json, machine, peak_rss_mb, print_table, require, run_child  # noqa: E402
 
 ALPACA = SHARED / "data" / "llamafactory_alpaca_en_demo.json"
 SMALL_MB = 16
@@ -85,12 +83,7 @@ def child(path: Path, tokenizer_name: str) -> None:
 
 
 def measure(path: Path, tokenizer_name: str) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([PYTHON, __file__, "--child", str(path), "--tokenizer", tokenizer_name], cwd=ROOT,
-                          env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(proc.stderr[-3000:])
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_child(__file__, "--child", str(path), "--tokenizer", tokenizer_name)
 
 
 def main() -> int:

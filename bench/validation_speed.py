@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +29,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     GSM8K,
-    PYTHON,
     ROOT,
     STORIES260K,
     emit_json,
@@ -39,6 +36,7 @@ from _common import (
     peak_rss_mb,
     print_table,
     require,  # noqa: E402
+    run_child,
 )
 
 SMALL_MB = 16
@@ -84,12 +82,7 @@ def child(path: Path, tokenizer_name: str) -> None:
 
 
 def measure(path: Path, tokenizer_name: str) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([PYTHON, __file__, "--child", str(path), "--tokenizers", tokenizer_name], cwd=ROOT,
-                          env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(proc.stderr[-3000:])
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_child(__file__, "--child", str(path), "--tokenizers", tokenizer_name)
 
 
 def main() -> int:

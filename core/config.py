@@ -504,6 +504,16 @@ class QuestRule(_Section):
 def quest_rule_for(file_name: str, schools: dict[str, QuestRule]) -> QuestRule:
     """The :class:`QuestRule` of the first glob in ``schools`` matching ``file_name`` (its base name, also
     without a ``.gz`` suffix or a ``high_``/``low_`` priority prefix, ``fnmatch`` rules), else the defaults."""
+    for pattern, rule in schools.items():
+        if file_name_matches(file_name, pattern):
+            return rule
+    return QuestRule()
+
+
+def file_name_matches(file_name: str, pattern: str) -> bool:
+    """Whether a per-glob config key (``schools``, ``validation.field_map``) applies to ``file_name``:
+    ``fnmatch`` on its base name as given, without a ``.gz`` suffix and without a ``high_``/``low_``
+    priority prefix (so ``"gsm8k*.jsonl"`` matches ``high_gsm8k_train.jsonl.gz``)."""
     import fnmatch
 
     name = Path(file_name).name
@@ -512,10 +522,7 @@ def quest_rule_for(file_name: str, schools: dict[str, QuestRule]) -> QuestRule:
         if name.lower().startswith(prefix):
             names.add(name[len(prefix):])
     names |= {n[:-3] for n in names if n.lower().endswith(".gz")}
-    for pattern, rule in schools.items():
-        if any(fnmatch.fnmatch(n, pattern) for n in names):
-            return rule
-    return QuestRule()
+    return any(fnmatch.fnmatch(n, pattern) for n in names)
 
 
 class RealmConfig(_Section):

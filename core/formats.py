@@ -33,7 +33,6 @@ undecodable or over-long line is one bad line) and :func:`iter_valid_records` is
 
 from __future__ import annotations
 
-import fnmatch
 import gzip
 import io
 import json
@@ -44,7 +43,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from core.config import ValidationConfig
+from core.config import ValidationConfig, file_name_matches
 
 TEXT = "text"
 MESSAGES = "messages"
@@ -112,15 +111,9 @@ def field_map_for(file_name: str, field_map: dict[str, dict[str, str]]) -> dict[
     ``high_gsm8k.jsonl``. Later globs win for the same source field.
     Returns ``{source_field: target_field}`` (empty when nothing matches).
     """
-    name = Path(file_name).name
-    names = {name}
-    for prefix in ("high_", "low_"):
-        if name.lower().startswith(prefix):
-            names.add(name[len(prefix):])
-    names |= {n[:-3] for n in names if n.lower().endswith(".gz")}
     merged: dict[str, str] = {}
     for pattern, mapping in field_map.items():
-        if any(fnmatch.fnmatch(n, pattern) for n in names):
+        if file_name_matches(file_name, pattern):
             merged.update(mapping)
     return merged
 

@@ -30,6 +30,7 @@ from typing import Any
 
 from core.checkpoint_layout import MODEL_CONFIG_FILE
 from core.config import RealmConfig
+from core.contract import process_alive
 from core.exports import (
     DEFAULT_QUANTIZATION,
     FORMATS,
@@ -92,18 +93,8 @@ def _clean_stale(folder: Path) -> None:
         return
     for p in folder.iterdir():
         m = re.fullmatch(rf"{re.escape(TMP_PREFIX)}.+-(\d+)", p.name)
-        if m and p.is_dir() and not _alive(int(m.group(1))):
+        if m and p.is_dir() and not process_alive(int(m.group(1))):
             shutil.rmtree(p, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _publish(tmp: Path, dest: Path, replace: bool) -> bool:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+from core.contract import process_alive
 from core.fsutil import write_text_atomic
 from core.realm import Realm
 
@@ -77,17 +78,8 @@ def remove_pid(realm: Realm, role: str, pid: int) -> None:
 
 
 def alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
-    except (OSError, IndexError):
-        return True
+    """True while ``pid`` exists and is not a zombie (the one rule: :func:`core.contract.process_alive`)."""
+    return process_alive(pid)
 
 
 def process_info(realm: Realm, role: str) -> ProcessInfo:

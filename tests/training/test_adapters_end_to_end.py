@@ -5,15 +5,14 @@ adapter checkpoints are a small fraction of a full one, and ``status --json`` sa
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
 
 import pytest
 
 from core.checkpoint_layout import ADAPTER_WEIGHTS_FILE, latest_checkpoint, read_checkpoint_info
 from core.daemon import Daemon
 from core.ledger import Ledger
-from tests.conftest import PYTHON, STORIES260K, cli, python_env, wait_for, write_text_quest
+from tests.conftest import STORIES260K, cli, write_text_quest
+from tests.resume import kill_and_finish, trained_steps
 
 pytestmark = pytest.mark.slow
 
@@ -28,11 +27,6 @@ HEROES = {
 MAX_FRACTION = {"stories260K": 0.3, "small": 0.05}
 
 
-def _trained(ledger):
-    return [(row["global_step"], row["quest_id"], tuple(json.loads(row["examples_json"])), row["loss"])
-            for row in ledger.steps()]
-
-
 @pytest.mark.parametrize("hero", list(HEROES))
 def test_lora_sigkill_mid_quest_resumes_exactly(make_realm, hero):
     if hero == "stories260K" and not STORIES260K.exists():
@@ -42,35 +36,14 @@ def test_lora_sigkill_mid_quest_resumes_exactly(make_realm, hero):
     write_text_quest(ref.inbox / "a.jsonl", 32)
     write_text_quest(ref.inbox / "b.jsonl", 16, prefix="bee")
     assert Daemon(ref, ref.load_config(), until_idle=True).run() == 0
-    expected = _trained(Ledger(ref.ledger_path))
+    expected = trained_steps(Ledger(ref.ledger_path))
 
     realm = make_realm("killed", **settings)
     write_text_quest(realm.inbox / "a.jsonl", 32)
     write_text_quest(realm.inbox / "b.jsonl", 16, prefix="bee")
-    env = python_env()
     assert expected[-1][0] > 11                                     # the kills below land mid-quest
-    for kill_after_step in (5, 11):
-        log = realm.root / f"daemon-killed-after-{kill_after_step}.log"   # its log, never an unread pipe
-        with open(log, "wb") as err:
-            proc = subprocess.Popen([PYTHON, "-m", "training", "--realm", str(realm.root), "daemon"], env=env,
-                                    stdout=subprocess.DEVNULL, stderr=err)
-        ledger = None
-
-        def reached(step=kill_after_step):
-            nonlocal ledger
-            if ledger is None and realm.ledger_path.exists():
-                ledger = Ledger(realm.ledger_path)
-            last = ledger.last_step() if ledger else None
-            return last and last["global_step"] >= step
-
-        wait_for(reached, timeout=240, what=f"step {kill_after_step} (daemon log: {log})")
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-        ledger.close()
-    done = subprocess.run([PYTHON, "-m", "training", "--realm", str(realm.root), "daemon", "--until-idle"],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    got = _trained(Ledger(realm.ledger_path))
+    kill_and_finish(realm, (5, 11), timeout=600)
+    got = trained_steps(Ledger(realm.ledger_path))
     assert [g[:3] for g in got] == [e[:3] for e in expected]       # same steps, same examples, same order
     assert got[-1][0] == expected[-1][0]                            # the same global step at the end
     assert [g[3] for g in got] == pytest.approx([e[3] for e in expected], rel=1e-5, abs=1e-6)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 
 import pytest
 
 from core.daemon import Daemon
 from core.ledger import Ledger
-from tests.conftest import PYTHON, cli, python_env, wait_for, write_text_quest
+from tests.conftest import cli, wait_for, write_text_quest
+from tests.resume import kill_and_finish, trained_steps
 
 pytestmark = pytest.mark.slow
 
@@ -50,39 +49,6 @@ def test_start_all_trains_a_dropped_file_and_stop_all_leaves_a_checkpoint(make_r
     assert os.path.isdir(s["last_checkpoint"]["path"])
 
 
-def _trained(ledger):
-    return [(row["global_step"], row["quest_id"], tuple(json.loads(row["examples_json"])), row["loss"])
-            for row in ledger.steps()]
-
-
-def _kill_and_finish(realm, kill_after_steps) -> None:
-    """Run the daemon as a real process, SIGKILL it once the ledger reaches each step, then finish with
-    ``daemon --until-idle``."""
-    env = python_env()
-    for kill_after_step in kill_after_steps:
-        with open(realm.root / f"daemon-{kill_after_step}.log", "wb") as log:  # a pipe nobody reads could fill
-            proc = subprocess.Popen([PYTHON, "-m", "training", "--realm", str(realm.root), "daemon"], env=env,
-                                    stdout=log, stderr=subprocess.STDOUT)
-        ledger = Ledger(realm.ledger_path) if realm.ledger_path.exists() else None
-
-        def reached(step=kill_after_step):
-            nonlocal ledger
-            if ledger is None and realm.ledger_path.exists():
-                ledger = Ledger(realm.ledger_path)
-            last = ledger.last_step() if ledger else None
-            return last and last["global_step"] >= step
-
-        try:
-            wait_for(reached, timeout=300, what=f"step {kill_after_step}")
-        finally:
-            proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-        ledger.close()
-    done = subprocess.run([PYTHON, "-m", "training", "--realm", str(realm.root), "daemon", "--until-idle"],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-
 def test_sigkill_mid_quest_resumes_exactly(make_realm):
     settings = dict(training={"micro_batch_size": 2, "save_steps": 4, "eval_holdout_every": 10})
     # reference: one uninterrupted run
@@ -90,13 +56,13 @@ def test_sigkill_mid_quest_resumes_exactly(make_realm):
     write_text_quest(ref.inbox / "a.jsonl", 50)
     write_text_quest(ref.inbox / "b.jsonl", 30, prefix="bee")
     assert Daemon(ref, ref.load_config(), until_idle=True).run() == 0
-    expected = _trained(Ledger(ref.ledger_path))
+    expected = trained_steps(Ledger(ref.ledger_path))
 
     realm = make_realm("killed", **settings)
     write_text_quest(realm.inbox / "a.jsonl", 50)
     write_text_quest(realm.inbox / "b.jsonl", 30, prefix="bee")
-    _kill_and_finish(realm, (6, 13))
-    got = _trained(Ledger(realm.ledger_path))
+    kill_and_finish(realm, (6, 13))
+    got = trained_steps(Ledger(realm.ledger_path))
     assert [g[:3] for g in got] == [e[:3] for e in expected]       # same steps, same examples, same order
     lines = [(q, ln) for _, q, lns, _ in got for ln in lns]
     assert len(lines) == len(set(lines))                            # each example exactly once
@@ -143,12 +109,12 @@ def test_sigkill_mid_shuffled_three_epoch_quest_resumes_exactly(make_realm):
     ref = make_realm("reference", **settings)
     write_text_quest(ref.inbox / "shuf.jsonl", 30)
     assert Daemon(ref, ref.load_config(), until_idle=True).run() == 0
-    expected = _trained(Ledger(ref.ledger_path))
+    expected = trained_steps(Ledger(ref.ledger_path))
 
     realm = make_realm("killed", **settings)
     write_text_quest(realm.inbox / "shuf.jsonl", 30)
-    _kill_and_finish(realm, (9, 23, 34))
-    got = _trained(Ledger(realm.ledger_path))
+    kill_and_finish(realm, (9, 23, 34))
+    got = trained_steps(Ledger(realm.ledger_path))
     assert len(got) == 41
     assert [g[:3] for g in got] == [e[:3] for e in expected]       # same steps, same examples, same order
     assert [g[3] for g in got] == pytest.approx([e[3] for e in expected], rel=1e-5, abs=1e-6)

@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
 
 import pytest
 
 from core.daemon import Daemon
 from core.ledger import Ledger
 from core.quest_queue import QuestQueue
-from tests.conftest import PYTHON, python_env, wait_for
+from tests.resume import finish_until_idle, kill_daemon_at, trained_steps
 
 pytestmark = pytest.mark.slow
 
 SETTINGS = dict(training={"micro_batch_size": 2, "gradient_accumulation_steps": 2, "save_steps": 4,
                           "eval_holdout_every": 8, "eval_max_examples": 4, "eval_steps": 3},
                 schools={"prefs*.jsonl": {"school": "dpo", "beta": 0.2}})
+# 22 global steps of 4 pairs: the kill at step 6 must land mid-quest even when the test process is starved for a
+# second on a loaded machine while the daemon trains on (with 11 steps it once finished the quest first)
+PAIRS = 88
 
 
 def write_pairs(path, n):
@@ -27,51 +28,28 @@ def write_pairs(path, n):
                                 "rejected": f" I think {3 * i + 1}{'?' * (i % 3)}"}) + "\n")
 
 
-def trained(ledger):
-    return [(r["global_step"], r["quest_id"], tuple(json.loads(r["examples_json"])), r["loss"])
-            for r in ledger.steps()]
-
-
 def test_dpo_quest_killed_mid_quest_resumes_exactly(make_realm):
     ref = make_realm("reference", **SETTINGS)
-    write_pairs(ref.inbox / "prefs.jsonl", 44)
+    write_pairs(ref.inbox / "prefs.jsonl", PAIRS)
     assert Daemon(ref, ref.load_config(), until_idle=True).run() == 0
     ref_ledger = Ledger(ref.ledger_path)
-    expected, expected_metrics = trained(ref_ledger), ref_ledger.step_metrics()
-    assert len(expected) >= 9
+    expected, expected_metrics = trained_steps(ref_ledger), ref_ledger.step_metrics()
+    assert len(expected) >= 20
     quest = ref_ledger.list_quests()[0]
     assert quest["school"] == "dpo" and quest["state"] == "completed"
     assert QuestQueue(ref, ref_ledger).reference_path_of(quest).is_file()  # moved with the quest
 
     realm = make_realm("killed", **SETTINGS)
-    write_pairs(realm.inbox / "prefs.jsonl", 44)
-    env = python_env()
-    with open(realm.root / "daemon.log", "wb") as log:
-        proc = subprocess.Popen([PYTHON, "-m", "training", "--realm", str(realm.root), "daemon"], env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
-    ledger = None
-
-    def reached():
-        nonlocal ledger
-        if ledger is None and realm.ledger_path.exists():
-            ledger = Ledger(realm.ledger_path)
-        last = ledger.last_step() if ledger else None
-        return last and last["global_step"] >= 6
-
-    try:
-        wait_for(reached, timeout=180, what="global step 6")
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+    write_pairs(realm.inbox / "prefs.jsonl", PAIRS)
+    kill_daemon_at(realm, 6)
+    ledger = Ledger(realm.ledger_path)
     quest = ledger.list_quests()[0]
     assert quest["state"] == "processing" and quest["steps"] >= 6  # killed mid-quest, with its reference stored
     assert QuestQueue(realm, ledger).reference_path_of(quest).is_file()
     ledger.close()
-    done = subprocess.run([PYTHON, "-m", "training", "--realm", str(realm.root), "daemon", "--until-idle"],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    finish_until_idle(realm)
     got_ledger = Ledger(realm.ledger_path)
-    got = trained(got_ledger)
+    got = trained_steps(got_ledger)
     assert [g[:3] for g in got] == [e[:3] for e in expected]        # same global steps, same pairs, same order
     lines = [ln for _, _, lns, _ in got for ln in lns]
     assert len(lines) == len(set(lines))                             # each pair trained once

@@ -62,9 +62,11 @@ CREATE TABLE IF NOT EXISTS feedback_quests (
     held_out INTEGER NOT NULL,       -- held-out pairs it is scored on
     content_sha256 TEXT NOT NULL,    -- of the quest file
     quest_id INTEGER,                -- the ledger quest, once it started
-    accuracy_before REAL,
+    accuracy_before REAL,            -- preference accuracy on the held-out pairs, weights at the quest's start
+    margin_before REAL,              -- mean log p(chosen) - log p(rejected), nats
     global_step_before INTEGER,
-    accuracy_after REAL,
+    accuracy_after REAL,             -- the same with the weights at its end
+    margin_after REAL,
     global_step_after INTEGER,
     created_at REAL NOT NULL
 );
@@ -133,10 +135,14 @@ def feedback_status(ledger: Ledger, cfg: FeedbackConfig, recent: int = 10) -> di
     (unused), ``pairs_until_next``, ``ratings_until_next``, ``held_out_pairs`` and the ``recent`` newest
     Judge quests (rows of ``feedback_quests``, newest first)."""
     ensure_schema(ledger)
-    with ledger.transaction() as c:
-        new_pairs, new_ratings = len(_unused_ids(c, "pair")), len(_unused_ids(c, "rating"))
-        taken = _taken(c, "pair")
-        held = c.execute("SELECT COUNT(*) FROM feedback_uses WHERE role='held_out'").fetchone()[0]
+    new = {r["kind"]: r["n"] for r in ledger.query(
+        "SELECT p.kind AS kind, COUNT(*) AS n FROM preferences p LEFT JOIN feedback_uses u ON u.preference_id = p.id "
+        "WHERE u.preference_id IS NULL GROUP BY p.kind")}
+    new_pairs, new_ratings = new.get("pair", 0), new.get("rating", 0)
+    used = {(r["kind"], r["role"]): r["n"] for r in ledger.query(
+        "SELECT kind, role, COUNT(*) AS n FROM feedback_uses GROUP BY kind, role")}
+    taken = sum(n for (kind, _), n in used.items() if kind == "pair")
+    held = used.get(("pair", "held_out"), 0)
     quests = ledger.query("SELECT * FROM feedback_quests ORDER BY number DESC LIMIT ?", (recent,))
     return {"enabled": cfg.enabled, "min_pairs": cfg.min_pairs, "min_ratings": cfg.min_ratings,
             "holdout_every": cfg.holdout_every, "new_pairs": new_pairs, "new_ratings": new_ratings,
@@ -245,11 +251,16 @@ def score(model, tokenizer, path: Path, config: RealmConfig) -> dict[str, float 
 
 def scored_message(row: dict[str, Any]) -> str:
     """The battle-log line of a completed Judge quest."""
-    n, before, after = row["number"], row["accuracy_before"], row["accuracy_after"]
+    n = row["number"]
     if not row["held_out"]:
-        return f"Judge quest #{n}: trained; no held-out pairs to score it (feedback.holdout_every)"
-    shown = [f"{v:.2f}" if v is not None and math.isfinite(v) else "?" for v in (before, after)]
-    return f"Judge quest #{n}: preference accuracy {shown[0]} → {shown[1]} on {row['held_out']} held-out pairs"
+        return f"Judge quest #{n}: trained; no held-out pairs to score it yet (feedback.holdout_every)"
+
+    def shown(key: str) -> str:
+        v = row.get(key)
+        return f"{v:.2f}" if v is not None and math.isfinite(v) else "?"
+
+    return (f"Judge quest #{n}: preference accuracy {shown('accuracy_before')} → {shown('accuracy_after')} on "
+            f"{row['held_out']} held-out pairs (mean margin {shown('margin_before')} → {shown('margin_after')} nats)")
 
 
 class FeedbackLoop:
@@ -298,12 +309,13 @@ class FeedbackLoop:
                                  (quest.get("name"), quest.get("content_hash") or ""))
         return rows[0] if rows else None
 
-    def _score(self, row: dict[str, Any], engine) -> float | None:
+    def _score(self, row: dict[str, Any], engine) -> tuple[float | None, float | None]:
+        """``(preference accuracy, mean margin)`` of the live weights; Nones without held-out pairs."""
         if not row["held_out"]:
-            return None
+            return None, None
         model = engine.accelerator.unwrap_model(engine.model)
-        return float(score(model, engine.tokenizer, held_out_path(self.realm, row["number"]),
-                           self.config)["preference_accuracy"])
+        got = score(model, engine.tokenizer, held_out_path(self.realm, row["number"]), self.config)
+        return float(got["preference_accuracy"]), float(got["mean_margin"])
 
     def quest_starting(self, quest: dict[str, Any], engine) -> None:
         """Score the held-out pairs with the weights a Judge quest starts from (once; not on a resume)."""
@@ -311,9 +323,10 @@ class FeedbackLoop:
         if row is None or row["quest_id"] is not None:
             return
         with self._reported(row):
-            accuracy = self._score(row, engine)
-            self.ledger.execute("UPDATE feedback_quests SET quest_id=?, accuracy_before=?, global_step_before=? "
-                                "WHERE number=?", (quest["id"], accuracy, engine.global_step, row["number"]))
+            accuracy, margin = self._score(row, engine)
+            self.ledger.execute("UPDATE feedback_quests SET quest_id=?, accuracy_before=?, margin_before=?, "
+                                "global_step_before=? WHERE number=?",
+                                (quest["id"], accuracy, margin, engine.global_step, row["number"]))
 
     def quest_completed(self, quest: dict[str, Any], engine) -> None:
         """Score the held-out pairs with the end weights of a Judge quest; write the battle-log line."""
@@ -321,13 +334,15 @@ class FeedbackLoop:
         if row is None or row["accuracy_after"] is not None:
             return
         with self._reported(row):
-            accuracy = self._score(row, engine)
-            self.ledger.execute("UPDATE feedback_quests SET quest_id=?, accuracy_after=?, global_step_after=? "
-                                "WHERE number=?", (quest["id"], accuracy, engine.global_step, row["number"]))
+            accuracy, margin = self._score(row, engine)
+            self.ledger.execute("UPDATE feedback_quests SET quest_id=?, accuracy_after=?, margin_after=?, "
+                                "global_step_after=? WHERE number=?",
+                                (quest["id"], accuracy, margin, engine.global_step, row["number"]))
             row = self.ledger.query("SELECT * FROM feedback_quests WHERE number=?", (row["number"],))[0]
             self.ledger.event("judge_quest_scored", scored_message(row), quest_id=quest["id"],
                               number=row["number"], accuracy_before=row["accuracy_before"],
-                              accuracy_after=row["accuracy_after"], held_out=row["held_out"],
+                              accuracy_after=row["accuracy_after"], margin_before=row["margin_before"],
+                              margin_after=row["margin_after"], held_out=row["held_out"],
                               global_step_before=row["global_step_before"], global_step=engine.global_step)
 
     @contextlib.contextmanager

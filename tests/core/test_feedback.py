@@ -143,8 +143,10 @@ def test_off_switch_writes_nothing(realm, ledger):
 
 
 def test_the_battle_log_line():
-    row = {"number": 3, "accuracy_before": 0.625, "accuracy_after": 0.8125, "held_out": 16}
-    assert feedback.scored_message(row) == "Judge quest #3: preference accuracy 0.62 → 0.81 on 16 held-out pairs"
+    row = {"number": 3, "accuracy_before": 0.625, "accuracy_after": 0.8125, "held_out": 16, "margin_before": -1.5,
+           "margin_after": 2.25}
+    assert feedback.scored_message(row) == ("Judge quest #3: preference accuracy 0.62 → 0.81 on 16 held-out pairs "
+                                            "(mean margin -1.50 → 2.25 nats)")
     assert "0.50 → ?" in feedback.scored_message({**row, "accuracy_before": 0.5, "accuracy_after": None})
     assert "no held-out pairs" in feedback.scored_message({**row, "held_out": 0})
 
@@ -177,6 +179,7 @@ def test_the_daemon_closes_the_loop_and_scores_with_the_eval_rule(make_realm):
         checkpoint = latest_checkpoint(realm.checkpoints_dir(config.hero.name))
         again = evaluate_preferences(checkpoint, feedback.held_out_path(realm, 1), config)
         assert again["pairs"] == 4 and again["preference_accuracy"] == pytest.approx(row["accuracy_after"])
+        assert again["mean_margin"] == pytest.approx(row["margin_after"], abs=1e-4)  # the eval rule, exactly
         assert feedback.feedback_status(ledger, config.feedback)["pairs_until_next"] == 8
     finally:
         ledger.close()

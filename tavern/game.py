@@ -75,17 +75,17 @@ class SchoolInfo:
 
 
 SCHOOLS: tuple[SchoolInfo, ...] = (
-    SchoolInfo("Scribe", "📜", "Every word, copied true.", ("sft",),
+    SchoolInfo("Scribe", "✎", "Every word, copied true.", ("sft",),
                "supervised fine-tuning: next-token cross-entropy on the answers"),
-    SchoolInfo("Mirror", "🪞", "Look at your mistakes, and mend them.", ("sft",),
+    SchoolInfo("Mirror", "◑", "Look at your mistakes, and mend them.", ("sft",),
                "sparring: the hero's wrong answers become correction quests (SFT)", "spar-*"),
-    SchoolInfo("Judge", "⚖️", "Of two answers, know the better.", ("dpo", "ipo", "orpo", "kto"),
+    SchoolInfo("Judge", "⚖", "Of two answers, know the better.", ("dpo", "ipo", "orpo", "kto"),
                "preference optimisation: DPO / IPO / ORPO on pairs, KTO on ratings"),
-    SchoolInfo("Champion", "🏆", "Try many roads; keep the one that wins.", ("grpo",),
+    SchoolInfo("Champion", "♛", "Try many roads; keep the one that wins.", ("grpo",),
                "GRPO: sampled answers scored by rewards, group-relative advantages"),
-    SchoolInfo("Whisper", "🌬️", "A master's voice, softly learned.", ("distill",),
+    SchoolInfo("Whisper", "☁", "A master's voice, softly learned.", ("distill",),
                "distillation: match a teacher's token distribution (KL)"),
-    SchoolInfo("Fortune Teller", "🔮", "Study hardest what surprises you.", ("fortune_teller",),
+    SchoolInfo("Fortune Teller", "☾", "Study hardest what surprises you.", ("fortune_teller",),
                "surprise-weighted SFT"),
 )
 """The six schools, in the order the Tavern shows them."""

@@ -99,10 +99,10 @@ def test_schools_page_in_the_browser(tavern_realm, page):
         assert page.locator("section.school").count() == 6
         wait_until(lambda: page.locator("#school-chart").get_attribute("data-points") == "8", timeout_seconds=15,
                    what="the Judge's margins chart")
+        save_screenshot(page, "schools")
         page.select_option("#chart-metric", "kl")
         wait_until(lambda: page.locator("#school-chart").get_attribute("data-points") == "2", timeout_seconds=15,
                    what="the KL chart")
         assert page.locator("nav a", has_text="Schools").count() == 1
-        save_screenshot(page, "schools")
     assert page.console_errors == []
     ledger.close()

@@ -183,3 +183,71 @@ def test_the_daemon_closes_the_loop_and_scores_with_the_eval_rule(make_realm):
         assert feedback.feedback_status(ledger, config.feedback)["pairs_until_next"] == 8
     finally:
         ledger.close()
+
+
+@pytest.mark.slow
+def test_scoring_before_and_after_does_not_change_what_the_quest_trains(make_realm):
+    """The same Judge quest file trained with the before/after scoring (written by the loop) and without it
+    (dropped by hand, the loop off) gives the same losses and margins at every step: scoring only reads the
+    weights (eval mode, RNG forked, training mode and attention put back)."""
+    from tests.core.test_daemon import DaemonThread
+
+    def train(name, feedback_cfg, drop=None):
+        realm = make_realm(name, feedback=feedback_cfg, training={"micro_batch_size": 2, "learning_rate": 5e-3,
+                                                                   "warmup_steps": 0})
+        ledger = Ledger(realm.ledger_path)
+        for i in range(6):
+            preferences.record_pair(ledger, checkpoint="base", prompt=[{"role": "user", "content": f"{i}*{i}?"}],
+                                    chosen=f"{i * i}", rejected=f"maybe {i + 1}")
+        if drop is not None:
+            (realm.inbox / "high" / "feedback-pairs-0001.jsonl").write_bytes(drop)
+        try:
+            with DaemonThread(realm) as d:
+                d.wait_for(lambda: any(q["state"] == "completed" for q in ledger.list_quests()), timeout=120,
+                           what="the quest trained")
+                if drop is None:
+                    d.wait_for(lambda: ledger.events_of_kind("judge_quest_scored", 1), timeout=60, what="the score")
+            steps = [(s["global_step"], s["loss"]) for s in ledger.steps(with_examples=False)]
+            return steps, ledger.step_metrics(), realm
+        finally:
+            ledger.close()
+
+    scored_steps, scored_metrics, realm = train("scored", {"min_pairs": 4, "holdout_every": 3})
+    quest_file = realm.queue_dir("recently_completed").glob("*feedback-pairs-0001.jsonl")
+    content = next(p for p in quest_file if p.name.endswith(".jsonl")).read_bytes()
+    plain_steps, plain_metrics, _ = train("plain", {"enabled": False}, drop=content)
+    assert len(scored_steps) == 2 and scored_steps == plain_steps
+    assert scored_metrics == plain_metrics
+
+
+def test_score_leaves_the_training_model_as_it_was_and_matches_the_eval_rule(tmp_path, realm):
+    """:func:`core.feedback.score` on a model in training mode with the engine's packed attention and dropout:
+    the mode, the attention, the weights and the torch RNG are as before; the numbers are the eval rule's."""
+    import torch
+
+    from core.evaluation import evaluate_preferences
+    from core.hero import create_default_hero, load_model, load_tokenizer
+    from core.packing import PACKED_SDPA, register_packed_sdpa
+
+    config = realm.load_config()
+    folder = create_default_hero(tmp_path / "nano", size="nano")
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"{i}?"}],
+                                        "chosen": [{"role": "assistant", "content": f"{i}"}],
+                                        "rejected": [{"role": "assistant", "content": f"no {i}"}]}) + "\n"
+                            for i in range(5)), encoding="utf-8")
+    expected = evaluate_preferences(folder, held, config)
+    register_packed_sdpa()
+    model, tokenizer = load_model(folder, config.hero), load_tokenizer(folder, config.hero)
+    model.config.attention_dropout = 0.5
+    model.set_attn_implementation(PACKED_SDPA)
+    model.train()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(7)
+    rng = torch.get_rng_state()
+    got = feedback.score(model, tokenizer, held, config)
+    assert got["pairs"] == 5 and got["preference_accuracy"] == expected["preference_accuracy"]
+    assert got["mean_margin"] == pytest.approx(expected["mean_margin"], abs=1e-4)
+    assert model.training and model.config._attn_implementation == PACKED_SDPA
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())

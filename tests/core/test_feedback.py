@@ -181,6 +181,12 @@ def test_the_daemon_closes_the_loop_and_scores_with_the_eval_rule(make_realm):
         assert again["pairs"] == 4 and again["preference_accuracy"] == pytest.approx(row["accuracy_after"])
         assert again["mean_margin"] == pytest.approx(row["margin_after"], abs=1e-4)  # the eval rule, exactly
         assert feedback.feedback_status(ledger, config.feedback)["pairs_until_next"] == 8
+        from training.status import collect_status, format_status
+
+        status = collect_status(realm, config)
+        assert status["feedback"]["quests"][0]["accuracy_after"] == row["accuracy_after"]
+        assert (f"feedback:     8 pairs until the next Judge quest, 64 ratings until a KTO one; Judge quest #1: "
+                f"preference accuracy {row['accuracy_before']:.2f} → {row['accuracy_after']:.2f}") in format_status(status)
     finally:
         ledger.close()
 

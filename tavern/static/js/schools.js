@@ -1,6 +1,6 @@
 /* Schools: the six schools (icon, motto, available or not, quests and steps trained) from /api/schools, and a
  * chart of one school's step metric (/api/schools/metrics). Refetched at load, after a reconnect
- * (Tavern.onResync) and when a quest completes (pushed "event"). All data is written as text (Tavern.el). */
+ * (Tavern.onResync) and when a quest completes (pushed "event"); the chart also every 3 s while steps arrive. All data is written as text (Tavern.el). */
 (function () {
   "use strict";
   const {el, fmt, onResync} = Tavern;
@@ -68,4 +68,10 @@
   metricSel.addEventListener("change", () => drawChart().catch(() => {}));
   onResync(load);
   socket.on("event", (e) => { if (e && e.kind === "quest_completed") load().catch(() => {}); });
+  let lastRedraw = 0;  // new steps of the charted school: redraw at most every 3 s
+  socket.on("step", () => {
+    if (Date.now() - lastRedraw < 3000) return;
+    lastRedraw = Date.now();
+    drawChart().catch(() => {});
+  });
 })();

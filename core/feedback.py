@@ -91,6 +91,12 @@ def ensure_schema(ledger: Ledger) -> None:
                 c.execute(statement)
 
 
+def _has_schema(ledger: Ledger) -> bool:
+    names = {r["name"] for r in ledger.query("SELECT name FROM sqlite_master WHERE type='table' AND name IN "
+                                             "('preferences', 'feedback_quests', 'feedback_uses')")}
+    return len(names) == 3
+
+
 def quest_name(kind: str, number: int) -> str:
     """``feedback-pairs-0001.jsonl`` / ``feedback-ratings-0002.jsonl``."""
     return f"feedback-{KINDS[kind]}-{number:04d}.jsonl"
@@ -134,7 +140,8 @@ def feedback_status(ledger: Ledger, cfg: FeedbackConfig, recent: int = 10) -> di
     """What the Tavern shows: ``enabled``, ``min_pairs``, ``min_ratings``, ``new_pairs``, ``new_ratings``
     (unused), ``pairs_until_next``, ``ratings_until_next``, ``held_out_pairs`` and the ``recent`` newest
     Judge quests (rows of ``feedback_quests``, newest first)."""
-    ensure_schema(ledger)
+    if not _has_schema(ledger):
+        ensure_schema(ledger)
     new = {r["kind"]: r["n"] for r in ledger.query(
         "SELECT p.kind AS kind, COUNT(*) AS n FROM preferences p LEFT JOIN feedback_uses u ON u.preference_id = p.id "
         "WHERE u.preference_id IS NULL GROUP BY p.kind")}
@@ -287,6 +294,9 @@ class FeedbackLoop:
         if not self.cfg.enabled or time.monotonic() - self._last_poll < self.poll_interval_seconds:
             return None
         self._last_poll = time.monotonic()
+        status = feedback_status(self.ledger, self.cfg, recent=0)  # reads only: no write lock while nothing is due
+        if status["pairs_until_next"] and status["ratings_until_next"]:
+            return None
         row = claim(self.ledger, self.cfg)
         return self._publish(row["number"]) if row is not None else None
 

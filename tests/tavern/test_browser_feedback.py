@@ -23,16 +23,16 @@ def give_pair(page, prompt: str) -> bool:
     page.click("#chat-new")
     page.fill("#chat-input", prompt)
     page.press("#chat-input", "Enter")
-    wait_until(lambda: page.locator(".msg.assistant .regenerate").count() == 1, timeout_seconds=60,
+    wait_until(lambda: page.locator(".msg.assistant .regenerate").count() == 1, timeout_seconds=120,
                what="the first answer")
     page.click(".msg.assistant .regenerate")
-    wait_until(lambda: page.locator(".msg.assistant .pick").count() == 2, timeout_seconds=60,
+    wait_until(lambda: page.locator(".msg.assistant .pick").count() == 2, timeout_seconds=120,
                what="a second answer to pick from")
     texts = page.locator(".msg.assistant .answer .text").all_text_contents()
     if texts[0] == texts[1]:
         return False
     page.locator(".msg.assistant .pick").nth(1).click()
-    wait_until(lambda: page.locator(".answer.chosen").count() == 1, timeout_seconds=15, what="the choice saved")
+    wait_until(lambda: page.locator(".answer.chosen").count() == 1, timeout_seconds=60, what="the choice saved")
     return True
 
 
@@ -47,11 +47,11 @@ def test_oracle_choices_become_a_judge_quest_that_trains_and_is_scored(make_real
             wait_until(lambda: (realm.models / "hero" / "base").is_dir(), timeout_seconds=90,
                        what="the daemon to create the newborn hero")
             page.goto(live.url + "/oracle")
-            wait_until(lambda: page.locator("#oracle-model option[value='hero']").count(), timeout_seconds=15,
+            wait_until(lambda: page.locator("#oracle-model option[value='hero']").count(), timeout_seconds=60,
                        what="the model list")
             page.fill("#oracle-max-new-tokens", "12")
             wait_until(lambda: "8 pairs until the next Judge quest" in page.text_content("#feedback-next"),
-                       timeout_seconds=15, what="the pairs until the next Judge quest")
+                       timeout_seconds=60, what="the pairs until the next Judge quest")
             given, attempt = 0, 0
             while given < 2 * MIN_PAIRS:
                 attempt += 1
@@ -60,16 +60,16 @@ def test_oracle_choices_become_a_judge_quest_that_trains_and_is_scored(make_real
                     given += 1
                     if given == 1:  # a rating too (min_ratings is 64: it waits for more)
                         page.locator(".msg.assistant .rate-up").first.click()
-                        wait_until(lambda: page.locator(".rate-up[aria-pressed='true']").count(), 10, "a rating")
+                        wait_until(lambda: page.locator(".rate-up[aria-pressed='true']").count(), 60, "a rating")
                     if given < 2 * MIN_PAIRS:
                         left = f"{2 * MIN_PAIRS - given} pair"
-                        wait_until(lambda left=left: left in page.text_content("#feedback-next"), timeout_seconds=15,
+                        wait_until(lambda left=left: left in page.text_content("#feedback-next"), timeout_seconds=60,
                                    what=f"'{left}s until the next Judge quest'")
             # the daemon writes the quest by itself, trains it, scores it
             judge = page.locator("#feedback-quests li", has_text="Judge quest #1")
-            judge.wait_for(timeout=60_000)
+            judge.wait_for(timeout=180_000)
             try:
-                wait_until(lambda: "→" in judge.inner_text(), timeout_seconds=120, what="the before/after score")
+                wait_until(lambda: "→" in judge.inner_text(), timeout_seconds=300, what="the before/after score")
             except AssertionError:
                 print(ledger.list_quests(), ledger.latest_events(20))
                 raise
@@ -79,11 +79,11 @@ def test_oracle_choices_become_a_judge_quest_that_trains_and_is_scored(make_real
                 "completed", "dpo", "high", MIN_PAIRS)
             page.goto(live.url + "/")
             line = page.locator("#battle-log li", has_text="Judge quest #1: preference accuracy")
-            line.wait_for(timeout=15_000)
+            line.wait_for(timeout=60_000)
             assert "on 4 held-out pairs" in line.inner_text()
             page.goto(live.url + "/quests")
             row = page.locator("#group-finished tr", has_text="feedback-pairs-0001.jsonl")
-            row.wait_for(timeout=15_000)
+            row.wait_for(timeout=60_000)
             assert row.locator("td.school").inner_text() == "dpo"
         finally:
             ledger.close()

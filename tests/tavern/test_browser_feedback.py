@@ -17,17 +17,31 @@ pytestmark = pytest.mark.slow
 MIN_PAIRS, HOLDOUT_EVERY = 4, 2  # pairs 1, 3, 5, 7 are kept back: the 8th pair makes Judge quest #1
 
 
+def answered(page, selector: str, count: int, what: str) -> None:
+    """Wait until ``count`` elements match ``selector``; an answer that failed on the way (on a loaded machine
+    the Socket.IO connection may drop and reconnect mid-answer) is retried with the page's Retry button."""
+    def ready() -> bool:
+        if page.locator(".msg.assistant .retry").count():
+            page.locator(".msg.assistant .retry").first.click()
+            return False
+        return page.locator(selector).count() == count
+
+    try:
+        wait_until(ready, timeout_seconds=180, what=what)
+    except AssertionError:
+        print(page.locator("#chat-log").inner_text())
+        raise
+
+
 def give_pair(page, prompt: str) -> bool:
     """One new chat: ask, regenerate, keep the second answer. False when both answers were the same text
     (no pair can be made of them)."""
     page.click("#chat-new")
     page.fill("#chat-input", prompt)
     page.press("#chat-input", "Enter")
-    wait_until(lambda: page.locator(".msg.assistant .regenerate").count() == 1, timeout_seconds=120,
-               what="the first answer")
+    answered(page, ".msg.assistant .regenerate", 1, "the first answer")
     page.click(".msg.assistant .regenerate")
-    wait_until(lambda: page.locator(".msg.assistant .pick").count() == 2, timeout_seconds=120,
-               what="a second answer to pick from")
+    answered(page, ".msg.assistant .pick", 2, "a second answer to pick from")
     texts = page.locator(".msg.assistant .answer .text").all_text_contents()
     if texts[0] == texts[1]:
         return False

@@ -362,6 +362,31 @@ class SparringConfig(_Section):
     priority: Literal["high", "normal", "low"] = Field("high", description="Inbox folder of correction quests.")
 
 
+class FeedbackConfig(_Section):
+    """The feedback loop: 👍/👎 ratings and regenerate-and-pick pairs (the Oracle page, ``POST /v1/feedback``)
+    become Judge quests the daemon writes itself (see the README's Feedback loop section)."""
+
+    enabled: bool = Field(True, description="The daemon turns new feedback into Judge quests; off: feedback is "
+                          "only stored (and exported from the Oracle page).")
+    min_pairs: int = Field(32, ge=1, le=1_000_000, description="New (unused) pairs that make a DPO quest of "
+                           "exactly those pairs (less the ones kept back, see holdout_every).")
+    min_ratings: int = Field(64, ge=1, le=1_000_000, description="New (unused) ratings that make a KTO quest of "
+                             "exactly those ratings.")
+    holdout_every: int = Field(5, ge=0, le=1000, description="Every holdout_every-th pair taken (in the order "
+                               "given) is kept back, never trained: the held-out pairs each Judge quest is "
+                               "scored on before and after; 0: none kept back (no before/after score).")
+    max_held_out_pairs: int = Field(256, ge=1, le=100_000, description="A Judge quest is scored on at most this "
+                                    "many held-out pairs (the newest).")
+    priority: Literal["high", "normal", "low"] = Field("high", description="Inbox folder of feedback quests.")
+
+    @field_validator("holdout_every")
+    @classmethod
+    def _holdout_not_one(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError("1 would keep back every pair (none trained): use 0 (none kept back) or at least 2")
+        return value
+
+
 class StageUntil(_Section):
     """When a campaign stage ends: exactly one condition (see the README's Campaigns section)."""
 
@@ -546,6 +571,7 @@ class RealmConfig(_Section):
         '{"prefs*.jsonl": {"school": "dpo", "beta": 0.1}, "gsm8k*": {"epochs": 3, "shuffle": true}}.')
     sparring: SparringConfig = Field(default_factory=SparringConfig)
     campaign: CampaignConfig = Field(default_factory=CampaignConfig)
+    feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
 
 
 class ConfigError(ValueError):

@@ -17,6 +17,8 @@ The hero loop (:class:`core.skills.loop.HeroLoop`) has three narrow hooks: ``sta
 ``after_checkpoint`` after each checkpoint save (promotion trials on the schedule). A campaign
 (:class:`core.campaigns.Campaign`, with ``campaign.enabled``) is checked between quests and after each
 checkpoint; its current stage's quests are trained first.
+The feedback loop (:class:`core.feedback.FeedbackLoop`) writes Judge quests from the Oracle's ratings and
+pairs (``poll`` between quests and optimizer steps) and scores each before and after it trains.
 
 The daemon state (:class:`core.contract.DaemonState`) is published under :data:`core.contract.DAEMON_KEY`
 by :meth:`Daemon._set_state` only; its ``updated_at`` is the heartbeat. SIGTERM/SIGINT (or the ``stop``
@@ -47,6 +49,7 @@ from core.contract import (
 )
 from core.engine import CheckpointSkipped, Engine
 from core.faults import TrainingRolledBack
+from core.feedback import FeedbackLoop
 from core.formats import ALL_FORMATS
 from core.fsutil import ExclusiveLock, sha256_file
 from core.ledger import CommandState, Ledger, QuestState
@@ -109,6 +112,7 @@ class Daemon:
         self.admission: Admission | None = None
         self.hero_loop: HeroLoop | None = None
         self.campaign: Campaign | None = None
+        self.feedback: FeedbackLoop | None = None
         self._identity = process_identity()  # pid and its start time: readers tell a reused pid
 
     # lifecycle -------------------------------------------------------------------
@@ -143,6 +147,8 @@ class Daemon:
             self.campaign.start(self.engine.global_step)
             self.hero_loop.campaign = self.campaign
         self.hero_loop.start(self.engine.global_step)
+        self.feedback = FeedbackLoop(self.realm, self.config, self.ledger, logger=log)
+        self.feedback.start()
         hero = self.engine.hero_info
         self._status["hero"] = hero
         if hero.get("newborn"):
@@ -219,6 +225,8 @@ class Daemon:
                 continue
             if self.campaign is not None and self.engine is not None:
                 self.campaign.check(self.engine.global_step)
+            if self.feedback is not None:
+                self.feedback.poll()
             quest = self.queue.next_trainable(TRAINABLE_FORMATS, last=is_generated,
                                               first=self._stage_quest if self.campaign else None)
             if quest is None:
@@ -254,6 +262,8 @@ class Daemon:
             return
         if starting:
             self.ledger.event("quest_started", f"quest {quest['name']} started", quest_id=qid)
+            if self.feedback is not None:
+                self.feedback.quest_starting(quest, self.engine)
         else:
             self.ledger.event("quest_resumed", f"quest {quest['name']} resumed at example "
                               f"{quest['examples_trained']}", quest_id=qid)
@@ -288,6 +298,8 @@ class Daemon:
             self.ledger.event("quest_completed", f"quest {quest['name']} completed: "
                               f"{result.examples_trained} examples in {result.steps} steps", quest_id=qid,
                               global_step=self.engine.global_step)
+            if self.feedback is not None:
+                self.feedback.quest_completed(quest, self.engine)
             return
         # interrupted: stop, or skip
         if self.engine.global_step > self.engine.last_saved_step:
@@ -402,6 +414,8 @@ class Daemon:
     def _should_interrupt(self) -> bool:
         """Called by the engine between optimizer steps: handle commands, honour pause, report progress."""
         self._handle_commands()
+        if self.feedback is not None:
+            self.feedback.poll()
         while self.paused and not self._stop.is_set() and not self._skip:
             self._set_state(DaemonState.PAUSED)
             self._stop.wait(0.2)

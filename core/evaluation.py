@@ -97,10 +97,11 @@ def sequence_logprobs(model, tokenizer, seqs: list[TokenizedExample], batch_rows
     out: list[float] = []
     for i in range(0, len(seqs), batch_rows):
         batch = collate([[s] for s in seqs[i:i + batch_rows]], tokenizer.pad_token_id or 0)
-        mask = model_attention_mask(batch.attention_mask, impl, next(model.parameters()).dtype)
-        logits = model(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids,
-                       use_cache=False).logits[:, :-1].float()
-        targets = batch.labels[:, 1:]
+        param = next(model.parameters())
+        mask = model_attention_mask(batch.attention_mask.to(param.device), impl, param.dtype)
+        logits = model(input_ids=batch.input_ids.to(param.device), attention_mask=mask,
+                       position_ids=batch.position_ids.to(param.device), use_cache=False).logits[:, :-1].float()
+        targets = batch.labels[:, 1:].to(param.device)
         token = -F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
                                  reduction="none").view(targets.shape)
         out.extend(token.sum(dim=1).tolist())
@@ -119,17 +120,31 @@ def evaluate_preferences(model_dir: Path | str, path: Path, config: RealmConfig,
     when the model cannot be loaded, ``OSError`` when the file cannot be read."""
     from transformers.utils import logging as hf_logging
 
-    from core.schools import make_school
-
     hf_logging.disable_progress_bar()
     tokenizer = load_tokenizer(model_dir, config.hero)
+    items = preference_items(path, config, tokenizer, max_examples=max_examples, every=every, realm=realm)
+    return preference_metrics(load_model(model_dir, config.hero), tokenizer, items)
+
+
+def preference_items(path: Path, config: RealmConfig, tokenizer, *, max_examples: int = 256, every: int = 1,
+                     realm: Realm | None = None) -> list:
+    """The pairs of ``path`` that :func:`evaluate_preferences` scores, encoded as the Judge trains them
+    (:class:`core.schools.judge.PairItem`). Raises :class:`EvaluationError` when ``path`` holds no paired
+    preferences, ``OSError`` when it cannot be read."""
+    from core.schools import make_school
+
     verdicts = file_verdicts(path, config, tokenizer, realm)
     if verdicts.format not in PREFERENCE_FORMATS:
         raise EvaluationError(f"{path.name} holds {verdicts.format or 'no valid'} records, not paired preferences")
     judge = make_school("dpo")
-    items = [judge.encode(ex, tokenizer, config.training.max_length, line)
-             for line, ex in held_out_records(path, verdicts, every, max_examples)]
-    model = load_model(model_dir, config.hero)
+    return [judge.encode(ex, tokenizer, config.training.max_length, line)
+            for line, ex in held_out_records(path, verdicts, every, max_examples)]
+
+
+def preference_metrics(model, tokenizer, items: list) -> dict[str, float | int]:
+    """``{"preference_accuracy", "mean_margin", "pairs"}`` of ``model`` on encoded pairs
+    (:func:`preference_items`; see :func:`evaluate_preferences`). NaN accuracy and margin when there is
+    no pair."""
     logps = sequence_logprobs(model, tokenizer, [s for item in items for s in item.sequences])
     margins = [c - r for c, r in zip(logps[0::2], logps[1::2], strict=True)]
     n = len(margins)

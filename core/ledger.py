@@ -425,6 +425,39 @@ class Ledger:
                           "FROM quests WHERE steps > 0 GROUP BY COALESCE(school, 'sft')")
         return {r["school"]: {"quests": r["quests"], "steps": r["steps"] or 0} for r in rows}
 
+    def step_counts_of_quests_named(self, name_glob: str) -> dict[str, int]:
+        """``{"quests", "steps"}`` over the quests named ``name_glob`` (SQLite ``GLOB``) that trained steps."""
+        row = self.query("SELECT COUNT(*) AS quests, COALESCE(SUM(steps), 0) AS steps FROM quests "
+                         "WHERE steps > 0 AND name GLOB ?", (name_glob,))[0]
+        return {"quests": row["quests"], "steps": row["steps"]}
+
+    def step_metric_names(self) -> dict[str, list[str]]:
+        """``{school: [metric name, ...]}``: the step metrics each school recorded (school NULL as sft)."""
+        rows = self.query("SELECT DISTINCT COALESCE(q.school, 'sft') AS school, m.name AS name FROM step_metrics m "
+                          "JOIN steps t ON t.global_step = m.global_step JOIN quests q ON q.id = t.quest_id "
+                          "ORDER BY school, name")
+        out: dict[str, list[str]] = {}
+        for r in rows:
+            out.setdefault(r["school"], []).append(r["name"])
+        return out
+
+    def step_metric_series(self, name: str, schools: Iterable[str], max_points: int = 4096
+                           ) -> list[tuple[int, float]]:
+        """``[(global_step, value)]`` of step metric ``name`` over the steps of quests of ``schools`` (school
+        NULL as sft), oldest first; with more than ``max_points`` steps, every k-th (and the last)."""
+        schools = list(schools)
+        if not schools:
+            return []
+        rows = self.query(f"SELECT m.global_step AS s, m.value AS v FROM step_metrics m JOIN steps t ON "
+                          f"t.global_step = m.global_step JOIN quests q ON q.id = t.quest_id WHERE m.name = ? AND "
+                          f"COALESCE(q.school, 'sft') IN ({','.join('?' * len(schools))}) ORDER BY m.global_step",
+                          (name, *schools))
+        points = [(r["s"], r["v"]) for r in rows]
+        if len(points) > max_points > 1:
+            k = -(-len(points) // (max_points - 1))
+            points = points[::k] + ([points[-1]] if (len(points) - 1) % k else [])
+        return points
+
     def record_eval(self, global_step: int, quest_id: int | None, eval_loss: float, examples: int) -> None:
         """A held-out evaluation at ``global_step`` (``eval_loss``: mean token cross-entropy, nats)."""
         with self.transaction() as c:

@@ -28,6 +28,7 @@ NAV_ITEMS = (  # label, endpoint, path used when that blueprint is not installed
     ("Home", "home.index", "/"),
     ("Quests", "quests.index", "/quests"),
     ("Guild", "guild.index", "/guild"),
+    ("Schools", "schools.index", "/schools"),
     ("Vault", "vault.index", "/vault"),
     ("Oracle", "oracle.index", "/oracle"),
     ("System", "system.index", "/system"),
@@ -57,9 +58,9 @@ def create_app(realm: Realm, config: RealmConfig | None = None, *, testing: bool
     security.install(app, config.tavern.access_token)
 
     from tavern import api
-    from tavern.pages import controls, downloads, guild, home, metrics, system
+    from tavern.pages import controls, downloads, guild, home, metrics, schools, system
 
-    for bp in (home.bp, system.bp, controls.bp, api.bp, downloads.bp, metrics.bp, guild.bp):
+    for bp in (home.bp, system.bp, controls.bp, api.bp, downloads.bp, metrics.bp, guild.bp, schools.bp):
         app.register_blueprint(bp)
     downloads.init_downloads(app)
     for module_name, attr in OPTIONAL_BLUEPRINTS:

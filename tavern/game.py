@@ -38,6 +38,12 @@ blessing      the Temple's blessing: effort (optimizer steps) becomes experience
               +10 points of accuracy give trend 1 and -10 points give 0. Several evaluations of one step
               at the same global step: the best q. Blessed XP = sum over judged steps of q (effort x
               quality); unblessed effort = steps no evaluation has judged yet (shown on the hero card)
+school XP     per school (:data:`SCHOOLS`), the optimizer steps of its quests x 1: every optimizer step is 1
+              XP whatever the school (a Scribe step of packed rows, a Judge step of ``micro_batch_size x
+              gradient_accumulation_steps`` pairs or ratings): XP counts effort, not examples. A school's
+              steps are blessed like any others: a Judge or Fortune Teller quest's held-out evaluation is its
+              school's own loss (``eval_loss`` = the DPO / KTO / weighted loss, score ``exp(-eval_loss)``), a
+              Mirror quest's (``spar-<SKILL>-L*``) a promotion trial of its skill
 ============  ===========================================================================================
 
 :func:`formula_table_markdown` renders this table for the README; :data:`GLOSSARY` maps each RPG word to
@@ -51,6 +57,43 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 XP_PER_STEP = 1
+
+
+@dataclass(frozen=True)
+class SchoolInfo:
+    """One school of the Tavern's Schools section: its RPG ``title``, ``icon`` and ``motto``; ``schools``:
+    the ``quests[].school`` names it trains with (:mod:`core.schools`); ``quest_glob``: its quests are the
+    ones so named (the Mirror's correction quests; they are Scribe steps otherwise); ``what``: the field's
+    terms."""
+
+    title: str
+    icon: str
+    motto: str
+    schools: tuple[str, ...]
+    what: str
+    quest_glob: str | None = None
+
+
+SCHOOLS: tuple[SchoolInfo, ...] = (
+    SchoolInfo("Scribe", "✎", "Every word, copied true.", ("sft",),
+               "supervised fine-tuning: next-token cross-entropy on the answers"),
+    SchoolInfo("Mirror", "◑", "Look at your mistakes, and mend them.", ("sft",),
+               "sparring: the hero's wrong answers become correction quests (SFT)", "spar-*"),
+    SchoolInfo("Judge", "⚖", "Of two answers, know the better.", ("dpo", "ipo", "orpo", "kto"),
+               "preference optimisation: DPO / IPO / ORPO on pairs, KTO on ratings"),
+    SchoolInfo("Champion", "♛", "Try many roads; keep the one that wins.", ("grpo",),
+               "GRPO: sampled answers scored by rewards, group-relative advantages"),
+    SchoolInfo("Whisper", "☁", "A master's voice, softly learned.", ("distill",),
+               "distillation: match a teacher's token distribution (KL)"),
+    SchoolInfo("Fortune Teller", "☾", "Study hardest what surprises you.", ("fortune_teller",),
+               "surprise-weighted SFT"),
+)
+"""The six schools, in the order the Tavern shows them."""
+
+
+def school_xp(steps: int) -> int:
+    """A school's XP: the optimizer steps of its quests x :data:`XP_PER_STEP` (the same for every school)."""
+    return XP_PER_STEP * int(steps)
 LEVEL_XP_FACTOR = 25  # XP to reach level L = LEVEL_XP_FACTOR * L * (L - 1)
 ATK_LOSS_WINDOW_STEPS = 20  # ATK uses the mean training loss of this many latest steps
 STAT_SCALE = 100  # ATK/DEF = STAT_SCALE * exp(-loss)
@@ -87,6 +130,8 @@ GLOSSARY: dict[str, str] = {
     "blessing": "effort (optimizer steps) confirmed by a later evaluation of what they trained",
     "blessed XP": "sum over judged steps of the judging evaluation's quality in [0, 1] (effort x quality)",
     "unblessed effort": "optimizer steps no evaluation has judged yet",
+    "school": "a training objective on the one engine (quests[].school: sft, dpo, ipo, orpo, kto, ...)",
+    "Judge quest": "a preference quest (DPO on pairs, KTO on ratings) the daemon writes from Oracle feedback",
 }
 
 
@@ -312,6 +357,11 @@ def formula_table_markdown() -> str:
          "a step is judged by the first evaluation at or after it of what it trained (coverage: a trial of "
          "its quest's skill, or its quest's held-out loss); several at one step: the best q"),
         ("unblessed effort", "`global_step` − judged steps", "steps", "effort no evaluation has confirmed yet"),
+        ("school XP", "steps of the school's quests × 1", "quests.steps, quests.school",
+         "every optimizer step is 1 XP whatever the school (a Scribe step of packed rows, a Judge step of "
+         "`micro_batch_size × gradient_accumulation_steps` pairs): XP counts effort; Mirror = quests `spar-*`, "
+         "the rest of `sft` = Scribe; a Judge / Fortune Teller quest is blessed by its held-out loss in its "
+         "own school's loss"),
     ]
     lines = ["| stat | formula | from | why |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | `{c}` | {d} |" for a, b, c, d in rows]

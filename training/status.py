@@ -13,6 +13,7 @@ from core.campaigns import campaign_status
 from core.checkpoint_layout import latest_checkpoint, step_of
 from core.config import RealmConfig
 from core.contract import ETA_WINDOW_STEPS, DaemonState, DaemonStatus, quest_eta, read_daemon_status
+from core.feedback import feedback_status
 from core.ledger import Ledger, QuestState
 from core.realm import Realm
 from safety.crash import recent_crashes
@@ -35,7 +36,7 @@ def collect_status(realm: Realm, config: RealmConfig) -> dict[str, Any]:
                            "current_quest": None, "last_checkpoint": _last_checkpoint(realm, config.hero.name),
                            "supervisor": None, "crashes": [], "last_crash": None,
                            "schools": {}, "skills": skills_status(config, None), "skill_errors": [],
-                           "campaign": campaign_status(config.campaign, None)}
+                           "campaign": campaign_status(config.campaign, None), "feedback": None}
     for role in (*ROLES, SUPERVISOR):
         info = process_info(realm, role)
         out["processes"][role] = {"state": info.state.value, "pid": info.pid}
@@ -69,6 +70,7 @@ def collect_status(realm: Realm, config: RealmConfig) -> dict[str, Any]:
         out["skills"] = skills_status(config, ledger)
         out["skill_errors"] = ledger.skill_load_errors()
         out["campaign"] = campaign_status(config.campaign, ledger)
+        out["feedback"] = feedback_status(ledger, config.feedback, recent=1)  # the feedback loop (core.feedback)
         current = [q for q in quests if q["state"] == QuestState.PROCESSING.value]
         if current:
             q = current[0]
@@ -181,7 +183,22 @@ def format_status(s: dict[str, Any]) -> str:
         lines.append("campaign:     finished (" + f"{c['stages']} stages)" if c["finished"] else
                      f"campaign:     stage {c['stage']} of {c['stages']}: {c['name']} ({c['school']}; until "
                      + ", ".join(f"{k} {v}" for k, v in (c["until"] or {}).items()) + ")")
+    f = s.get("feedback")
+    if f:
+        lines.append(_feedback_line(f))
     return "\n".join(lines)
+
+
+def _feedback_line(f: dict[str, Any]) -> str:
+    if not f["enabled"]:
+        return "feedback:     off (feedback.enabled): ratings and pairs are only stored"
+    line = (f"feedback:     {f['pairs_until_next']} pairs until the next Judge quest, {f['ratings_until_next']} "
+            f"ratings until a KTO one")
+    last = f["quests"][0] if f["quests"] else None
+    if last and last["accuracy_after"] is not None:
+        line += (f"; Judge quest #{last['number']}: preference accuracy "
+                 + " → ".join("?" if v is None else f"{v:.2f}" for v in (last["accuracy_before"], last["accuracy_after"])))
+    return line
 
 
 def status_json(realm: Realm, config: RealmConfig) -> str:

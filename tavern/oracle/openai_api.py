@@ -13,6 +13,8 @@ cancels the generation); ``stream: true`` answers Server-Sent Events,
 ``data: {"error": {...}}``). ``system_fingerprint`` names the checkpoint that answered (what ``hero`` meant
 at that moment).
 
+``POST /v1/feedback`` rates an answer by its ``id`` (or two answers as a pair): :mod:`tavern.oracle.feedback`.
+
 ``GET /v1/models`` lists the models; ``GET /v1/models/<id>`` one of them. Errors use OpenAI's shape
 ``{"error": {"message", "type", "param", "code"}}``: 400 invalid request, 404 unknown model, 429 too many
 waiting requests, 503 worker or GPU unavailable. Authentication is the Tavern's (``Authorization: Bearer
@@ -30,6 +32,7 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, request, stream_with_context
 
+from tavern.oracle.feedback import remember
 from tavern.oracle.service import ChatParams, OracleInputError, get_service, parse_chat_params
 from tavern.oracle.store import ModelNotFound
 from tavern.oracle.worker import OracleBusy, OracleRequest
@@ -125,9 +128,9 @@ def chat_completions():
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": entry.id,
             "system_fingerprint": entry.checkpoint}
     if stream:
-        return Response(stream_with_context(_sse(req, meta, include_usage)), mimetype="text/event-stream",
+        return Response(stream_with_context(_sse(req, meta, include_usage, params.messages)), mimetype="text/event-stream",
                         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
-    return _complete(req, meta)
+    return _complete(req, meta, params.messages)
 
 
 def client_left(sock: socket.socket | None) -> bool:
@@ -142,7 +145,7 @@ def client_left(sock: socket.socket | None) -> bool:
         return True
 
 
-def _complete(req: OracleRequest, meta: dict[str, Any]) -> Response:
+def _complete(req: OracleRequest, meta: dict[str, Any], messages: list) -> Response:
     pieces: list[str] = []
     sock = request.environ.get("werkzeug.socket")
     try:
@@ -152,6 +155,7 @@ def _complete(req: OracleRequest, meta: dict[str, Any]) -> Response:
             elif event.kind == "error":
                 return openai_error(event.payload["message"], event.payload["status"], event.payload["code"])
             elif event.kind == "done":
+                remember(meta["id"], meta["system_fingerprint"], messages, "".join(pieces))  # for /v1/feedback
                 return jsonify({**meta, "object": "chat.completion", "choices": [{
                     "index": 0, "message": {"role": "assistant", "content": "".join(pieces)}, "logprobs": None,
                     "finish_reason": event.payload["finish_reason"]}], "usage": _usage(event.payload)})
@@ -160,17 +164,19 @@ def _complete(req: OracleRequest, meta: dict[str, Any]) -> Response:
     return openai_error("the oracle ended without an answer", 500, "oracle_error")
 
 
-def _sse(req: OracleRequest, meta: dict[str, Any], include_usage: bool):
+def _sse(req: OracleRequest, meta: dict[str, Any], include_usage: bool, messages: list):
     def chunk(delta: dict[str, Any], finish_reason: str | None = None, **extra: Any) -> str:
         body = {**meta, "object": "chat.completion.chunk",
                 "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
                 **({"usage": None} if include_usage else {}), **extra}
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
+    pieces: list[str] = []
     try:
         yield chunk({"role": "assistant", "content": ""})
         for event in req.events():
             if event.kind == "token":
+                pieces.append(event.payload)
                 yield chunk({"content": event.payload})
             elif event.kind == "error":
                 err = {"message": event.payload["message"], "type": "server_error", "param": None,
@@ -178,6 +184,7 @@ def _sse(req: OracleRequest, meta: dict[str, Any], include_usage: bool):
                 yield f"data: {json.dumps({'error': err}, ensure_ascii=False)}\n\n"
                 return
             elif event.kind == "done":
+                remember(meta["id"], meta["system_fingerprint"], messages, "".join(pieces))  # for /v1/feedback
                 yield chunk({}, event.payload["finish_reason"])
                 if include_usage:
                     body = {**meta, "object": "chat.completion.chunk", "choices": [],

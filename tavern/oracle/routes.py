@@ -12,6 +12,7 @@ Page and JSON routes (blueprint ``oracle``):
                                             "counts"}``, newest first
 ``POST /api/oracle/preferences/<id>/delete`` forget one row
 ``GET  /api/oracle/preferences/export``     ``?kind=pair`` (DPO) or ``rating`` (KTO): JSON lines download
+``GET  /api/oracle/feedback``               the feedback loop's status (:mod:`tavern.oracle.feedback`)
 ==========================================  ===============================================================
 
 Socket.IO (client -> server): ``oracle_chat`` ``{model, messages, temperature, top_p, max_new_tokens,
@@ -32,6 +33,7 @@ from flask_socketio import SocketIO
 
 from core import preferences
 from tavern.context import current_ledger
+from tavern.oracle.feedback import bp as feedback_bp
 from tavern.oracle.openai_api import bp as openai_bp
 from tavern.oracle.service import (
     EXTENSION_KEY,
@@ -198,3 +200,4 @@ def close_oracle(app) -> None:
 
 
 bp.register_blueprint(openai_bp)
+bp.register_blueprint(feedback_bp)

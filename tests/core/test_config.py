@@ -39,7 +39,7 @@ def test_schema_and_reference_cover_every_section():
     schema = config_json_schema()
     assert set(schema["properties"]) == {"hero", "training", "ingest", "validation", "tavern", "retention",
                                          "backup", "supervisor", "sources", "webhooks", "skills",
-                                         "idle_generation", "schools", "sparring", "campaign"}
+                                         "idle_generation", "schools", "sparring", "campaign", "feedback"}
     ref = config_reference_markdown()
     for key in ("learning_rate", "max_length", "save_steps", "settle_seconds", "length_policy", "access_token",
                 "keep_last", "min_free_gb", "hang_minutes", "report_to", "max_download_bytes", "secret", "epochs",

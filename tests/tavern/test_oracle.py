@@ -500,3 +500,51 @@ def test_on_a_gpu_a_model_loads_only_when_free_memory_allows(monkeypatch):
     assert err.value.status == 503 and err.value.code == "insufficient_gpu_memory"
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (256 * 2**20 + weights // 2 + 1, 80 * 2**30))
     engine.check_gpu_memory("hero", str(STORIES))  # fits: no error
+
+
+# feedback through the API (POST /v1/feedback) -------------------------------------------------------------
+def _post_feedback(server_url, body):
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(f"{server_url}/v1/feedback", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_api_feedback_rates_answers_by_id_or_by_text(openai_client, server_url, app):
+    from tavern.context import tavern_state
+
+    ledger = tavern_state(app).ledger
+    first = openai_client.chat.completions.create(model=OLDER, messages=MESSAGES, max_tokens=12, seed=1)
+    stream = openai_client.chat.completions.create(model=OLDER, messages=MESSAGES, max_tokens=12, seed=2,
+                                                   stream=True)
+    chunks = list(stream)
+    second_id, second_text = chunks[0].id, "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    status, body = _post_feedback(server_url, {"completion_id": first.id, "rating": "up"})
+    assert status == 200 and body["kind"] == "rating" and "pairs_until_next" in body["feedback"]
+    row = list_preferences(ledger, kind="rating")[0]
+    assert (row["id"], row["rating"], row["source"], row["checkpoint"]) == (body["id"], 1, "api", OLDER)
+    assert (row["prompt"], row["chosen"]) == (MESSAGES, first.choices[0].message.content)
+
+    status, body = _post_feedback(server_url, {"chosen_id": second_id, "rejected_id": first.id})
+    if second_text == first.choices[0].message.content:  # two equal answers make no pair
+        assert status == 400 and "same text" in body["error"]["message"]
+    else:
+        assert status == 200 and body["kind"] == "pair"
+        pair = list_preferences(ledger, kind="pair")[0]
+        assert (pair["chosen"], pair["rejected"], pair["source"]) == (second_text, first.choices[0].message.content,
+                                                                     "api")
+    status, body = _post_feedback(server_url, {"messages": MESSAGES, "chosen": "A cat.", "rejected": "No.",
+                                               "model": LATEST})
+    assert status == 200 and list_preferences(ledger, kind="pair")[0]["checkpoint"] == LATEST
+    for bad, code in (({"completion_id": "chatcmpl-nope", "rating": 1}, 404), ({"completion_id": first.id}, 400),
+                      ({"messages": [{"role": "assistant", "content": "x"}], "completion": "y", "rating": 1}, 400),
+                      ([1, 2], 400)):
+        status, body = _post_feedback(server_url, bad)
+        assert status == code and body["error"]["message"], bad

@@ -3,7 +3,8 @@
  * Socket.IO: emits "oracle_chat" {model, messages, temperature, top_p, max_new_tokens, client_ref} and
  * "oracle_cancel" {request_id}; listens to "oracle_status", "oracle_token", "oracle_done", "oracle_error"
  * (each carries our client_ref) and to the Tavern's "checkpoint" pushes (refreshes the model list).
- * REST: /api/oracle/models, /api/oracle/ratings, /api/oracle/pairs, /api/oracle/preferences.
+ * REST: /api/oracle/models, /api/oracle/ratings, /api/oracle/pairs, /api/oracle/preferences,
+ * /api/oracle/feedback (the feedback loop: pairs until the next Judge quest, Judge quests scored).
  * All chat text is written with text nodes (Tavern.el / createTextNode), never as HTML.
  */
 (function () {
@@ -61,7 +62,29 @@
     }));
   }
 
-  onResync(() => Promise.all([loadModels(), loadPreferences()]));
+  function accuracy(v) { return v === null || v === undefined ? "?" : Number(v).toFixed(2); }
+
+  async function loadFeedback() {
+    const f = await apiGet("/api/oracle/feedback");
+    if (!f.enabled) {
+      $("feedback-next").textContent = "The feedback loop is off (feedback.enabled in config.json): choices are only stored.";
+    } else {
+      const p = f.pairs_until_next, r = f.ratings_until_next;
+      $("feedback-next").textContent = (p === 0 ? "a Judge quest of pairs is due now" : p + (p === 1 ? " pair" : " pairs") +
+        " until the next Judge quest") + " · " + (r === 0 ? "ratings: due now" : r + (r === 1 ? " rating" : " ratings") +
+        " until a KTO one") + " · " + f.held_out_pairs + " pairs held out for scoring";
+    }
+    $("feedback-quests").replaceChildren(...f.quests.map((q) => el("li", {class: "judge-quest"},
+      el("span", {class: "badge"}, "Judge quest #" + q.number), " " + q.name + ": " + q.records + " " +
+      (q.kind === "pair" ? "pairs" : "ratings") + (q.accuracy_after !== null
+        ? " · preference accuracy " + accuracy(q.accuracy_before) + " → " + accuracy(q.accuracy_after)
+        : q.held_out ? " · waiting to train" : ""))));
+  }
+
+  onResync(() => Promise.all([loadModels(), loadPreferences(), loadFeedback()]));
+  socket.on("event", (e) => {
+    if (e && (e.kind === "feedback_quest" || e.kind === "judge_quest_scored")) loadFeedback().catch(() => {});
+  });
   socket.on("checkpoint", () => loadModels().catch(() => {}));
 
   // chat -------------------------------------------------------------------------------------------
@@ -211,6 +234,7 @@
       }
       renderActions(answer.turn);
       loadPreferences().catch(() => {});
+      loadFeedback().catch(() => {});
     } catch (e) { toast("rating not saved: " + e.message, "error"); }
   }
 
@@ -231,6 +255,7 @@
     }
     renderActions(turn);
     loadPreferences().catch(() => {});
+    loadFeedback().catch(() => {});
   }
 
   // controls -------------------------------------------------------------------------------------------

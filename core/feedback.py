@@ -41,7 +41,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from core import preferences
 from core.config import FeedbackConfig, RealmConfig
 from core.fsutil import write_text_atomic
 from core.ledger import Ledger
@@ -52,49 +51,7 @@ FEEDBACK_FOLDER = "feedback"
 QUEST_GLOB = "feedback-*-[0-9]*.jsonl"
 POLL_INTERVAL_SECONDS = 1.0
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS feedback_quests (
-    number INTEGER PRIMARY KEY,      -- N of "Judge quest #N"
-    kind TEXT NOT NULL,              -- pair | rating
-    name TEXT NOT NULL,              -- the quest file name
-    state TEXT NOT NULL,             -- claimed | written
-    records INTEGER NOT NULL,        -- records trained
-    held_out INTEGER NOT NULL,       -- held-out pairs it is scored on
-    content_sha256 TEXT NOT NULL,    -- of the quest file
-    quest_id INTEGER,                -- the ledger quest, once it started
-    accuracy_before REAL,            -- preference accuracy on the held-out pairs, weights at the quest's start
-    margin_before REAL,              -- mean log p(chosen) - log p(rejected), nats
-    global_step_before INTEGER,
-    accuracy_after REAL,             -- the same with the weights at its end
-    margin_after REAL,
-    global_step_after INTEGER,
-    created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS feedback_uses (
-    preference_id INTEGER PRIMARY KEY,  -- preferences.id
-    kind TEXT NOT NULL,                 -- pair | rating
-    quest_number INTEGER NOT NULL,      -- feedback_quests.number
-    role TEXT NOT NULL                  -- train | held_out
-);
-CREATE INDEX IF NOT EXISTS feedback_uses_quest ON feedback_uses(quest_number, role);
-"""
-
 KINDS = {"pair": "pairs", "rating": "ratings"}
-
-
-def ensure_schema(ledger: Ledger) -> None:
-    """Create the ``preferences`` and feedback tables if missing (idempotent)."""
-    preferences.ensure_schema(ledger)
-    with ledger.transaction() as c:
-        for statement in SCHEMA.split(";"):
-            if statement.strip():
-                c.execute(statement)
-
-
-def _has_schema(ledger: Ledger) -> bool:
-    names = {r["name"] for r in ledger.query("SELECT name FROM sqlite_master WHERE type='table' AND name IN "
-                                             "('preferences', 'feedback_quests', 'feedback_uses')")}
-    return len(names) == 3
 
 
 def quest_name(kind: str, number: int) -> str:
@@ -140,8 +97,6 @@ def feedback_status(ledger: Ledger, cfg: FeedbackConfig, recent: int = 10) -> di
     """What the Tavern shows: ``enabled``, ``min_pairs``, ``min_ratings``, ``new_pairs``, ``new_ratings``
     (unused), ``pairs_until_next``, ``ratings_until_next``, ``held_out_pairs`` and the ``recent`` newest
     Judge quests (rows of ``feedback_quests``, newest first)."""
-    if not _has_schema(ledger):
-        ensure_schema(ledger)
     new = {r["kind"]: r["n"] for r in ledger.query(
         "SELECT p.kind AS kind, COUNT(*) AS n FROM preferences p LEFT JOIN feedback_uses u ON u.preference_id = p.id "
         "WHERE u.preference_id IS NULL GROUP BY p.kind")}
@@ -192,7 +147,6 @@ def held_out_records(ledger: Ledger, number: int, limit: int) -> list[dict[str, 
 def claim(ledger: Ledger, cfg: FeedbackConfig) -> dict[str, Any] | None:
     """Mark the unused pairs (else ratings) as Judge quest ``N`` in one transaction, when there are enough
     (see the module doc). Returns the new ``feedback_quests`` row (state ``claimed``), or None."""
-    ensure_schema(ledger)
     with ledger.transaction() as c:
         for kind in ("pair", "rating"):
             ids = _unused_ids(c, kind)
@@ -283,8 +237,7 @@ class FeedbackLoop:
         self._last_poll = -math.inf
 
     def start(self) -> None:
-        """Create the tables; write the quests claimed but not written before a crash."""
-        ensure_schema(self.ledger)
+        """Write the quests claimed but not written before a crash."""
         for row in self.ledger.query("SELECT number FROM feedback_quests WHERE state='claimed' ORDER BY number"):
             self._publish(row["number"])
 

@@ -195,6 +195,46 @@ CREATE TABLE IF NOT EXISTS webhook_deliveries (
     UNIQUE (webhook, event_id)
 );
 """
+FEEDBACK_SCHEMA = """
+CREATE TABLE IF NOT EXISTS preferences (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time REAL NOT NULL,              -- unix seconds
+    kind TEXT NOT NULL,              -- rating | pair
+    checkpoint TEXT NOT NULL,        -- checkpoint name that produced the answer(s), or base
+    prompt TEXT NOT NULL,            -- JSON list of {role, content} messages, last one from the user
+    chosen TEXT,                     -- the preferred answer (pair, or a +1 rating)
+    rejected TEXT,                   -- the worse answer (pair, or a -1 rating)
+    rating INTEGER,                  -- +1 / -1 for ratings, NULL for pairs
+    source TEXT NOT NULL             -- where it was given: oracle | api
+);
+CREATE INDEX IF NOT EXISTS preferences_kind ON preferences(kind, id);
+CREATE TABLE IF NOT EXISTS feedback_quests (
+    number INTEGER PRIMARY KEY,      -- N of "Judge quest #N"
+    kind TEXT NOT NULL,              -- pair | rating
+    name TEXT NOT NULL,              -- the quest file name
+    state TEXT NOT NULL,             -- claimed | written
+    records INTEGER NOT NULL,        -- records trained
+    held_out INTEGER NOT NULL,       -- held-out pairs it is scored on
+    content_sha256 TEXT NOT NULL,    -- of the quest file
+    quest_id INTEGER,                -- the ledger quest, once it started
+    accuracy_before REAL,            -- preference accuracy on the held-out pairs, weights at the quest's start
+    margin_before REAL,              -- mean log p(chosen) - log p(rejected), nats
+    global_step_before INTEGER,
+    accuracy_after REAL,             -- the same with the weights at its end
+    margin_after REAL,
+    global_step_after INTEGER,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS feedback_uses (
+    preference_id INTEGER PRIMARY KEY,  -- preferences.id
+    kind TEXT NOT NULL,                 -- pair | rating
+    quest_number INTEGER NOT NULL,      -- feedback_quests.number
+    role TEXT NOT NULL                  -- train | held_out
+);
+CREATE INDEX IF NOT EXISTS feedback_uses_quest ON feedback_uses(quest_number, role);
+"""
+"""People's preferences (:mod:`core.preferences`: ratings and chosen/rejected pairs from the oracle and the API)
+and the feedback loop's bookkeeping (:mod:`core.feedback`: which rows each Judge quest trained or held out)."""
 SOURCE_COLUMNS = {"source_url": "TEXT", "source_sha256": "TEXT"}
 
 
@@ -251,6 +291,7 @@ class Ledger:
         with self._lock:
             self._conn.executescript(SCHEMA)
             self._conn.executescript(INTEGRATIONS_SCHEMA)
+            self._conn.executescript(FEEDBACK_SCHEMA)
         self._migrate()
 
     def _migrate(self) -> None:

@@ -1,7 +1,7 @@
 """Preference data from people talking to checkpoints: ratings and chosen/rejected pairs, in the ledger.
 
-Rows live in the realm's ledger (``ledger.sqlite``), table ``preferences``, created on first use with
-``CREATE TABLE IF NOT EXISTS`` on the :class:`~core.ledger.Ledger`'s own connection. Two kinds of row:
+Rows live in the realm's ledger (``ledger.sqlite``), table ``preferences`` (its schema:
+:data:`core.ledger.FEEDBACK_SCHEMA`, with the ledger's other tables). Two kinds of row:
 
 * a **rating** (``kind='rating'``): one answer marked good (``rating=+1``; the answer is in ``chosen``) or
   bad (``rating=-1``; the answer is in ``rejected``);
@@ -30,22 +30,6 @@ ROLES = ("system", "user", "assistant")
 MAX_PROMPT_MESSAGES = 256
 MAX_TEXT_CHARS = 200_000
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS preferences (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    time REAL NOT NULL,              -- unix seconds
-    kind TEXT NOT NULL,              -- rating | pair
-    checkpoint TEXT NOT NULL,        -- checkpoint name that produced the answer(s), or base
-    prompt TEXT NOT NULL,            -- JSON list of {role, content} messages, last one from the user
-    chosen TEXT,                     -- the preferred answer (pair, or a +1 rating)
-    rejected TEXT,                   -- the worse answer (pair, or a -1 rating)
-    rating INTEGER,                  -- +1 / -1 for ratings, NULL for pairs
-    source TEXT NOT NULL             -- where it was given: oracle | api
-);
-CREATE INDEX IF NOT EXISTS preferences_kind ON preferences(kind, id);
-"""
-
-
 class PreferenceKind(str, Enum):
     RATING = "rating"
     PAIR = "pair"
@@ -53,14 +37,6 @@ class PreferenceKind(str, Enum):
 
 class PreferenceError(ValueError):
     """Raised for invalid preference input (bad messages, empty answers, unknown ids)."""
-
-
-def ensure_schema(ledger: Ledger) -> None:
-    """Create the ``preferences`` table and its index if missing (idempotent)."""
-    with ledger.transaction() as c:
-        for statement in SCHEMA.split(";"):
-            if statement.strip():
-                c.execute(statement)
 
 
 def validate_prompt(prompt: Any) -> list[dict[str, str]]:
@@ -100,7 +76,6 @@ def _checkpoint(value: Any) -> str:
 
 
 def _insert(ledger: Ledger, row: dict[str, Any], replaces: int | None) -> int:
-    ensure_schema(ledger)
     with ledger.transaction() as c:
         if replaces is not None:
             gone = c.execute("DELETE FROM preferences WHERE id=?", (int(replaces),)).rowcount
@@ -147,7 +122,6 @@ def record_pair(ledger: Ledger, *, checkpoint: str, prompt: list[dict[str, str]]
 
 def delete_preference(ledger: Ledger, preference_id: int) -> None:
     """Delete one row. Raises :class:`PreferenceError` when no row has that id."""
-    ensure_schema(ledger)
     with ledger.transaction() as c:
         if not c.execute("DELETE FROM preferences WHERE id=?", (int(preference_id),)).rowcount:
             raise PreferenceError(f"no preference with id {preference_id}")
@@ -165,7 +139,6 @@ def list_preferences(ledger: Ledger, kind: PreferenceKind | str | None = None, l
     Each row: ``id, time, kind, checkpoint, prompt`` (list of messages), ``chosen, rejected, rating,
     source``.
     """
-    ensure_schema(ledger)
     where, params = ["1=1"], []
     if kind is not None:
         where.append("kind=?")
@@ -180,7 +153,6 @@ def list_preferences(ledger: Ledger, kind: PreferenceKind | str | None = None, l
 
 def preference_counts(ledger: Ledger) -> dict[str, int]:
     """``{"pair": n, "rating_up": n, "rating_down": n}``."""
-    ensure_schema(ledger)
     out = {"pair": 0, "rating_up": 0, "rating_down": 0}
     for r in ledger.query("SELECT kind, rating, COUNT(*) AS n FROM preferences GROUP BY kind, rating"):
         key = "pair" if r["kind"] == "pair" else ("rating_up" if r["rating"] > 0 else "rating_down")
@@ -189,7 +161,6 @@ def preference_counts(ledger: Ledger) -> dict[str, int]:
 
 
 def _rows(ledger: Ledger, kind: PreferenceKind) -> Iterator[dict[str, Any]]:
-    ensure_schema(ledger)
     last = 0
     while True:  # pages of 500 keep memory flat on big ledgers
         rows = ledger.query("SELECT * FROM preferences WHERE kind=? AND id>? ORDER BY id LIMIT 500",

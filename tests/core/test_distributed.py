@@ -1,0 +1,215 @@
+"""Data parallel training (core.distributed): two processes equal one.
+
+The end-to-end tests run the daemon as real process groups (``accelerate launch --num_processes 2``, gloo
+on the CPU, DDP) on the same quests and global batch as one plain process, and compare the ledgers: the
+same example lines at each global step, the same final global step, losses equal within
+:data:`LOSS_RTOL` (relative; measured: ~1e-7, the order of float additions differs), also after a 2-process
+checkpoint resumes on 1 process and after one rank is SIGKILLed under the supervisor.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from pathlib import Path
+
+import psutil
+import pytest
+
+from core import checkpoint as ckpt
+from core.distributed import FollowerLedger, Ranks, launch_command, local_rows, micro_batches_per_rank
+from core.ledger import Ledger
+from core.realm import Realm, init_realm
+from tests.conftest import FAST_CONFIG, PYTHON, deep_update, python_env, wait_for, write_text_quest
+
+LOSS_RTOL = 1e-4
+"""Relative tolerance between the losses (and gradient norms) of 1 and 2 processes."""
+
+# micro-batch 1 x accumulation 4: 4 rows per step, 2 per rank; 29 and 31 examples end with a step of 1 row
+# (rank 1 has none: a zero-weight pass) and of 3 rows (rank 1 has one pass fewer than rank 0)
+SETTINGS = {"training": {"micro_batch_size": 1, "gradient_accumulation_steps": 4, "save_steps": 3},
+            "retention": {"enabled": False},
+            "supervisor": {"backoff_initial_seconds": 0.2, "poll_interval_seconds": 0.2, "stop_timeout_seconds": 60}}
+QUESTS = {"a.jsonl": 29, "b.jsonl": 31}
+
+
+# --- units ---------------------------------------------------------------------------------------------------
+def test_ranks_from_the_launcher_environment():
+    assert Ranks.from_env({}) == Ranks(0, 1) and not Ranks.from_env({}).distributed
+    r = Ranks.from_env({"RANK": "1", "WORLD_SIZE": "2"})
+    assert (r.rank, r.world_size, r.is_main, r.distributed) == (1, 2, False, True)
+    assert Ranks.from_env({"RANK": "5", "WORLD_SIZE": "2"}) == Ranks(0, 1)  # nonsense: one process
+    assert Ranks.from_env({"RANK": "x", "WORLD_SIZE": "2"}) == Ranks(0, 1)
+    assert Ranks().accelerator_kwargs() == {}  # one process: the Accelerator exactly as before
+    assert Ranks().share({"a": 1}) == {"a": 1} and Ranks().decide(lambda: 7) == 7
+
+
+def test_rows_split_round_robin_and_every_rank_runs_rank_0s_passes():
+    rows = [[i] for i in range(7)]
+    assert local_rows(rows, Ranks(0, 2)) == [[0], [2], [4], [6]]
+    assert local_rows(rows, Ranks(1, 2)) == [[1], [3], [5]]
+    assert sorted(x for r in range(3) for x in local_rows(rows, Ranks(r, 3))) == rows  # each row once
+    assert micro_batches_per_rank(7, 2, 2) == 2        # rank 0: 4 rows in 2 micro-batches
+    assert micro_batches_per_rank(1, 4, 2) == 1        # rank 1 has no row: still one (zero-weight) pass
+    assert micro_batches_per_rank(8, 1, 4) == 2
+
+
+def test_follower_ledger_writes_nothing():
+    ledger = FollowerLedger()
+    ledger.quests[3] = {"id": 3, "name": "q"}
+    assert ledger.get_quest(3)["name"] == "q" and ledger.get_quest(4) is None
+    assert ledger.rollback_to(5) == 0 and ledger.event("x", "y", level="warning") is None
+    assert ledger.record_step(global_step=1) is None and ledger.get_value("k", 1.0) == 1.0
+
+
+def test_launch_command():
+    default = launch_command(2)
+    assert default[:3] == ["accelerate.commands.launch", "--num_processes", "2"] and "--multi_gpu" in default
+    assert default[default.index("--main_process_port") + 1] == "0"  # a free port: groups side by side
+    own = launch_command(None, "/cfg.yaml")
+    assert "--num_processes" not in own and own[own.index("--config_file") + 1] == "/cfg.yaml"
+    assert "--multi_gpu" not in own  # the file says what to run (FSDP, DeepSpeed, ...)
+
+
+# --- real process groups -------------------------------------------------------------------------------------
+def make_realm(root: Path) -> Realm:
+    realm = init_realm(root, overrides=deep_update(FAST_CONFIG, SETTINGS))
+    for name, n in QUESTS.items():
+        write_text_quest(realm.inbox / name, n, prefix=name[0])
+    return realm
+
+
+def daemon_command(realm: Realm, processes: int, *extra: str) -> list[str]:
+    launcher = ["-m", *launch_command(processes)] if processes > 1 else []
+    return [PYTHON, *launcher, "-m", "training", "--realm", str(realm.root), "daemon", *extra]
+
+
+def run_daemon(realm: Realm, processes: int, timeout: float = 300) -> None:
+    with open(realm.root / f"daemon-{processes}.log", "ab") as log:
+        done = subprocess.run(daemon_command(realm, processes, "--until-idle"), env=python_env(), stdout=log,
+                              stderr=subprocess.STDOUT, timeout=timeout)
+    assert done.returncode == 0, (realm.root / f"daemon-{processes}.log").read_text()[-3000:]
+
+
+def steps(realm: Realm) -> list[tuple]:
+    """``(global_step, quest name, example lines, loss, grad_norm)`` of every step in the ledger."""
+    ledger = Ledger(realm.ledger_path)
+    try:
+        names = {q["id"]: q["name"] for q in ledger.query("SELECT id, name FROM quests")}
+        return [(s["global_step"], names[s["quest_id"]], tuple(json.loads(s["examples_json"])), s["loss"],
+                 s["grad_norm"]) for s in ledger.steps()]
+    finally:
+        ledger.close()
+
+
+def last_step(realm: Realm) -> int:
+    if not realm.ledger_path.exists():
+        return 0
+    ledger = Ledger(realm.ledger_path)
+    try:
+        row = ledger.last_step()
+        return row["global_step"] if row else 0
+    finally:
+        ledger.close()
+
+
+def quests_done(realm: Realm) -> bool:
+    ledger = Ledger(realm.ledger_path)
+    try:
+        rows = ledger.query("SELECT state FROM quests")
+        return len(rows) == len(QUESTS) and all(r["state"] == "completed" for r in rows)
+    finally:
+        ledger.close()
+
+
+def assert_same_training(got: list[tuple], want: list[tuple]) -> None:
+    assert [s[:3] for s in got] == [s[:3] for s in want]  # same examples at each global step, same last step
+    for g, w in zip(got, want, strict=True):
+        assert g[3] == pytest.approx(w[3], rel=LOSS_RTOL), (g, w)
+        assert g[4] == pytest.approx(w[4], rel=LOSS_RTOL), (g, w)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> list[tuple]:
+    """The reference: both quests trained by one plain process."""
+    realm = make_realm(tmp_path_factory.mktemp("one") / "realm")
+    run_daemon(realm, 1)
+    trained = steps(realm)
+    assert trained[-1][0] == 16 and sum(len(s[2]) for s in trained) == sum(QUESTS.values())
+    return trained
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(tmp_path, one_process):
+    realm = make_realm(tmp_path / "realm")
+    run_daemon(realm, 2)
+    assert_same_training(steps(realm), one_process)
+    info = ckpt.read_checkpoint_info(ckpt.latest_checkpoint(realm.checkpoints_dir("hero")))
+    assert info[ckpt.KEY_WORLD_SIZE] == 2 and info[ckpt.KEY_GLOBAL_STEP] == 16
+
+
+@pytest.mark.slow
+def test_a_two_process_checkpoint_resumes_on_one_process(tmp_path, one_process):
+    realm = make_realm(tmp_path / "realm")
+    with open(realm.root / "daemon-2.log", "ab") as log:
+        group = subprocess.Popen(daemon_command(realm, 2), env=python_env(), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: last_step(realm) >= 3, timeout=240, what="step 3 on two processes")
+        group.send_signal(signal.SIGTERM)  # the launcher passes it on; rank 0 stops the group warmly
+        group.wait(timeout=120)  # (torchrun's own status after a SIGTERM is 1, whatever its ranks did)
+    finally:
+        if group.poll() is None:
+            group.kill()
+    stopped_at = ckpt.latest_checkpoint(realm.checkpoints_dir("hero"))
+    info = ckpt.read_checkpoint_info(stopped_at)
+    assert info[ckpt.KEY_WORLD_SIZE] == 2 and info[ckpt.KEY_REASON] == "stop", info  # a warm stop
+    assert "rank 1: stop at global step" in (realm.root / "daemon-2.log").read_text()
+    assert 3 <= ckpt.step_of(stopped_at) < 16  # mid-way
+    run_daemon(realm, 1)
+    assert_same_training(steps(realm), one_process)
+
+
+def _rank(launcher_pid: int, rank: int) -> psutil.Process:
+    for p in psutil.Process(launcher_pid).children(recursive=True):
+        try:
+            if p.environ().get("RANK") == str(rank):
+                return p
+        except psutil.Error:
+            continue
+    raise AssertionError(f"no rank {rank} under pid {launcher_pid}")
+
+
+@pytest.mark.slow
+def test_a_sigkilled_rank_restarts_the_group_and_resume_is_exact(tmp_path, one_process):
+    realm = make_realm(tmp_path / "realm")
+    log = open(realm.root / "supervise.log", "ab")  # noqa: SIM115 - closed in finally
+    supervisor = subprocess.Popen([PYTHON, "-m", "training", "--realm", str(realm.root), "supervise", "--no-tavern",
+                                   "--processes", "2"], env=python_env(), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: last_step(realm) >= 3, timeout=240, what="step 3 on two processes")
+        launcher = psutil.Process(supervisor.pid).children()[0]
+        victim = _rank(launcher.pid, 1)
+        victim.kill()  # SIGKILL one rank mid-quest
+        wait_for(lambda: not launcher.is_running() or launcher.status() == psutil.STATUS_ZOMBIE, timeout=120,
+                 what="the launcher stopping the other rank")
+        wait_for(lambda: quests_done(realm), timeout=300, what="both quests completed after the restart")
+        new_launcher = psutil.Process(supervisor.pid).children()[0]
+        group = [_rank(new_launcher.pid, 0), _rank(new_launcher.pid, 1)]
+        assert new_launcher.pid != launcher.pid and victim.pid not in [p.pid for p in group]  # both restarted
+    finally:
+        supervisor.send_signal(signal.SIGTERM)
+        try:
+            supervisor.wait(timeout=120)
+        finally:
+            if supervisor.poll() is None:
+                supervisor.kill()
+            log.close()
+    ledger = Ledger(realm.ledger_path)
+    try:
+        crashes = [e for e in ledger.events(limit=10000) if e["kind"] == "crash"]
+    finally:
+        ledger.close()
+    assert crashes, "the rank's death is recorded as a crash of the daemon group"
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in group)  # stopped with it
+    assert_same_training(steps(realm), one_process)

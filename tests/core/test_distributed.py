@@ -21,6 +21,7 @@ from core import checkpoint as ckpt
 from core.distributed import FollowerLedger, Ranks, launch_command, local_rows, micro_batches_per_rank
 from core.ledger import Ledger
 from core.realm import Realm, init_realm
+from safety.processes import descendants, kill_all
 from tests.conftest import FAST_CONFIG, PYTHON, deep_update, python_env, wait_for, write_text_quest
 
 LOSS_RTOL = 1e-4
@@ -85,11 +86,24 @@ def daemon_command(realm: Realm, processes: int, *extra: str) -> list[str]:
     return [PYTHON, *launcher, "-m", "training", "--realm", str(realm.root), "daemon", *extra]
 
 
+def run_group(command: list[str], log_path: Path, timeout: float = 300) -> int:
+    """Run ``command`` (a launcher and its ranks, or one process) to its end; on a timeout kill it and every
+    rank it started (they would outlive it). Returns its exit status."""
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(command, env=python_env(), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        return proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            members = descendants(proc.pid)
+            proc.kill()
+            kill_all(members)
+            proc.wait()
+
+
 def run_daemon(realm: Realm, processes: int, timeout: float = 300) -> None:
-    with open(realm.root / f"daemon-{processes}.log", "ab") as log:
-        done = subprocess.run(daemon_command(realm, processes, "--until-idle"), env=python_env(), stdout=log,
-                              stderr=subprocess.STDOUT, timeout=timeout)
-    assert done.returncode == 0, (realm.root / f"daemon-{processes}.log").read_text()[-3000:]
+    log = realm.root / f"daemon-{processes}.log"
+    assert run_group(daemon_command(realm, processes, "--until-idle"), log, timeout) == 0, log.read_text()[-3000:]
 
 
 def steps(realm: Realm) -> list[tuple]:
@@ -160,7 +174,10 @@ def test_a_two_process_checkpoint_resumes_on_one_process(tmp_path, one_process):
         group.wait(timeout=120)  # (torchrun's own status after a SIGTERM is 1, whatever its ranks did)
     finally:
         if group.poll() is None:
+            members = descendants(group.pid)
             group.kill()
+            kill_all(members)
+            group.wait()
     stopped_at = ckpt.latest_checkpoint(realm.checkpoints_dir("hero"))
     info = ckpt.read_checkpoint_info(stopped_at)
     assert info[ckpt.KEY_WORLD_SIZE] == 2 and info[ckpt.KEY_REASON] == "stop", info  # a warm stop
@@ -213,3 +230,51 @@ def test_a_sigkilled_rank_restarts_the_group_and_resume_is_exact(tmp_path, one_p
     assert crashes, "the rank's death is recorded as a crash of the daemon group"
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in group)  # stopped with it
     assert_same_training(steps(realm), one_process)
+
+
+INJECT_NAN_ON_RANK_1 = '''
+import sys
+from core.engine import Engine
+from core.distributed import Ranks
+from training.cli import main
+
+real = Engine._loss_sum
+left = {"n": 4}  # rank 1 computes 2 of the 4 rows of a step: 2 passes per attempt
+
+
+def loss_sum(self, batch):  # rank 1 alone: NaN in the two attempts at global step 5
+    loss = real(self, batch)
+    if Ranks.from_env().rank == 1 and self.model.training and self.global_step == 4 and left["n"] > 0:
+        left["n"] -= 1
+        return loss * float("nan")
+    return loss
+
+
+Engine._loss_sum = loss_sum
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+@pytest.mark.slow
+def test_a_nan_on_one_rank_rolls_back_every_rank_together(tmp_path):
+    realm = init_realm(tmp_path / "realm", overrides=deep_update(FAST_CONFIG, deep_update(SETTINGS, {
+        "training": {"max_nonfinite_steps": 2, "nonfinite_lr_factor": 0.5}})))
+    write_text_quest(realm.inbox / "a.jsonl", 29, prefix="a")
+    script = tmp_path / "inject.py"
+    script.write_text(INJECT_NAN_ON_RANK_1)
+    log = realm.root / "daemon-2.log"
+    status = run_group([PYTHON, "-m", *launch_command(2), str(script), "--realm", str(realm.root), "daemon",
+                        "--until-idle"], log)
+    assert status == 0, log.read_text()[-3000:]
+    ledger = Ledger(realm.ledger_path)
+    try:
+        events = ledger.events(limit=10000)
+        trained = ledger.steps()
+    finally:
+        ledger.close()
+    assert [e["kind"] for e in events].count("nonfinite_loss") == 2  # the all-reduced loss: NaN for the group
+    rollback = [json.loads(e["data"]) for e in events if e["kind"] == "nonfinite_rollback"]
+    assert len(rollback) == 1 and rollback[0]["to_step"] == 3  # both ranks back at the checkpoint of step 3
+    assert [s["global_step"] for s in trained] == list(range(1, 9))
+    assert sorted(ln for s in trained for ln in json.loads(s["examples_json"])) == list(range(1, 30))  # once each
+    assert trained[-1]["learning_rate"] == pytest.approx(FAST_CONFIG["training"]["learning_rate"] * 0.5)

@@ -157,3 +157,14 @@ def test_step_arguments_and_status_take_ascii_digits_only(capsys, tmp_path):
         (realm.checkpoints_dir("hero") / name).mkdir()
     assert main(["--realm", str(realm.root), "status", "--json"], {}) == ExitCode.OK
     assert json.loads(capsys.readouterr().out)["last_checkpoint"]["step"] == 3
+
+
+def test_processes_arguments_are_checked_before_anything_starts(capsys, make_realm):
+    realm = make_realm()
+    for bad in ("0", "-2", "two", "100000"):
+        assert main(["--realm", str(realm.root), "start-all", "--processes", bad], {}) == ExitCode.USAGE
+        assert "--processes" in capsys.readouterr().err
+    code = main(["--realm", str(realm.root), "start-all", "--no-tavern", "--accelerate-config",
+                 str(realm.root / "missing.yaml")], {})
+    assert code == ExitCode.CONFIG and "no such file" in capsys.readouterr().err
+    assert not realm.pid_file("supervisor").exists()  # nothing was started

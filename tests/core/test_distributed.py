@@ -238,6 +238,8 @@ def test_a_sigkilled_rank_restarts_the_group_and_resume_is_exact(tmp_path, one_p
     finally:
         ledger.close()
     assert crashes, "the rank's death is recorded as a crash of the daemon group"
+    crash = json.loads(crashes[-1]["data"]) if isinstance(crashes[-1]["data"], str) else crashes[-1]["data"]
+    assert crash["crash_class"] == "signal" and crash["summary"].startswith("rank 1: killed by SIGKILL"), crash
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in group)  # stopped with it
     assert_same_training(steps(realm), one_process)
 

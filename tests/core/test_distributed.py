@@ -23,6 +23,7 @@ from core.ledger import Ledger
 from core.realm import Realm, init_realm
 from safety.processes import descendants, kill_all
 from tests.conftest import FAST_CONFIG, PYTHON, deep_update, python_env, wait_for, write_text_quest
+from tests.resume import finish_until_idle
 
 LOSS_RTOL = 1e-4
 """Relative tolerance between the losses (and gradient norms) of 1 and 2 processes."""
@@ -102,6 +103,10 @@ def run_group(command: list[str], log_path: Path, timeout: float = 300) -> int:
 
 
 def run_daemon(realm: Realm, processes: int, timeout: float = 300) -> None:
+    """``daemon --until-idle`` to the end, on one process (tests/resume.py's harness) or on a group."""
+    if processes == 1:
+        finish_until_idle(realm, timeout)
+        return
     log = realm.root / f"daemon-{processes}.log"
     assert run_group(daemon_command(realm, processes, "--until-idle"), log, timeout) == 0, log.read_text()[-3000:]
 

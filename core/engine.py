@@ -706,7 +706,11 @@ class Engine:
             full = TokenizedExample([token] * t.max_length, [token] * t.max_length)
             batch = self._collate([[full]] * self.micro_batch_size)  # as the steps' batches are built
             try:
-                self._loss_sum(batch).backward()
+                if self.ranks.distributed:  # no gradient all-reduce: a rank out of memory would leave it waiting
+                    with self.accelerator.no_sync(self.model):
+                        self._loss_sum(batch).backward()
+                else:
+                    self._loss_sum(batch).backward()
                 error = None
             except torch.OutOfMemoryError as exc:
                 error = str(exc)

@@ -295,3 +295,53 @@ def test_a_nan_on_one_rank_rolls_back_every_rank_together(tmp_path):
     assert [s["global_step"] for s in trained] == list(range(1, 9))
     assert sorted(ln for s in trained for ln in json.loads(s["examples_json"])) == list(range(1, 30))  # once each
     assert trained[-1]["learning_rate"] == pytest.approx(FAST_CONFIG["training"]["learning_rate"] * 0.5)
+
+
+INJECT_PROBE_OOM_ON_RANK_1 = '''
+import sys
+import torch
+from core.engine import Engine
+from core.distributed import Ranks
+from training.cli import main
+
+real_init, real_loss_sum = Engine.__init__, Engine._loss_sum
+
+
+def init(self, *args, **kwargs):
+    real_init(self, *args, **kwargs)
+    self.probe_memory = True  # the probe CUDA runs at each quest's start, here on the CPU
+
+
+def loss_sum(self, batch):  # rank 1 alone cannot fit the probe's 2 rows of max_length tokens
+    if Ranks.from_env().rank == 1 and batch.num_tokens >= 2 * self.config.training.max_length:
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+    return real_loss_sum(self, batch)
+
+
+Engine.__init__, Engine._loss_sum = init, loss_sum
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+@pytest.mark.slow
+def test_an_out_of_memory_probe_on_one_rank_halves_every_ranks_micro_batch(tmp_path):
+    realm = init_realm(tmp_path / "realm", overrides=deep_update(FAST_CONFIG, deep_update(SETTINGS, {
+        "training": {"micro_batch_size": 2, "gradient_accumulation_steps": 2}})))
+    write_text_quest(realm.inbox / "a.jsonl", 29, prefix="a")
+    script = tmp_path / "inject.py"
+    script.write_text(INJECT_PROBE_OOM_ON_RANK_1)
+    log = realm.root / "daemon-2.log"
+    status = run_group([PYTHON, "-m", *launch_command(2), str(script), "--realm", str(realm.root), "daemon",
+                        "--until-idle"], log)
+    assert status == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "realm.rank1: out of memory at the memory probe" in text  # rank 1 ran out itself
+    ledger = Ledger(realm.ledger_path)
+    try:
+        events = [json.loads(e["data"]) for e in ledger.events(limit=10000) if e["kind"] == "out_of_memory"]
+        trained = ledger.steps()
+    finally:
+        ledger.close()
+    assert [(e["previous_micro_batch_size"], e["micro_batch_size"]) for e in events] == [(2, 1)]  # rank 0 too
+    assert [s["global_step"] for s in trained] == list(range(1, 9))
+    assert sorted(ln for s in trained for ln in json.loads(s["examples_json"])) == list(range(1, 30))

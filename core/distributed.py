@@ -4,8 +4,8 @@
 daemon child as ``accelerate launch --num_processes N ... -m training daemon`` (:func:`launch_command`):
 one launcher process whose N workers get accelerate's / torchrun's ``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; the engine's ``Accelerator`` joins them (gloo on the
-CPU, NCCL on GPUs) and wraps the model in DDP -- or FSDP / DeepSpeed when the user's accelerate config
-file (``--accelerate-config``) says so.
+CPU, NCCL on GPUs) and wraps the model in DDP. A user's accelerate config file (``--accelerate-config``)
+sets GPUs, ports and machines; FSDP and DeepSpeed are refused (:func:`sharded_backend_problem`).
 
 **Who does what.** Rank 0 is the daemon (:class:`core.daemon.Daemon`): it alone ingests, validates,
 moves queue files, writes the ledger and the checkpoints, and talks to the control channel. The other
@@ -58,6 +58,10 @@ COLLECTIVE_TIMEOUT = timedelta(days=7)
 """How long a rank waits in a collective (a follower waits for rank 0's next order while the daemon is
 idle or paused): long, because a dead peer is noticed at once by the transport (gloo: *connection closed
 by peer*) and by the launcher, which stops the group when a rank exits."""
+
+SHARDED_BACKENDS = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+"""accelerate distributed types that shard weights or optimizer state across ranks: rank 0 alone cannot write
+a checkpoint that resumes exactly (:meth:`core.engine.Engine.save_checkpoint`), so they are refused."""
 
 PEER_LOST_MARKERS = ("Connection closed by peer", "Connection reset by peer", "NCCL", "gloo", "Broken pipe",
                      "DistBackendError", "ProcessGroup")
@@ -237,10 +241,33 @@ class FollowerLedger:
     record_step = record_eval = set_value = event
 
 
+def sharded_backend_problem(distributed_type: object) -> str | None:
+    """Why an accelerate ``distributed_type`` (enum or its name) cannot train here, or None."""
+    name = str(getattr(distributed_type, "value", distributed_type) or "").upper()
+    if name not in SHARDED_BACKENDS:
+        return None
+    return (f"distributed_type {name} shards the weights or the optimizer state across processes, and the "
+            "daemon's checkpoints (written by rank 0 alone, resumed exactly on any number of processes) need "
+            "every rank to hold them whole: use DDP (distributed_type MULTI_GPU, the default of --processes)")
+
+
+def config_file_problem(path: str) -> str | None:
+    """What is wrong with an accelerate config file for the daemon (unreadable, or a sharded backend), or
+    None. Read with accelerate's own loader."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    try:
+        config = load_config_from_file(path)
+    except Exception as exc:  # noqa: BLE001 - yaml/json/field errors of a user's file: said, not raised
+        return f"--accelerate-config {path}: cannot be read ({type(exc).__name__}: {exc})"
+    problem = sharded_backend_problem(getattr(config, "distributed_type", None))
+    return f"--accelerate-config {path}: {problem}" if problem else None
+
+
 def launch_command(processes: int | None, accelerate_config: str | None = None) -> list[str]:
     """The ``accelerate launch`` arguments (after ``python -m``) that run ``processes`` ranks (None: the
     config file's ``num_processes``) of the command that follows: ``--multi_gpu`` (DDP; on a CPU-only machine the ranks form a gloo group) unless an
-    accelerate config file says what to run (FSDP, DeepSpeed, ...); rendezvous port 0: a free one, chosen by
+    accelerate config file says how to launch (GPU ids, machines, ports); rendezvous port 0: a free one, chosen by
     the launcher (one node; several realms or tests may run groups at once)."""
     args = ["accelerate.commands.launch"] + (["--num_processes", str(processes)] if processes else [])
     if accelerate_config:

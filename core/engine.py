@@ -66,9 +66,9 @@ import torch.nn.functional as F
 from core import adapters, memory, schools, trackers
 from core import checkpoint as ckpt
 from core.chat import TokenizedExample, count_tokens
-from core.config import RealmConfig, quest_rule_for
+from core.config import ConfigError, RealmConfig, quest_rule_for
 from core.config_diff import config_changes, format_changes
-from core.distributed import Ranks, forward_backward
+from core.distributed import Ranks, forward_backward, sharded_backend_problem
 from core.epochs import ordered_examples
 from core.faults import NonFiniteLossError, TrainingRolledBack, free_memory, load_lr_scale, store_lr_scale
 from core.hero import NEWBORN_HINT, describe_model, load_tokenizer
@@ -236,6 +236,8 @@ class Engine:
         self.accelerator = Accelerator(mixed_precision=self.mixed_precision, **self.ranks.accelerator_kwargs(),
                                        **trackers.accelerator_kwargs(self.realm, self.config))
 
+        if problem := sharded_backend_problem(self.accelerator.distributed_type):  # launched with FSDP/DeepSpeed
+            raise ConfigError("the accelerate launch", [problem])
         state, path, loaded = self._load_latest_checkpoint()
         if path is None:
             # the base (e.g. the embedded default hero, written on first use) is made by rank 0 first

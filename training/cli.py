@@ -139,7 +139,7 @@ def _add_process_arguments(s: argparse.ArgumentParser) -> None:
                    help="train with N data parallel processes (accelerate launch: DDP, one per GPU; gloo on "
                    "the CPU); default 1, or the accelerate config's num_processes")
     s.add_argument("--accelerate-config", metavar="FILE", help="an `accelerate config` file for the daemon's "
-                   "launch (FSDP, DeepSpeed, several machines: README, Multi-GPU and multi-node)")
+                   "launch: GPU ids, ports, machines (DDP; FSDP and DeepSpeed are refused: README, Multi-GPU and multi-node)")
 
 
 def _processes(text: str) -> int:
@@ -155,7 +155,7 @@ def _processes(text: str) -> int:
 def _launcher(args) -> list[str] | None:
     """``accelerate launch`` arguments for the daemon (:func:`core.distributed.launch_command`), None for
     one plain process (the default: exactly as without the option). Raises ValueError for a missing file."""
-    from core.distributed import launch_command
+    from core.distributed import config_file_problem, launch_command
 
     config = getattr(args, "accelerate_config", None)
     processes = getattr(args, "processes", None)
@@ -163,6 +163,8 @@ def _launcher(args) -> list[str] | None:
         path = Path(config).expanduser().resolve()
         if not path.is_file():
             raise ValueError(f"--accelerate-config {config}: no such file")
+        if problem := config_file_problem(str(path)):
+            raise ValueError(problem)
         return launch_command(processes, str(path))
     return launch_command(processes, None) if processes and processes > 1 else None
 
@@ -338,12 +340,19 @@ def cmd_daemon(args, realm: Realm, config: RealmConfig, environ) -> int:
     if not ranks.is_main:  # a follower rank: no inbox, ledger, checkpoints or webhooks of its own
         from core.follower import Follower
 
-        return Follower(realm, config, ranks).run()
+        try:
+            return Follower(realm, config, ranks).run()
+        except ConfigError as exc:  # e.g. launched with FSDP
+            print(f"error: {exc}", file=sys.stderr)
+            return ExitCode.CONFIG
     realm.ensure_layout()
     hooks = CheckpointHooks(realm, config)  # disk guard before each save, retention after it
     webhooks = start_webhooks(realm, config)  # delivers unless the supervisor does
     try:
         return Daemon(realm, config, until_idle=args.until_idle, checkpoint_hooks=hooks).run()
+    except ConfigError as exc:  # e.g. launched with FSDP (core.distributed.sharded_backend_problem)
+        print(f"error: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG
     except AlreadyRunning as exc:
         print(f"error: {exc}", file=sys.stderr)
         return ExitCode.ALREADY_RUNNING

@@ -18,7 +18,15 @@ import psutil
 import pytest
 
 from core import checkpoint as ckpt
-from core.distributed import FollowerLedger, Ranks, launch_command, local_rows, micro_batches_per_rank
+from core.distributed import (
+    FollowerLedger,
+    Ranks,
+    config_file_problem,
+    launch_command,
+    local_rows,
+    micro_batches_per_rank,
+    sharded_backend_problem,
+)
 from core.ledger import Ledger
 from core.realm import Realm, init_realm
 from safety.processes import descendants, kill_all
@@ -72,6 +80,23 @@ def test_launch_command():
     own = launch_command(None, "/cfg.yaml")
     assert "--num_processes" not in own and own[own.index("--config_file") + 1] == "/cfg.yaml"
     assert "--multi_gpu" not in own  # the file says what to run (FSDP, DeepSpeed, ...)
+
+
+def test_sharded_backends_are_refused_with_the_reason(tmp_path):
+    from accelerate.utils import DistributedType
+
+    assert sharded_backend_problem(DistributedType.MULTI_GPU) is None and sharded_backend_problem(None) is None
+    assert "FSDP" in sharded_backend_problem(DistributedType.FSDP)
+    assert "DEEPSPEED" in sharded_backend_problem("DEEPSPEED")
+    ddp = tmp_path / "ddp.yaml"
+    ddp.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_processes: 2\n")
+    fsdp = tmp_path / "fsdp.yaml"
+    fsdp.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nnum_processes: 2\n")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("distributed_type: [unclosed\n")
+    assert config_file_problem(str(ddp)) is None
+    assert "FSDP shards the weights" in config_file_problem(str(fsdp))
+    assert "cannot be read" in config_file_problem(str(broken))
 
 
 # --- real process groups -------------------------------------------------------------------------------------

@@ -167,4 +167,8 @@ def test_processes_arguments_are_checked_before_anything_starts(capsys, make_rea
     code = main(["--realm", str(realm.root), "start-all", "--no-tavern", "--accelerate-config",
                  str(realm.root / "missing.yaml")], {})
     assert code == ExitCode.CONFIG and "no such file" in capsys.readouterr().err
+    fsdp = realm.root / "fsdp.yaml"
+    fsdp.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nnum_processes: 2\n")
+    code = main(["--realm", str(realm.root), "start-all", "--no-tavern", "--accelerate-config", str(fsdp)], {})
+    assert code == ExitCode.CONFIG and "use DDP" in capsys.readouterr().err
     assert not realm.pid_file("supervisor").exists()  # nothing was started

@@ -140,7 +140,7 @@ def steps(realm: Realm) -> list[tuple]:
     """``(global_step, quest name, example lines, loss, grad_norm)`` of every step in the ledger."""
     ledger = Ledger(realm.ledger_path)
     try:
-        names = {q["id"]: q["name"] for q in ledger.query("SELECT id, name FROM quests")}
+        names = {q["id"]: q["name"] for q in ledger.list_quests()}
         return [(s["global_step"], names[s["quest_id"]], tuple(json.loads(s["examples_json"])), s["loss"],
                  s["grad_norm"]) for s in ledger.steps()]
     finally:
@@ -161,7 +161,7 @@ def last_step(realm: Realm) -> int:
 def quests_done(realm: Realm) -> bool:
     ledger = Ledger(realm.ledger_path)
     try:
-        rows = ledger.query("SELECT state FROM quests")
+        rows = ledger.list_quests()
         return len(rows) == len(QUESTS) and all(r["state"] == "completed" for r in rows)
     finally:
         ledger.close()

@@ -435,6 +435,8 @@ def _start_all(args, realm: Realm, config: RealmConfig, environ) -> int:
     print(f"supervisor started (pid {pid}); log: {realm.logs / 'supervisor.log'}")
     for role, child in children.items():
         where = f" on http://{config.tavern.host}:{config.tavern.port}/" if role == "tavern" else ""
+        if role == "daemon" and (args.processes or 1) > 1:
+            where = f" as {args.processes} data parallel processes (accelerate launch)"
         print(f"{role} {child.get('state')} (pid {child.get('pid')}){where}; log: {realm.logs / (role + '.log')}")
     print(f"drop dataset files (.jsonl, .json, .csv, .tsv, .parquet, .txt) into {realm.inbox}/ ; `python -m training status` shows progress; "
           "`python -m training stop-all` stops everything")

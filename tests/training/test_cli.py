@@ -172,3 +172,21 @@ def test_processes_arguments_are_checked_before_anything_starts(capsys, make_rea
     code = main(["--realm", str(realm.root), "start-all", "--no-tavern", "--accelerate-config", str(fsdp)], {})
     assert code == ExitCode.CONFIG and "use DDP" in capsys.readouterr().err
     assert not realm.pid_file("supervisor").exists()  # nothing was started
+
+
+def test_start_all_hands_the_processes_to_the_supervisor_which_launches_the_ranks(tmp_path):
+    from training.cli import _launcher, _process_arguments, build_parser
+
+    parser = build_parser()
+    one = parser.parse_args(["start-all"])
+    assert _process_arguments(one) == [] and _launcher(one) is None  # the default: one plain process
+    assert _launcher(parser.parse_args(["supervise", "--processes", "1"])) is None
+    start = parser.parse_args(["start-all", "--no-tavern", "--processes", "2"])
+    supervise = parser.parse_args(["supervise", "--no-tavern", *_process_arguments(start)])
+    launcher = _launcher(supervise)
+    assert launcher[:3] == ["accelerate.commands.launch", "--num_processes", "2"] and "--multi_gpu" in launcher
+    ddp = tmp_path / "ddp.yaml"
+    ddp.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_processes: 4\n")
+    own = parser.parse_args(["supervise", *_process_arguments(parser.parse_args(
+        ["start-all", "--accelerate-config", str(ddp)]))])
+    assert _launcher(own)[:3] == ["accelerate.commands.launch", "--config_file", str(ddp.resolve())]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import psutil
@@ -158,6 +159,15 @@ def last_step(realm: Realm) -> int:
         ledger.close()
 
 
+def reach_step(realm: Realm, step: int, timeout: float = 240) -> None:
+    """Wait until the ledger's last global step is ``>= step``, polling closely (a tiny model's steps take
+    a few tens of milliseconds: a fault injected then lands mid-quest)."""
+    deadline = time.monotonic() + timeout
+    while last_step(realm) < step:
+        assert time.monotonic() < deadline, f"global step {step} not reached in {timeout:.0f} s"
+        time.sleep(0.01)
+
+
 def quests_done(realm: Realm) -> bool:
     ledger = Ledger(realm.ledger_path)
     try:
@@ -200,7 +210,7 @@ def train_until(realm: Realm, processes: int, step: int) -> Path:
     with open(log, "ab") as out:
         proc = subprocess.Popen(daemon_command(realm, processes), env=python_env(), stdout=out, stderr=subprocess.STDOUT)
     try:
-        wait_for(lambda: last_step(realm) >= step, timeout=240, what=f"step {step} on {processes} process(es)")
+        reach_step(realm, step)
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)  # (torchrun's own status after a SIGTERM is 1, whatever its ranks did)
     finally:
@@ -245,10 +255,13 @@ def test_a_sigkilled_rank_restarts_the_group_and_resume_is_exact(tmp_path, one_p
     supervisor = subprocess.Popen([PYTHON, "-m", "training", "--realm", str(realm.root), "supervise", "--no-tavern",
                                    "--processes", "2"], env=python_env(), stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_for(lambda: last_step(realm) >= 3, timeout=240, what="step 3 on two processes")
+        wait_for(lambda: last_step(realm) >= 1, timeout=240, what="the group training")
         launcher = psutil.Process(supervisor.pid).children()[0]
         victim = _rank(launcher.pid, 1)
+        reach_step(realm, 3)
         victim.kill()  # SIGKILL one rank mid-quest
+        killed_at = last_step(realm)
+        assert 3 <= killed_at < 16, killed_at
         wait_for(lambda: not launcher.is_running() or launcher.status() == psutil.STATUS_ZOMBIE, timeout=120,
                  what="the launcher stopping the other rank")
         wait_for(lambda: quests_done(realm), timeout=300, what="both quests completed after the restart")

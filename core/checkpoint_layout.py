@@ -67,6 +67,7 @@ KEY_HERO = "hero"
 KEY_CONFIG = "config"
 KEY_OPTIMIZER_REMOVED = "optimizer_state_removed"  # {"time", "bytes_freed"} once the optimizer was stripped
 KEY_RESTORED_FROM = "restored_from"  # {"version", "global_step"} on a checkpoint made by a version restore
+KEY_WORLD_SIZE = "world_size"  # processes of the run that saved it (information only: any number resumes it)
 KEY_ADAPTER = "adapter"  # adapter checkpoints: {"type", "base": {identity + weights hash}, "trainable_parameters", ...}
 # keys of KEY_ADAPTER
 KEY_ADAPTER_TYPE = "type"  # "lora" | "qlora"

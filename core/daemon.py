@@ -23,6 +23,12 @@ pairs (``poll`` between quests and optimizer steps) and scores each before and a
 The daemon state (:class:`core.contract.DaemonState`) is published under :data:`core.contract.DAEMON_KEY`
 by :meth:`Daemon._set_state` only; its ``updated_at`` is the heartbeat. SIGTERM/SIGINT (or the ``stop``
 command) stop warmly: the state becomes ``stopping``, the current step finishes and a checkpoint is saved.
+
+**Data parallel** (:mod:`core.distributed`, ``accelerate launch --num_processes N``): this class runs on
+rank 0 only; it orders the follower ranks (:class:`core.follower.Follower`) to train each quest it trains
+and to stop when it stops. When a quest's training ends on rank 0 in a way the followers may not share
+(any exception but a coordinated rollback), the process ends with :class:`core.distributed.GroupOutOfSync`
+after the usual bookkeeping, so the launcher stops every rank and the supervisor restarts the group.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from core.contract import (
     process_identity,
     quest_eta,
 )
+from core.distributed import GroupOutOfSync, Ranks, is_peer_lost
 from core.engine import CheckpointSkipped, Engine
 from core.faults import TrainingRolledBack
 from core.feedback import FeedbackLoop
@@ -114,6 +121,8 @@ class Daemon:
         self.campaign: Campaign | None = None
         self.feedback: FeedbackLoop | None = None
         self._identity = process_identity()  # pid and its start time: readers tell a reused pid
+        self.ranks = Ranks.from_env()  # rank 0 of a data parallel group, or a group of one
+        self._followers_busy = self.ranks.distributed  # True until setup and while they train a quest
 
     # lifecycle -------------------------------------------------------------------
     def run(self) -> int:
@@ -161,6 +170,7 @@ class Daemon:
                           pid=os.getpid(), global_step=self.engine.global_step)
         self.admission = Admission(self.realm, self.config, self.ledger, self.queue, self.engine.tokenizer)
         self.admission.start()
+        self._followers_busy = False  # they finished their setup with the engine's (same collectives)
 
     def _before_save(self) -> bool:
         """The disk guard: True when the checkpoint fits; while the disk is short it waits (state paused,
@@ -197,6 +207,7 @@ class Daemon:
                 log.error("%s: the steps after %s will be trained again at the next start", exc,
                           checkpoint_name(self.engine.last_saved_step))
             finally:
+                self._stop_followers()
                 self.engine.cleanup()
         if self.ledger is not None:
             self._set_state(DaemonState.STOPPED)
@@ -204,6 +215,33 @@ class Daemon:
                               global_step=self.engine.global_step if self.engine else None)
             self.ledger.close()
         self._release_lock()
+
+    def _stop_followers(self) -> None:
+        """Order the follower ranks to stop -- when they wait for an order; otherwise they are in the
+        middle of a quest rank 0 left (it exits non-zero) and the launcher stops them."""
+        if not self.ranks.distributed or self._followers_busy:
+            return
+        try:
+            self.ranks.send({"op": "stop"})
+        except RuntimeError as exc:  # a rank is gone already
+            log.warning("could not tell the other ranks to stop: %s", exc)
+
+    def _order_followers(self, quest: dict[str, Any], reference: Path | None) -> None:
+        """Tell the follower ranks to train ``quest`` from its cursor as this rank does now."""
+        if not self.ranks.distributed:
+            return
+        assert self.queue is not None
+        self._followers_busy = True
+        self.ranks.send({"op": "train", "quest": dict(quest), "path": str(self.queue.path_of(quest)),
+                         "verdicts": str(self.queue.verdicts_path_of(quest)),
+                         "examples_done": quest["examples_trained"] or 0,
+                         "reference": str(reference) if reference is not None else None})
+
+    def _group_out_of_sync(self, exc: BaseException) -> None:
+        """After a quest's training ended on this rank alone: in a group, end the process (see the module doc)."""
+        if self.ranks.distributed:
+            raise GroupOutOfSync(f"rank 0 left quest training ({type(exc).__name__}: {exc}); the group "
+                                 "restarts from the last checkpoint") from exc
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -270,28 +308,36 @@ class Daemon:
         self._skip = False
         self._set_state(DaemonState.TRAINING, quest_id=qid)
         completed = self._completed_steps()
+        reference = self.queue.reference_path_of(quest)
+        self._order_followers(quest, reference)
         try:
             result = self.engine.train_quest(qid, records, examples_done=quest["examples_trained"] or 0,
-                                             should_stop=self._should_interrupt,
-                                             reference_path=self.queue.reference_path_of(quest))
+                                             should_stop=self._should_interrupt, reference_path=reference)
         except TrainingRolledBack as exc:  # non-finite losses: the engine is back at its last checkpoint
             log.error("%s; quest %s resumes from the ledger's cursor", exc, qid)
+            self._followers_busy = False  # every rank rolled back at the same step
             self._status["hero"] = self.engine.hero_info
             self._reopen_lost_quests(completed)
             return  # still processing: the loop resumes it at examples_trained (rolled back)
         except CheckpointSkipped as exc:  # disk full and a stop was requested: not the quest's fault
             log.error("%s; quest %s stays in processing", exc, qid)
+            self._group_out_of_sync(exc)
             return
         except QuestChanged as exc:  # its file changed while it trained
             self._file_changed(self.ledger.get_quest(qid) or quest, str(exc))
+            self._group_out_of_sync(exc)
             return
         except ReferenceError as exc:  # a started quest lost its reference log-probs: no retry can help
             self.queue.transition(qid, QuestState.FAILED, error=str(exc))
             self.ledger.event("quest_failed", f"quest {quest['name']} failed: {exc}", level="error", quest_id=qid)
+            self._group_out_of_sync(exc)
             return
         except Exception as exc:  # a failing quest must not kill the daemon
-            self._quest_raised(quest, exc)
+            if not (self.ranks.distributed and is_peer_lost(exc)):  # a lost rank is not the quest's fault
+                self._quest_raised(quest, exc)
+            self._group_out_of_sync(exc)
             return
+        self._followers_busy = False
         if result.status == "completed":
             self.queue.transition(qid, QuestState.COMPLETED, expect=QuestState.PROCESSING,
                                   examples_total=result.examples_total)

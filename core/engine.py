@@ -66,8 +66,9 @@ import torch.nn.functional as F
 from core import adapters, memory, schools, trackers
 from core import checkpoint as ckpt
 from core.chat import TokenizedExample, count_tokens
-from core.config import RealmConfig, quest_rule_for
+from core.config import ConfigError, RealmConfig, quest_rule_for
 from core.config_diff import config_changes, format_changes
+from core.distributed import Ranks, forward_backward, sharded_backend_problem
 from core.epochs import ordered_examples
 from core.faults import NonFiniteLossError, TrainingRolledBack, free_memory, load_lr_scale, store_lr_scale
 from core.hero import NEWBORN_HINT, describe_model, load_tokenizer
@@ -214,6 +215,8 @@ class Engine:
         self.rollbacks_in_a_row = 0
         self.lr_scale = 1.0
         self.probe_memory: bool | None = None
+        # data parallel ranks (core.distributed): rank 0 alone writes the ledger and checkpoints
+        self.ranks = Ranks.from_env()
 
     # --- setup ----------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -224,18 +227,23 @@ class Engine:
 
         hf_logging.disable_progress_bar()  # no tqdm bars for every save/load in the daemon's log
         t, hero = self.config.training, self.config.hero
-        for note in ckpt.clean_incomplete(self.checkpoints_dir):
+        for note in ckpt.clean_incomplete(self.checkpoints_dir) if self.ranks.is_main else ():
             self.ledger.event("checkpoint_cleanup", note, level="warning")
         self.mixed_precision = resolve_mixed_precision(t.mixed_precision)
         if self.mixed_precision == "no" and t.mixed_precision in ("bf16", "fp16"):
             self._warn("precision_fallback", f"mixed_precision={t.mixed_precision} needs a CUDA GPU; using fp32")
         adapters.check_environment(self.config)  # e.g. QLoRA without CUDA: ConfigError before any loading
-        self.accelerator = Accelerator(mixed_precision=self.mixed_precision,
+        self.accelerator = Accelerator(mixed_precision=self.mixed_precision, **self.ranks.accelerator_kwargs(),
                                        **trackers.accelerator_kwargs(self.realm, self.config))
 
+        if problem := sharded_backend_problem(self.accelerator.distributed_type):  # launched with FSDP/DeepSpeed
+            raise ConfigError("the accelerate launch", [problem])
         state, path, loaded = self._load_latest_checkpoint()
         if path is None:
-            loaded = self._load_hero(None, None)
+            # the base (e.g. the embedded default hero, written on first use) is made by rank 0 first
+            loaded = self._load_hero(None, None) if self.ranks.is_main else None
+            self.ranks.barrier()
+            loaded = loaded or self._load_hero(None, None)
             self.tokenizer = load_tokenizer(loaded.tokenizer_source, hero)
             set_seed(t.seed)
         else:
@@ -251,7 +259,7 @@ class Engine:
         self.model, newborn, self.adapter = loaded.model, loaded.newborn, loaded.adapter
         self.model.config.use_cache = False
 
-        self.lr_scale = load_lr_scale(self.ledger, hero.name, t.learning_rate)
+        self.lr_scale = self.ranks.decide(lambda: load_lr_scale(self.ledger, hero.name, t.learning_rate))
         decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
@@ -308,7 +316,21 @@ class Engine:
         """Newest checkpoint that verifies (:func:`core.checkpoint.load_trainer_state`: files whole and
         parseable), with its model and tokenizer. A broken one is quarantined with a warning event and the
         previous one tried. A verified checkpoint whose model then fails to load (out of memory, missing
-        ``trust_remote_code``) raises :class:`HeroError`: the environment is at fault, not the checkpoint."""
+        ``trust_remote_code``) raises :class:`HeroError`: the environment is at fault, not the checkpoint.
+        In a group (:mod:`core.distributed`) rank 0 chooses and every rank loads the one it chose."""
+        path, state = self._choose_checkpoint() if self.ranks.is_main else (None, None)
+        chosen = self.ranks.share(None if path is None else str(path))
+        if chosen is None:
+            return None, None, None
+        path = Path(chosen)
+        if state is None:  # a follower
+            state = ckpt.load_trainer_state(path)
+        loaded = self._load_hero(path, state)
+        self.tokenizer = load_tokenizer(path, self.config.hero)
+        return state, path, loaded
+
+    def _choose_checkpoint(self) -> tuple[Path | None, dict | None]:
+        """The newest checkpoint that verifies and its trainer state (broken ones quarantined), or None."""
         for path in reversed(ckpt.list_checkpoints(self.checkpoints_dir)):
             try:
                 state = ckpt.load_trainer_state(path)
@@ -317,10 +339,8 @@ class Engine:
                 self._warn("checkpoint_corrupt", f"checkpoint {path.name} does not load ({exc}); moved to "
                            f"{moved.name}, falling back to the previous one", path=str(moved))
                 continue
-            loaded = self._load_hero(path, state)
-            self.tokenizer = load_tokenizer(path, self.config.hero)
-            return state, path, loaded
-        return None, None, None
+            return path, state
+        return None, None
 
     def _load_hero(self, path: Path | None, state: dict | None) -> adapters.LoadedHero:
         """The model (full, or base + adapter) from checkpoint ``path``, or from the base when None."""
@@ -452,8 +472,8 @@ class Engine:
         if school.needs_reference:  # the whole quest is read now: its reference is computed over all of it
             items = [encode(line, ex) for _, line, ex in in_order(0)]  # every cursor position, all epochs
             eval_set.extend(encode(line, ex) for line, ex in split.eval_records)
-            rows_per_step = reference.prepare(self, school, quest_id, items, eval_set, reference_path,
-                                              rows_per_step, examples_done)
+            rows_per_step = self._prepare_reference(school, quest_id, items, eval_set, reference_path,
+                                                    rows_per_step, examples_done)
             train: Iterable = iter(items[examples_done:])
         else:
             train = (encode(line, ex) for _, line, ex in in_order(examples_done))
@@ -484,7 +504,7 @@ class Engine:
         mark = time.perf_counter()  # tokens/s counts tokenization and compute, not evaluation or saving
         rows = next(pending, None)
         while rows is not None:
-            if should_stop():
+            if self.ranks.decide(should_stop):  # rank 0's control channel decides for the group
                 return result("interrupted")
             examples = [ex for row in rows for ex in row]
             start, end = cursor, cursor + len(examples)
@@ -524,6 +544,18 @@ class Engine:
         self.cursor[ckpt.KEY_QUEST_DONE] = True
         self.save_checkpoint("quest_end")
         return result("completed")
+
+    def _prepare_reference(self, school: School, quest_id: int, items: list, eval_set: list,
+                           path: Path | None, rows_per_step: int, examples_done: int) -> int:
+        """:func:`core.schools.reference.prepare`; in a group rank 0 computes and stores the sidecar first,
+        then the other ranks read it (the same values on every rank)."""
+        pinned = None
+        if self.ranks.is_main or path is None:
+            pinned = reference.prepare(self, school, quest_id, items, eval_set, path, rows_per_step, examples_done)
+        self.ranks.barrier()
+        if pinned is None:
+            pinned = reference.prepare(self, school, quest_id, items, eval_set, path, rows_per_step, examples_done)
+        return pinned
 
     def _quest_order(self, quest_id: int, quest: dict | None) -> tuple[int, bool]:
         """``(epochs, shuffle)`` of this quest: its ``schools`` rule by file name
@@ -569,9 +601,14 @@ class Engine:
                 return None
             try:
                 school.start_step(self, batches)
-                loss_total, metric_total = self._forward_backward(school, batches, n_trainable)
+                if self.ranks.distributed:  # this rank's rows of the step; sums all-reduced (core.distributed)
+                    loss_total, metric_total = forward_backward(self, school, rows, n_trainable)
+                else:
+                    loss_total, metric_total = self._forward_backward(school, batches, n_trainable)
                 break
             except torch.OutOfMemoryError as exc:
+                if self.ranks.distributed:  # the other ranks wait in the all-reduce: the group restarts
+                    raise
                 error = str(exc)  # leave the except block first: its traceback holds the step's tensors
             self._out_of_memory(error, f"examples {start}-{end - 1} of quest {quest_id}")
         grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), t.max_grad_norm)
@@ -671,13 +708,22 @@ class Engine:
             full = TokenizedExample([token] * t.max_length, [token] * t.max_length)
             batch = self._collate([[full]] * self.micro_batch_size)  # as the steps' batches are built
             try:
-                self._loss_sum(batch).backward()
+                if self.ranks.distributed:  # no gradient all-reduce: a rank out of memory would leave it waiting
+                    with self.accelerator.no_sync(self.model):
+                        self._loss_sum(batch).backward()
+                else:
+                    self._loss_sum(batch).backward()
                 error = None
             except torch.OutOfMemoryError as exc:
                 error = str(exc)
             finally:
                 self.optimizer.zero_grad(set_to_none=True)
                 ckpt.set_rng_state(rng)
+            if self.ranks.distributed:  # every rank uses the smallest micro-batch that fits on all of them
+                fits = self.ranks.agree_min(self.micro_batch_size if error is None else self.micro_batch_size // 2)
+                if error is None and fits == self.micro_batch_size:
+                    return
+                error = error or f"another rank ran out of memory with micro_batch_size {self.micro_batch_size}"
             if error is None:
                 return
             self._out_of_memory(error, f"the memory probe ({t.max_length} tokens per row)")
@@ -732,13 +778,22 @@ class Engine:
         ``reason``: e.g. save_steps, save_interval, quest_end, sigterm. Returns its path.
 
         Raises :class:`CheckpointSkipped` when ``before_save`` found no room and a stop was requested, and
-        ``OSError`` when writing fails (after one retry through ``before_save`` on a full disk)."""
+        ``OSError`` when writing fails (after one retry through ``before_save`` on a full disk).
+
+        In a group (:mod:`core.distributed`) rank 0 writes it (DDP: every rank holds the same weights and
+        optimizer state); the other ranks only note it. ``world_size`` is recorded for information: the
+        layout is the same for any number of processes, so a checkpoint resumes on any number."""
+        if not self.ranks.is_main:
+            self.last_saved_step, self._last_save = self.global_step, time.monotonic()
+            self.last_checkpoint = self.checkpoints_dir / ckpt.checkpoint_name(self.global_step)
+            return self.last_checkpoint
         if self.before_save is not None and not self.before_save():
             raise CheckpointSkipped(f"no disk space for checkpoint {ckpt.checkpoint_name(self.global_step)}; not saved")
         hero = {k: self.hero_info.get(k) for k in ("name", "base_model", "architecture", "parameters", "newborn",
                                                    "adapter", "trainable_parameters")}
         info = {ckpt.KEY_CURSOR: self.cursor, ckpt.KEY_LOSS: self.last_loss, ckpt.KEY_EVAL_LOSS: self.last_eval_loss,
-                ckpt.KEY_REASON: reason, ckpt.KEY_HERO: hero, ckpt.KEY_CONFIG: self.config.model_dump()}
+                ckpt.KEY_REASON: reason, ckpt.KEY_HERO: hero, ckpt.KEY_CONFIG: self.config.model_dump(),
+                ckpt.KEY_WORLD_SIZE: self.ranks.world_size}
         if self.adapter is not None:
             info[ckpt.KEY_ADAPTER] = self.adapter
         started = time.perf_counter()

@@ -93,11 +93,13 @@ def log(accelerator, metrics: dict[str, float | None], global_step: int) -> None
 
 
 def finish(accelerator) -> None:
-    """Flush and close the trackers (``accelerator.end_training``)."""
+    """Flush and close the trackers (what ``accelerator.end_training`` does, without destroying the process
+    group: the engine of a data parallel rank is set up again after a rollback, in the same group)."""
     if accelerator is None or not accelerator.trackers:
         return
     try:
-        accelerator.end_training()
+        for tracker in accelerator.trackers:
+            tracker.finish()
     except Exception:  # noqa: BLE001
         log_.exception("closing the trackers failed")
     accelerator.trackers = []

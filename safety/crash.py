@@ -16,7 +16,11 @@ Classes (:class:`CrashClass`), first match wins:
 - ``other``: any other non-zero exit (the summary is the last exception line of the log).
 
 A log error line only counts when it is in the *last* traceback (earlier tracebacks may be quest errors
-the daemon survived). Records: ledger event ``kind="crash"``, level ``error``, ``data.crash_class``.
+the daemon survived). A data parallel daemon (``accelerate launch``/torchrun, :mod:`core.distributed`)
+ends with the launcher's own report of the group's failure: its *root cause* (the rank that failed first,
+with its exit status) is classified instead, from the ranks' tracebacks (any of them: in a group every
+error ends the run) and that rank's status, e.g. ``signal`` for a rank killed by SIGKILL, ``cuda_oom`` for
+a rank out of GPU memory; the summary names the rank. Records: ledger event ``kind="crash"``, level ``error``, ``data.crash_class``.
 """
 
 from __future__ import annotations
@@ -103,6 +107,21 @@ def read_log_tail(path: Path, start_offset: int = 0, max_bytes: int = LOG_TAIL_B
         return ""
 
 
+_GROUP_ROOT_CAUSE = re.compile(r"Root Cause \(first observed failure\):.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)",
+                               re.S)
+_TRACEBACK = "Traceback (most recent call last)"
+
+
+def _group_failure(log_tail: str) -> tuple[int, int, str] | None:
+    """torchrun's report of a failed group in the log: ``(rank, its exit status, the log before the
+    launcher's own traceback)``, or None."""
+    m = _GROUP_ROOT_CAUSE.search(log_tail)
+    if m is None:
+        return None
+    launcher = log_tail.rfind(_TRACEBACK, 0, m.start())
+    return int(m.group(1)), int(m.group(2)), log_tail[:launcher if launcher >= 0 else m.start()]
+
+
 def _last_traceback(log_tail: str) -> str:
     """The text from the last ``Traceback`` header on ("" when there is none)."""
     i = log_tail.rfind("Traceback (most recent call last)")
@@ -150,6 +169,18 @@ def classify_exit(returncode: int, log_tail: str = "", *, memory: MemoryFacts | 
 
     if hang_reason:
         return report(CrashClass.HANG, hang_reason)
+    group = _group_failure(log_tail)
+    if group is not None:
+        rank, status, ranks_log = group
+        first = ranks_log.find(_TRACEBACK)
+        tracebacks = ranks_log[first:] if first >= 0 else ""
+        for cls, pattern in _PATTERNS:
+            if tracebacks and (found := pattern.search(tracebacks)):
+                start = tracebacks.rfind("\n", 0, found.start()) + 1
+                line = tracebacks[start:].split("\n", 1)[0].strip()[:300]
+                return report(cls, f"rank {rank}: {line or cls.value}")
+        inner = classify_exit(status, ranks_log, memory=memory, process=process, pid=pid)
+        return report(CrashClass(inner.crash_class), f"rank {rank}: {inner.summary}")
     for cls, pattern in _PATTERNS:
         if last_tb and pattern.search(last_tb):
             return report(cls, error_line or cls.value)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+import psutil
+
 from core.contract import process_alive
 from core.fsutil import write_text_atomic
 from core.realm import Realm
@@ -91,10 +93,13 @@ def process_info(realm: Realm, role: str) -> ProcessInfo:
     return ProcessInfo(role, ProcessState.STALE, pid)
 
 
-def training_command(realm: Realm, role: str, extra_args: list[str] | None = None) -> list[str]:
-    """``[python, -m, training, --realm, <root>, <command>, *extra_args]``."""
-    return [sys.executable, "-m", "training", "--realm", str(realm.root), ROLE_COMMANDS.get(role, role),
-            *(extra_args or [])]
+def training_command(realm: Realm, role: str, extra_args: list[str] | None = None,
+                     launcher: list[str] | None = None) -> list[str]:
+    """``[python, -m, training, --realm, <root>, <command>, *extra_args]``; with ``launcher`` (the
+    arguments of ``python -m accelerate.commands.launch ...``, :func:`core.distributed.launch_command`)
+    ``[python, -m, *launcher, -m, training, ...]``: the launcher runs the command as N ranks."""
+    command = ["-m", "training", "--realm", str(realm.root), ROLE_COMMANDS.get(role, role), *(extra_args or [])]
+    return [sys.executable, "-m", *launcher, *command] if launcher else [sys.executable, *command]
 
 
 def child_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -106,12 +111,13 @@ def child_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 def spawn(realm: Realm, role: str, extra_args: list[str] | None = None,
-          environ: Mapping[str, str] | None = None) -> subprocess.Popen:
-    """Start ``python -m training --realm <realm> <command>`` in its own session (so a terminal's Ctrl-C
-    reaches only its parent), output appended to ``logs/<role>.log``; writes ``run/<role>.pid``."""
+          environ: Mapping[str, str] | None = None, launcher: list[str] | None = None) -> subprocess.Popen:
+    """Start ``python -m training --realm <realm> <command>`` (through ``launcher``, see
+    :func:`training_command`) in its own session (so a terminal's Ctrl-C reaches only its parent), output
+    appended to ``logs/<role>.log``; writes ``run/<role>.pid``."""
     realm.ensure_layout()
     with open(realm.logs / f"{role}.log", "ab") as log:
-        proc = subprocess.Popen(training_command(realm, role, extra_args), stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(training_command(realm, role, extra_args, launcher), stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True, env=child_env(environ),
                                 cwd=str(realm.root))
     write_pid(realm, role, proc.pid)
@@ -146,6 +152,26 @@ def stop(realm: Realm, role: str, timeout_seconds: float = STOP_TIMEOUT_SECONDS)
             return f"{role}: stopped (pid {pid})"
         time.sleep(0.2)
     if is_ours(pid, role, realm):
+        members = descendants(pid)  # the ranks of a launcher: they would outlive it
         os.kill(pid, signal.SIGKILL)
+        kill_all(members)
     remove_pid(realm, role, pid)
     return f"{role}: did not stop within {timeout_seconds:.0f} s; killed (pid {pid})"
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    """The processes started by ``pid`` and theirs (e.g. a launcher's ranks); [] when it is gone. psutil's
+    handles remember each process's start time, so a reused pid is never signalled through them."""
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def kill_all(members: list[psutil.Process]) -> None:
+    """SIGKILL each process of ``members`` still running (the same processes: see :func:`descendants`)."""
+    for p in members:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass

@@ -18,6 +18,13 @@
 - **stop** (SIGTERM/SIGINT to the supervisor, which ``stop-all`` sends): warm stop of every child (SIGTERM:
   the daemon saves a checkpoint), SIGKILL after ``stop_timeout_seconds``, then exit.
 
+**Data parallel** (``--processes N``, :mod:`core.distributed`): the daemon child is one ``accelerate
+launch`` process whose N ranks are its descendants; the group is one unit. The heartbeat comes from rank 0
+(a descendant); when any rank dies the launcher stops the others and exits non-zero: a crash, classified
+and restarted as above (every rank resumes from the last checkpoint); a hard kill (SIGKILL) goes to the
+launcher and to every rank it started (:func:`safety.processes.descendants`, remembered at each poll so
+ranks orphaned by a killed launcher are killed too).
+
 Signals only ever go to the supervisor's own unreaped children (their pids cannot be reused before the
 supervisor reaps them). Child states are :class:`ChildState`, changed only by :meth:`Supervisor._set_state`
 against :data:`TRANSITIONS`; the supervisor's own state is :class:`SupervisorState`, changed only by
@@ -132,6 +139,8 @@ class Child:
     rss_bytes: int | None = None
     min_available_bytes: int | None = None
     last_exit: dict[str, Any] | None = None
+    launcher: list[str] | None = None  # accelerate launch arguments: the child is a group of ranks
+    group: list[psutil.Process] = field(default_factory=list)  # its descendants, as last seen
 
     @property
     def pid(self) -> int | None:
@@ -143,10 +152,12 @@ class Supervisor:
     or until every child is stopped or fatal, and returns the process exit status."""
 
     def __init__(self, realm: Realm, config: RealmConfig, roles: tuple[str, ...] = ("daemon", "tavern"),
-                 environ: Mapping[str, str] | None = None):
+                 environ: Mapping[str, str] | None = None, launcher: list[str] | None = None):
+        """``launcher``: run the daemon through ``python -m <launcher...>`` (:func:`core.distributed.
+        launch_command`: N data parallel ranks), None: one process."""
         self.realm, self.config, self.environ = realm, config, environ
         self.settings = config.supervisor
-        self.children = {role: Child(role) for role in roles}
+        self.children = {role: Child(role, launcher=launcher if role == "daemon" else None) for role in roles}
         self.state = SupervisorState.STARTING
         self.ledger: Ledger | None = None
         self._stop = threading.Event()
@@ -238,7 +249,9 @@ class Supervisor:
             try:
                 proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
+                members = processes.descendants(proc.pid)
                 proc.kill()
+                processes.kill_all(members)
                 proc.wait()
             processes.remove_pid(self.realm, next(c.role for c in self.children.values() if c.proc is proc),
                                  proc.pid)
@@ -277,7 +290,8 @@ class Supervisor:
         child.oom_kills_at_start = read_oom_kill_count()
         child.hang_reason, child.killed, child.restart_at, child.stop_deadline = None, False, None, None
         child.rss_bytes = child.min_available_bytes = None
-        child.proc = processes.spawn(self.realm, child.role, child.extra_args, self.environ)
+        child.proc = processes.spawn(self.realm, child.role, child.extra_args, self.environ, child.launcher)
+        child.group = []
         child.started_at = child.last_progress_at = time.monotonic()
         child.last_step = None
         if restart:
@@ -302,6 +316,7 @@ class Supervisor:
                 and not child.killed and child.proc.poll() is None:
             child.killed = True
             child.proc.send_signal(signal.SIGKILL)  # our own unreaped child: the pid is still ours
+            processes.kill_all(child.group)  # and its ranks
             log.warning("%s: no exit %.0f s after SIGTERM: SIGKILL", child.role, self._stop_timeout)
         elif child.state == ChildState.BACKOFF and child.restart_at is not None and now >= child.restart_at \
                 and not self._stop.is_set():
@@ -316,7 +331,10 @@ class Supervisor:
 
     def _sample_memory(self, child: Child) -> None:
         try:
-            child.rss_bytes = psutil.Process(child.pid).memory_info().rss
+            if child.launcher:
+                child.group = processes.descendants(child.pid) or child.group
+            child.rss_bytes = psutil.Process(child.pid).memory_info().rss + sum(
+                _rss(p) for p in child.group)
             available = psutil.virtual_memory().available
         except (psutil.Error, OSError):
             return
@@ -327,7 +345,8 @@ class Supervisor:
         """Why the daemon child counts as hung, or None (see the module doc)."""
         limit = self.settings.hang_minutes * SECONDS_PER_MINUTE
         daemon = self.ledger.daemon_status(stale_after_seconds=limit)
-        if daemon.pid != child.pid or daemon.updated_at is None:  # nothing yet from this child
+        ours = daemon.pid == child.pid or any(p.pid == daemon.pid for p in child.group)  # rank 0 of a group
+        if not ours or daemon.updated_at is None:  # nothing yet from this child
             waited = now - child.started_at
             return f"no heartbeat {waited / 60:.1f} min after start" if waited > limit else None
         state = daemon.state
@@ -346,6 +365,8 @@ class Supervisor:
 
     def _on_exit(self, child: Child, returncode: int) -> None:
         processes.remove_pid(self.realm, child.role, child.pid)
+        processes.kill_all(child.group)  # ranks a killed launcher left behind (none after a normal end)
+        child.group = []
         tail = read_log_tail(self.realm.logs / f"{child.role}.log", child.log_offset)
         child.last_exit = {"returncode": returncode, "time": time.time(), "pid": child.pid}
         if child.state == ChildState.STOPPING and not child.restart_after_stop:
@@ -385,3 +406,10 @@ class Supervisor:
         child.restart_at = now + delay
         self._set_state(child, ChildState.BACKOFF, f"ended abnormally ({what}); restarting in {delay:.1f} s",
                         "warning")
+
+
+def _rss(p: psutil.Process) -> int:
+    try:
+        return p.memory_info().rss
+    except psutil.Error:
+        return 0

@@ -67,12 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("start-all", help="start the supervisor, detached, which runs the daemon and the "
                        "Tavern under a watchdog")
     s.add_argument("--no-tavern", action="store_true", help="start the daemon only")
+    _add_process_arguments(s)
     s = sub.add_parser("stop-all", help="stop everything warmly (checkpoint first), SIGKILL after a timeout")
     s.add_argument("--timeout", type=float, default=None, help="seconds each process gets to stop warmly "
                    "before SIGKILL (default: supervisor.stop_timeout_seconds)")
     s = sub.add_parser("supervise", help="run the daemon and the Tavern under a watchdog in the foreground "
                        "(restart on crash or hang, with backoff; start-all runs this detached)")
     s.add_argument("--no-tavern", action="store_true", help="supervise the daemon only")
+    _add_process_arguments(s)
     s = sub.add_parser("vault", help="checkpoints: list, prune, backup, promote to a named version, restore")
     vault = s.add_subparsers(dest="vault_command", required=True, metavar="vault-command")
     v = vault.add_parser("list", help="checkpoints (tags, size, optimizer state), named versions, backups")
@@ -130,6 +132,51 @@ def build_parser() -> argparse.ArgumentParser:
     export_cli.add_parsers(sub)  # export, chat
     skills_cli.add_parsers(sub)  # trial, spar, skills
     return p
+
+
+def _add_process_arguments(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--processes", type=_processes, default=None, metavar="N",
+                   help="train with N data parallel processes (accelerate launch: DDP, one per GPU; gloo on "
+                   "the CPU); default 1, or the accelerate config's num_processes")
+    s.add_argument("--accelerate-config", metavar="FILE", help="an `accelerate config` file for the daemon's "
+                   "launch: GPU ids, ports, machines (DDP; FSDP and DeepSpeed are refused: README, Multi-GPU and multi-node)")
+
+
+def _processes(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of processes: {text!r}") from None
+    if not 1 <= value <= 1024:
+        raise argparse.ArgumentTypeError(f"--processes must be 1 to 1024, not {value}")
+    return value
+
+
+def _launcher(args) -> list[str] | None:
+    """``accelerate launch`` arguments for the daemon (:func:`core.distributed.launch_command`), None for
+    one plain process (the default: exactly as without the option). Raises ValueError for a missing file."""
+    from core.distributed import config_file_problem, launch_command
+
+    config = getattr(args, "accelerate_config", None)
+    processes = getattr(args, "processes", None)
+    if config:
+        path = Path(config).expanduser().resolve()
+        if not path.is_file():
+            raise ValueError(f"--accelerate-config {config}: no such file")
+        if problem := config_file_problem(str(path)):
+            raise ValueError(problem)
+        return launch_command(processes, str(path))
+    return launch_command(processes, None) if processes and processes > 1 else None
+
+
+def _process_arguments(args) -> list[str]:
+    """``--processes``/``--accelerate-config`` again, for the supervisor that start-all starts."""
+    out = []
+    if getattr(args, "processes", None):
+        out += ["--processes", str(args.processes)]
+    if getattr(args, "accelerate_config", None):
+        out += ["--accelerate-config", str(Path(args.accelerate_config).expanduser().resolve())]
+    return out
 
 
 def _global_step(text: str) -> int:
@@ -285,14 +332,27 @@ def cmd_init(args) -> int:
 
 def cmd_daemon(args, realm: Realm, config: RealmConfig, environ) -> int:
     from core.daemon import AlreadyRunning, Daemon
+    from core.distributed import Ranks
     from management.hooks import CheckpointHooks
     from training.webhooks import start_webhooks
 
+    ranks = Ranks.from_env()  # set by accelerate launch / torchrun (core.distributed)
+    if not ranks.is_main:  # a follower rank: no inbox, ledger, checkpoints or webhooks of its own
+        from core.follower import Follower
+
+        try:
+            return Follower(realm, config, ranks).run()
+        except ConfigError as exc:  # e.g. launched with FSDP
+            print(f"error: {exc}", file=sys.stderr)
+            return ExitCode.CONFIG
     realm.ensure_layout()
     hooks = CheckpointHooks(realm, config)  # disk guard before each save, retention after it
     webhooks = start_webhooks(realm, config)  # delivers unless the supervisor does
     try:
         return Daemon(realm, config, until_idle=args.until_idle, checkpoint_hooks=hooks).run()
+    except ConfigError as exc:  # e.g. launched with FSDP (core.distributed.sharded_backend_problem)
+        print(f"error: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG
     except AlreadyRunning as exc:
         print(f"error: {exc}", file=sys.stderr)
         return ExitCode.ALREADY_RUNNING
@@ -357,7 +417,13 @@ def _start_all(args, realm: Realm, config: RealmConfig, environ) -> int:
             return ExitCode.ALREADY_RUNNING
     tavern = not args.no_tavern and _tavern_available()
     try:
-        pid = start_detached(realm, SUPERVISOR, [] if tavern else ["--no-tavern"], environ=environ)
+        _launcher(args)  # a missing --accelerate-config file: an error now, not in the supervisor's log
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG
+    try:
+        pid = start_detached(realm, SUPERVISOR, ([] if tavern else ["--no-tavern"]) + _process_arguments(args),
+                             environ=environ)
     except RuntimeError as exc:  # a supervisor appeared meanwhile (one run by hand)
         print(f"error: {exc}", file=sys.stderr)
         return ExitCode.ALREADY_RUNNING
@@ -369,6 +435,8 @@ def _start_all(args, realm: Realm, config: RealmConfig, environ) -> int:
     print(f"supervisor started (pid {pid}); log: {realm.logs / 'supervisor.log'}")
     for role, child in children.items():
         where = f" on http://{config.tavern.host}:{config.tavern.port}/" if role == "tavern" else ""
+        if role == "daemon" and (args.processes or 1) > 1:
+            where = f" as {args.processes} data parallel processes (accelerate launch)"
         print(f"{role} {child.get('state')} (pid {child.get('pid')}){where}; log: {realm.logs / (role + '.log')}")
     print(f"drop dataset files (.jsonl, .json, .csv, .tsv, .parquet, .txt) into {realm.inbox}/ ; `python -m training status` shows progress; "
           "`python -m training stop-all` stops everything")
@@ -639,7 +707,12 @@ def cmd_supervise(args, realm: Realm, config: RealmConfig, environ) -> int:
     webhooks = start_webhooks(realm, config)
     try:
         roles = ("daemon",) if args.no_tavern else ("daemon", "tavern")
-        return Supervisor(realm, config, roles=roles, environ=environ).run()
+        try:
+            launcher = _launcher(args)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return ExitCode.CONFIG
+        return Supervisor(realm, config, roles=roles, environ=environ, launcher=launcher).run()
     except AlreadySupervised as exc:
         print(f"error: {exc}", file=sys.stderr)
         return ExitCode.ALREADY_RUNNING

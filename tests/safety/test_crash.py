@@ -79,3 +79,49 @@ def test_log_tail_and_oom_counter(tmp_path):
     (tmp_path / "vmstat").write_text("pgfault 5\noom_kill 3\n")
     assert read_oom_kill_count(tmp_path / "vmstat") == 3
     assert read_oom_kill_count(tmp_path / "nope") is None
+
+
+TORCHRUN_REPORT = """Traceback (most recent call last):
+  File "<frozen runpy>", line 198, in _run_module_as_main
+  File ".../torch/distributed/run.py", line 1019, in run
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+============================================================
+training FAILED
+------------------------------------------------------------
+Failures:
+[1]:
+  time      : 2026-11-29_14:36:53
+  host      : localhost
+  rank      : 0 (local_rank: 0)
+  exitcode  : 10 (pid: 20281)
+  error_file: <N/A>
+  traceback : To enable traceback see: https://pytorch.org/docs/stable/elastic/errors.html
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-11-29_14:36:49
+  host      : localhost
+  rank      : 1 (local_rank: 1)
+  exitcode  : {status} (pid: 20282)
+  error_file: <N/A>
+  traceback : Signal 9 (SIGKILL) received by PID 20282
+============================================================
+"""
+PEER_LOST = """Traceback (most recent call last):
+  File "core/engine.py", line 600, in train_quest
+RuntimeError: [gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer.
+core.distributed.GroupOutOfSync: rank 0 left quest training (RuntimeError: ...); the group restarts
+"""
+
+
+def test_a_data_parallel_group_is_classified_by_its_root_cause():
+    # a rank SIGKILLed: rank 0 lost its peer (its traceback) and the launcher reports the group failed
+    killed = classify_exit(1, "step 5 ...\n" + PEER_LOST + TORCHRUN_REPORT.replace("{status}", "-9"))
+    assert killed.crash_class == "signal" and killed.summary.startswith("rank 1: killed by SIGKILL")
+    assert killed.returncode == 1  # the launcher's own status
+    oom = ("Traceback (most recent call last):\n  File \"core/engine.py\"\ntorch.OutOfMemoryError: CUDA out of memory. "
+           "Tried to allocate 2.00 GiB\n" + PEER_LOST + TORCHRUN_REPORT.replace("{status}", "10"))
+    got = classify_exit(1, oom)
+    assert got.crash_class == "cuda_oom" and got.summary.startswith("rank 1: torch.OutOfMemoryError: CUDA out")
+    plain = classify_exit(1, PEER_LOST + TORCHRUN_REPORT.replace("{status}", "10"))
+    assert plain.crash_class == "other" and plain.summary.startswith("rank 1: ")

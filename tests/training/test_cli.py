@@ -157,3 +157,36 @@ def test_step_arguments_and_status_take_ascii_digits_only(capsys, tmp_path):
         (realm.checkpoints_dir("hero") / name).mkdir()
     assert main(["--realm", str(realm.root), "status", "--json"], {}) == ExitCode.OK
     assert json.loads(capsys.readouterr().out)["last_checkpoint"]["step"] == 3
+
+
+def test_processes_arguments_are_checked_before_anything_starts(capsys, make_realm):
+    realm = make_realm()
+    for bad in ("0", "-2", "two", "100000"):
+        assert main(["--realm", str(realm.root), "start-all", "--processes", bad], {}) == ExitCode.USAGE
+        assert "--processes" in capsys.readouterr().err
+    code = main(["--realm", str(realm.root), "start-all", "--no-tavern", "--accelerate-config",
+                 str(realm.root / "missing.yaml")], {})
+    assert code == ExitCode.CONFIG and "no such file" in capsys.readouterr().err
+    fsdp = realm.root / "fsdp.yaml"
+    fsdp.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nnum_processes: 2\n")
+    code = main(["--realm", str(realm.root), "start-all", "--no-tavern", "--accelerate-config", str(fsdp)], {})
+    assert code == ExitCode.CONFIG and "use DDP" in capsys.readouterr().err
+    assert not realm.pid_file("supervisor").exists()  # nothing was started
+
+
+def test_start_all_hands_the_processes_to_the_supervisor_which_launches_the_ranks(tmp_path):
+    from training.cli import _launcher, _process_arguments, build_parser
+
+    parser = build_parser()
+    one = parser.parse_args(["start-all"])
+    assert _process_arguments(one) == [] and _launcher(one) is None  # the default: one plain process
+    assert _launcher(parser.parse_args(["supervise", "--processes", "1"])) is None
+    start = parser.parse_args(["start-all", "--no-tavern", "--processes", "2"])
+    supervise = parser.parse_args(["supervise", "--no-tavern", *_process_arguments(start)])
+    launcher = _launcher(supervise)
+    assert launcher[:3] == ["accelerate.commands.launch", "--num_processes", "2"] and "--multi_gpu" in launcher
+    ddp = tmp_path / "ddp.yaml"
+    ddp.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_processes: 4\n")
+    own = parser.parse_args(["supervise", *_process_arguments(parser.parse_args(
+        ["start-all", "--accelerate-config", str(ddp)]))])
+    assert _launcher(own)[:3] == ["accelerate.commands.launch", "--config_file", str(ddp.resolve())]

@@ -487,6 +487,7 @@ def _skill_name_problem(name: str) -> str | None:
 
 
 SCHOOL_NAMES = ("sft", "dpo", "ipo", "orpo", "kto", "fortune_teller")
+SCHOOL_NAMES += ("grpo",)
 """Schools a quest rule may name (:mod:`core.schools`)."""
 
 
@@ -498,9 +499,9 @@ class QuestRule(_Section):
     ``school`` null: chosen by the file's format (SFT formats -> ``sft``, paired preferences -> ``dpo``,
     unpaired ratings -> ``kto``), see :mod:`core.schools`."""
 
-    school: Literal["sft", "dpo", "ipo", "orpo", "kto", "fortune_teller"] | None = Field(
+    school: Literal["sft", "dpo", "ipo", "orpo", "kto", "fortune_teller", "grpo"] | None = Field(
         None, description="sft (Scribe), dpo / ipo / orpo / kto (Judge), fortune_teller (surprise-weighted "
-        "SFT); null: by the file's format.")
+        "SFT), grpo (Champion: its records are prompts); null: by the file's format.")
     beta: float = Field(0.1, gt=0, le=100, description="DPO/IPO/KTO: strength of the reference constraint "
                         "(TRL's beta; IPO's tau). ORPO: weight lambda of the odds-ratio term.")
     loss_type: Literal["sigmoid", "ipo"] | None = Field(
@@ -512,11 +513,39 @@ class QuestRule(_Section):
                                       "completions' losses.")
     weighting: Literal["entropy", "confidence", "margin"] = Field(
         "entropy", description="fortune_teller: which surprise weighs each token's loss (mean weight 1).")
+    rewards: dict[str, float | dict] | None = Field(
+        None, description="grpo: the reward, a weighted sum (core.rewards.build_reward), e.g. {\"numeric_answer\": "
+        "1.0, \"regex_format\": {\"weight\": 0.2, \"pattern\": \".*#### -?[0-9]+\"}}; names: exact_match, "
+        "numeric_answer, regex_format, length_penalty, json_valid, skill:NAME, file:PATH.py (sandboxed). null: "
+        "each record's skill scorer (its `skill` and `answer` fields, as skill quests have).")
+    num_generations: int = Field(8, ge=2, le=256, description="grpo: completions sampled per prompt (the "
+                                 "group G; TRL's num_generations).")
+    max_completion_length: int = Field(128, ge=1, le=32_768, description="grpo: most tokens generated per "
+                                       "completion (TRL's max_completion_length).")
+    temperature: float = Field(1.0, gt=0, le=10, description="grpo: sampling temperature (also divides the "
+                               "logits of the loss, as TRL does).")
+    epsilon: float = Field(0.2, gt=0, le=10, description="grpo: clip range of the probability ratio (TRL's "
+                           "epsilon).")
+    scale_rewards: Literal["group", "none"] = Field(
+        "group", description="grpo: advantages (r - group mean) divided by the group's std (group) or not "
+        "(none, Dr. GRPO). The KL term to the quest-start hero is on when `beta` is set for a grpo rule "
+        "(TRL's default beta 0.0: off).")
     epochs: int = Field(1, ge=1, le=10_000, description="Passes over the quest's train examples (held-out "
                         "records are never trained); progress and ETA count all of them.")
     shuffle: bool = Field(False, description="Train each epoch in a seeded random order: the permutation of "
                           "epoch e is seeded by the quest's content SHA-256 and e, so it survives restarts (the "
                           "cursor stays exact). A shuffled quest holds its normalized records in memory.")
+
+    @field_validator("rewards")
+    @classmethod
+    def _reward_names(cls, value):
+        from core.rewards.combine import BUILTIN_REWARDS
+
+        bad = [k for k in value or {} if k not in BUILTIN_REWARDS and not k.startswith(("skill:", "file:"))]
+        if bad:
+            raise ValueError(f"unknown reward(s) {bad}: built in are {', '.join(BUILTIN_REWARDS)}; or skill:NAME, "
+                             "file:PATH.py")
+        return value
 
     @field_validator("loss_type")
     @classmethod

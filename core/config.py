@@ -418,8 +418,9 @@ class CampaignStage(_Section):
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}$", description="Shown in status and the Tavern.")
     school: str = Field("sft", description="The stage's school, one of SCHOOL_NAMES (sft, dpo, ipo, orpo, kto, "
-                        "fortune_teller); shown in status and the Guild. Which school trains a quest is still "
-                        "decided by its `schools` rule.")
+                        "fortune_teller, grpo); the quests the stage generates (idle generation of its skills) "
+                        "train with it: sft/fortune_teller on SFT records, grpo on prompt records scored by the "
+                        "skill. Its other quests keep the school of their `schools` rule.")
     skills: dict[str, float] = Field(default_factory=dict, description="Skill -> weight practised in this stage "
                                      "(replaces skills.priorities for idle generation while it lasts).")
     quests: list[str] = Field(default_factory=list, description="Glob(s) of quest file names trained first in "
@@ -434,6 +435,9 @@ class CampaignStage(_Section):
         problems = [] if self.school in SCHOOL_NAMES else [
             f"school {self.school!r} is not one of {', '.join(SCHOOL_NAMES)}"]
         problems += [_skill_name_problem(n) for n in self.skills if _skill_name_problem(n)]
+        if self.skills and self.school not in STAGE_SKILL_SCHOOLS and self.school in SCHOOL_NAMES:
+            problems.append(f"school {self.school} cannot practise skills (their items have no rejected or rated "
+                            f"answers): a stage with skills uses {', '.join(STAGE_SKILL_SCHOOLS)}")
         problems += [f"weight of {n!r} must be > 0" for n, w in self.skills.items() if not w > 0]
         if not self.skills and not self.quests:
             problems.append("a stage names skills and/or quests")
@@ -488,6 +492,8 @@ def _skill_name_problem(name: str) -> str | None:
 
 SCHOOL_NAMES = ("sft", "dpo", "ipo", "orpo", "kto", "fortune_teller")
 SCHOOL_NAMES += ("grpo",)
+STAGE_SKILL_SCHOOLS = ("sft", "fortune_teller", "grpo")
+"""Schools that can train the quests a campaign stage generates from its skills."""
 """Schools a quest rule may name (:mod:`core.schools`)."""
 
 

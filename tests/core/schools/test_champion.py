@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from core.daemon import Daemon
+from core.engine import Engine
 from core.formats import RecordError, parse_record
 from core.ledger import Ledger
+from core.schools import make_school
 from core.schools.champion import group_advantages, grpo_token_losses
 from core.schools.sampling import cut_at_stop, sampling_seed
 
@@ -61,10 +63,54 @@ def test_token_losses_clip_and_kl_follow_the_formula():
     assert loss.item() == pytest.approx(-1.2)
 
 
-def test_dapo_normalisation_is_over_the_steps_completion_tokens():
-    # two sequences of 1 and 3 completion tokens: the step loss is the token mean, not the sequence mean
-    per_token = torch.tensor([1.0, 2.0, 2.0, 2.0])
-    assert (per_token.sum() / 4).item() == pytest.approx(1.75)
+def test_a_step_on_the_live_hero_matches_the_hand_computation(make_realm):
+    realm = make_realm(**SETTINGS)
+    engine = Engine(realm, realm.load_config(), Ledger(realm.ledger_path))
+    engine.setup()
+    try:
+        school = make_school("grpo", realm.load_config().schools["sums*.jsonl"])
+        items = [school.encode({"prompt": f"{i}+1=", "answer": str(i + 1)}, engine.tokenizer, 64, i + 1)
+                 for i in range(3)]
+        batch = school.collate(engine, [[it] for it in items])
+        again = school.collate(engine, [[it] for it in items])
+        assert again.completions == batch.completions  # seeded by (seed, global step, line): resumable
+        engine.global_step += 1
+        assert school.collate(engine, [[it] for it in items]).completions != batch.completions
+        engine.global_step -= 1
+        # rewards -> advantages by the formula, per group of G = 4
+        g = 4
+        rewards = [numeric(c, it.refs["answer"]) + 0.5 * -min(1.0, max(0, len(c) - 4) / 4)
+                   for k, it in enumerate(items) for c in batch.completions[k * g:(k + 1) * g]]
+        adv = []
+        for k in range(3):
+            grp = rewards[k * g:(k + 1) * g]
+            mean = sum(grp) / g
+            sd = math.sqrt(sum((r - mean) ** 2 for r in grp) / (g - 1))
+            adv += [(r - mean) / (sd + 1e-4) for r in grp]
+        assert batch.advantages.tolist() == pytest.approx(adv, abs=1e-5)
+        # completion tokens (the denominator, TRL's dapo): each sequence minus its prompt
+        n_tok = [len(s) - len(items[i // g].prompt_ids) for i, s in enumerate(_sequences(batch))]
+        assert school.denominator([batch]) == sum(n_tok) and min(n_tok) >= 1
+        # at ratio 1 the loss is -sum_i A_i n_i (no KL with beta unset)
+        loss, metrics = school.loss_sum(engine, batch)
+        assert loss.item() == pytest.approx(-sum(a * n for a, n in zip(adv, n_tok, strict=True)), abs=1e-4)
+        assert metrics[0].tolist() == pytest.approx([sum(rewards), 12.0], abs=1e-5)
+        assert metrics[3].tolist() == pytest.approx([sum(n_tok), 12.0])
+        loss.backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in engine.model.parameters())
+    finally:
+        engine.cleanup()
+
+
+def numeric(completion: str, answer: str) -> float:
+    from core.rewards import numeric_answer
+    return numeric_answer("", completion, answer=answer)
+
+
+def _sequences(batch):
+    """The batch's sequences as token lists (flat or padded collation)."""
+    ids, index = batch.batch.input_ids, batch.index
+    return [ids[index == i].tolist() for i in range(int(index.max()) + 1)]
 
 
 def test_prompt_only_records_keep_their_columns():

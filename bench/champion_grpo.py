@@ -12,10 +12,11 @@ completion mentions a name). Ours: :class:`core.engine.Engine` training a ``grpo
 = median of the intervals between consecutive steps (the first step and setup excluded on both sides; ours from
 the ledger's step times, TRL's from a callback). Prints the ratio TRL / ours (> 1: ours faster).
 
-**learns**: the embedded ``nano`` hero (as the README's sparring measurement). The 64 distinct BIN level-2
-prompts (3-bit sums) are split by a fixed seed into 48 train and 16 held-out prompts. Warm-up: SFT on
-``--warmup`` items of levels 0-1 and the level-2 train prompts; then a GRPO stage on the level-2 train prompts
-(reward: BIN's scorer, the record's ``skill``). Before and after the GRPO stage, on the 16 held-out prompts:
+**learns**: the embedded ``nano`` hero (as the README's sparring measurement). The distinct prompts of BIN level
+``--level`` (sums; level 1: 16 prompts) are split by a fixed seed into ``--held-out`` held-out prompts and the
+train prompts. Warm-up: SFT on ``--warmup`` items of the lower levels and ``--warmup-level`` items over all the
+level's prompts (learning rate ``--lr``); then a GRPO stage on the train prompts only
+(reward: BIN's scorer, the record's ``skill``; learning rate ``--grpo-lr``). Before and after the GRPO stage, on the held-out prompts (never sampled by GRPO):
 the mean reward of ``--eval-samples`` sampled completions per prompt (temperature 1, fixed seeds) and the
 greedy accuracy. JSON lines also in ``bench/out/champion_grpo_<mode>.json``.
 """
@@ -125,7 +126,7 @@ def _trl(prompts: list[str], a, work: Path) -> tuple[float, float]:
                         bf16=False, fp16=False, gradient_checkpointing=False, seed=0, dataloader_num_workers=0)
     trainer = GRPOTrainer(model=model, reward_funcs=names, args=config,
                           train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
-                          processing_class=tokenizer)
+                          processing_class=tokenizer, callbacks=[Clock()])
     started = time.perf_counter()
     trainer.train()
     total = time.perf_counter() - started
@@ -141,14 +142,15 @@ def learns(a) -> dict:
     from core.skills.trials import generation_prompt
 
     skill = BinarySkill()
-    level2 = sorted({f"{x:b}+{y:b}" for x in range(8) for y in range(8)})
-    random.Random(7).shuffle(level2)
-    held, train = set(level2[:16]), level2[16:]
+    top = 1 << (a.level + 1)
+    prompts = sorted({f"{x:b}+{y:b}" for x in range(top) for y in range(top)})
+    random.Random(7).shuffle(prompts)
+    held, train = set(prompts[:a.held_out]), prompts[a.held_out:]
     from core.skills.base import SkillItem
 
     def item(p: str) -> SkillItem:
         x, y = (int(t, 2) for t in p.split("+"))
-        return SkillItem("BIN", 2, p, f"{x + y:b}")
+        return SkillItem("BIN", a.level, p, f"{x + y:b}")
 
     work = Path(tempfile.mkdtemp(prefix="champion-learns-"))
     realm = init_realm(work / "realm", overrides={
@@ -160,7 +162,8 @@ def learns(a) -> dict:
         "schools": {"grpo*.jsonl": {"school": "grpo", "num_generations": a.num_generations,
                                     "max_completion_length": 8, "temperature": 1.0}}})
     rng = random.Random(1)
-    warm = mixed_items(skill, [0, 1], a.warmup, "warm") + [item(rng.choice(train)) for _ in range(a.warmup // 2)]
+    warm = mixed_items(skill, list(range(a.level)), a.warmup, "warm") + \
+        [item(rng.choice(prompts)) for _ in range(a.warmup_level)]
     rng.shuffle(warm)
     _, warm_seconds = _train(realm, [quest_record(it) for it in warm], "warmup.jsonl", "prompt_completion", "sft")
 
@@ -200,13 +203,13 @@ def learns(a) -> dict:
     rewards = [m.get("reward") for _, m in sorted(ledger.step_metrics().items())]
     ledger.close()
     first, last = rewards[:5], rewards[-5:]
-    out = {"bench": "champion_grpo_learns", "hero": "nano", "warmup_items": len(warm),
+    out = {"bench": "champion_grpo_learns", "hero": "nano", "level": a.level, "warmup_items": len(warm),
            "warmup_seconds": round(warm_seconds, 1), "grpo_steps": len(steps), "grpo_prompts": a.grpo_prompts,
            "num_generations": a.num_generations, "grpo_seconds": round(grpo_seconds, 1), "warmup_lr": a.lr, "grpo_lr": a.grpo_lr,
            "train_reward_first5": round(sum(first) / len(first), 4), "train_reward_last5": round(sum(last) / len(last), 4),
            "held_out_prompts": len(held), "eval_samples": a.eval_samples, "before": before, "after": after,
            "machine": machine()}
-    print(f"held-out BIN level-2 prompts ({len(held)}, never trained by GRPO): sampled mean reward "
+    print(f"held-out BIN level-{a.level} prompts ({len(held)}, never sampled by GRPO): sampled mean reward "
           f"{before['sampled_mean_reward']:.3f} -> {after['sampled_mean_reward']:.3f}, greedy accuracy "
           f"{before['greedy_accuracy']:.3f} -> {after['greedy_accuracy']:.3f} over {len(steps)} GRPO steps "
           f"(train reward {out['train_reward_first5']:.3f} -> {out['train_reward_last5']:.3f})")
@@ -221,10 +224,14 @@ def main() -> None:
     p.add_argument("--num-generations", type=int, default=None, help="G (speed: 4, learns: 8)")
     p.add_argument("--max-completion-length", type=int, default=16)
     p.add_argument("--lr", type=float, default=None, help="speed: 1e-4, learns: 1e-3 (warm-up SFT)")
-    p.add_argument("--grpo-lr", type=float, default=1e-4, help="learns: learning rate of the GRPO stage")
-    p.add_argument("--warmup", type=int, default=600, help="learns: warm-up SFT items of levels 0-1")
+    p.add_argument("--grpo-lr", type=float, default=3e-4, help="learns: learning rate of the GRPO stage")
+    p.add_argument("--warmup", type=int, default=600, help="learns: warm-up SFT items of the lower levels")
+    p.add_argument("--level", type=int, default=1, help="learns: the BIN level of the GRPO stage (0-3: sums)")
+    p.add_argument("--held-out", type=int, default=4, help="learns: prompts of the level the GRPO stage never sees")
+    p.add_argument("--warmup-level", type=int, default=300, help="learns: warm-up SFT items over all the level's "
+                   "prompts")
     p.add_argument("--grpo-prompts", type=int, default=240, help="learns: prompts of the GRPO stage (8 per step)")
-    p.add_argument("--eval-samples", type=int, default=16)
+    p.add_argument("--eval-samples", type=int, default=64)
     a = p.parse_args()
     if a.mode == "speed":
         a.num_generations, a.lr = a.num_generations or 4, a.lr or 1e-4

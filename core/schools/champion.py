@@ -9,8 +9,8 @@ no prompt is trained twice.
 
 **Per step** (:meth:`Champion.collate`, per micro-batch of prompts): each prompt ``q`` gets ``G =
 num_generations`` completions ``o_1..o_G`` sampled from the live hero (:func:`core.schools.sampling.sample_group`,
-eval mode, no grad) with the seed ``sampling_seed("grpo", training.seed, global_step, line)``: a pure function
-of checkpointed state (the seed is config, the global step and the cursor are in the checkpoint), so a resumed
+eval mode, no grad; one batched ``generate`` per micro-batch) from a generator seeded with
+``sampling_seed("grpo", training.seed, global_step, line)``: a pure function of checkpointed state (the seed is config, the global step and the cursor are in the checkpoint), so a resumed
 step samples exactly the completions the uninterrupted run sampled -- no generator state to store, and nothing
 that draws from the global RNG elsewhere (a trial, dropout) can shift the samples. Each completion gets the
 reward ``r_i`` (:func:`core.rewards.build_reward`, a weighted sum) and the group-normalised advantage
@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from core.chat import IGNORE_INDEX, TokenizedExample
 from core.formats import RecordError
 from core.schools.base import School, collate_sequences
-from core.schools.sampling import generating, sample_group, sampling_seed, stop_token_ids
+from core.schools.sampling import generating, sample_group, sample_groups, sampling_seed, stop_token_ids
 
 if TYPE_CHECKING:
     from core.engine import Engine
@@ -171,15 +171,15 @@ class Champion(School):
         stops = stop_token_ids(tok)
         model = engine._raw_model
         seqs, texts, ended = [], [], []
+        seeds = [sampling_seed("grpo", engine.config.training.seed, engine.global_step, it.line) for it in items]
         with generating(model):
-            for item in items:
-                seed = sampling_seed("grpo", engine.config.training.seed, engine.global_step, item.line)
-                for ids, done in sample_group(model, item.prompt_ids, g, max_new_tokens=rule.max_completion_length,
-                                              temperature=rule.temperature, seed=seed, stops=stops,
-                                              pad_token_id=tok.pad_token_id):
-                    seqs.append(_sequence(item, ids))
-                    texts.append(_completion_text(tok, ids, stops))
-                    ended.append(done)
+            groups = sample_groups(model, [it.prompt_ids for it in items], g, max_new_tokens=rule.max_completion_length,
+                                   temperature=rule.temperature, seeds=seeds, stops=stops, pad_token_id=tok.pad_token_id)
+        for item, group in zip(items, groups, strict=True):
+            for ids, done in group:
+                seqs.append(_sequence(item, ids))
+                texts.append(_completion_text(tok, ids, stops))
+                ended.append(done)
         scores = [self._score(reward, item, texts[k * g + j]) for k, item in enumerate(items) for j in range(g)]
         total = torch.tensor([s["total"] for s in scores], dtype=torch.float32).view(len(items), g)
         adv, std = group_advantages(total, rule.scale_rewards == "group")

@@ -1,13 +1,14 @@
 """Sampling completions from the live hero for on-policy schools (Champion, :mod:`core.schools.champion`).
 
-Each prompt's group of ``n`` completions is sampled in one ``model.generate`` call (the same prompt in every
-row: no padding), with the model in eval mode and no gradient, under :func:`torch.random.fork_rng` seeded with
-the prompt's own seed (:func:`sampling_seed`): the samples depend only on the seed, never on the micro-batch a
-prompt lands in or on what else drew random numbers, and the global RNG the engine checkpoints is left as it
-was. Sampling follows TRL's ``GRPOTrainer`` defaults: multinomial sampling at ``temperature``, ``top_k`` 0 and
-``top_p`` 1 (no truncation of the distribution), stopping at EOS (or the chat template's one-token end-of-turn
-marker) or after ``max_new_tokens``.
-"""
+:func:`sample_groups` samples ``n`` completions of every prompt of a micro-batch in one left-padded
+``model.generate`` call (eval mode, no gradient, plain ``sdpa``: :func:`generating`). Each prompt draws from its
+own ``torch.Generator`` seeded with the prompt's seed (:func:`sampling_seed`) through a logits processor, so a
+prompt's samples depend on its seed (and, through padding, on the prompts beside it, which the cursor fixes),
+never on anything else that draws random numbers; the global RNG the engine checkpoints is not touched.
+Sampling follows TRL's ``GRPOTrainer`` defaults: multinomial from ``softmax(logits / temperature)``, ``top_k`` 0
+and ``top_p`` 1 (no truncation), stopping at EOS (or the chat template's one-token end-of-turn marker) or after
+``max_new_tokens``. :func:`sample_group` (one prompt, HF's own sampler under a forked, seeded RNG) also does
+greedy decoding for evaluation."""
 
 from __future__ import annotations
 
@@ -85,3 +86,43 @@ def sample_group(model, prompt_ids: list[int], n: int, *, max_new_tokens: int, t
         torch.manual_seed(seed)
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
     return [cut_at_stop(row, stops) for row in out[:, len(prompt_ids):].tolist()]
+
+
+class _PerRowSampler:
+    """A logits processor drawing each row's next token from ``softmax(logits / temperature)`` with the
+    generator of its prompt (rows ``k*n .. k*n+n-1`` share prompt ``k``'s), returning scores where only that
+    token is finite, so greedy decoding keeps it: one batched ``generate`` for all prompts, each prompt's
+    samples a function of its own seed."""
+
+    def __init__(self, generators: list[torch.Generator], n: int, temperature: float):
+        self.generators, self.n, self.temperature = generators, n, temperature
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        out = torch.full_like(scores, float("-inf"))
+        for row in range(scores.shape[0]):
+            token = torch.multinomial(probs[row], 1, generator=self.generators[row // self.n])
+            out[row, token] = 0.0
+        return out
+
+
+def sample_groups(model, prompts: list[list[int]], n: int, *, max_new_tokens: int, temperature: float,
+                  seeds: list[int], stops: list[int], pad_token_id: int | None) -> list[list[tuple[list[int], bool]]]:
+    """``n`` sampled completions of each prompt (token ids), as :func:`sample_group` returns them, in one
+    left-padded ``generate`` call; prompt ``k``'s draws come from a ``torch.Generator`` seeded with
+    ``seeds[k]`` (the global RNG is not used). Call inside :func:`generating`."""
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    device = next(model.parameters()).device
+    pad = pad_token_id if pad_token_id is not None else (stops[0] if stops else 0)
+    width = max(len(p) for p in prompts)
+    rows = [p for p in prompts for _ in range(n)]
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in rows], dtype=torch.long, device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rows], dtype=torch.long, device=device)
+    generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
+                              eos_token_id=stops or None, pad_token_id=pad)
+    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                         logits_processor=LogitsProcessorList([_PerRowSampler(generators, n, temperature)]))
+    cut = [cut_at_stop(row, stops) for row in out[:, width:].tolist()]
+    return [cut[k * n:(k + 1) * n] for k in range(len(prompts))]

@@ -31,6 +31,7 @@ from typing import Any
 
 from watchdog.utils import BaseThread
 
+from core.campaigns import stage_school_of
 from core.chat import measure_batch
 from core.config import RealmConfig, quest_rule_for
 from core.ingest import InboxScanner, InboxWatcher, entry_kind, priority_for
@@ -224,7 +225,8 @@ class Admission(BaseThread):
         max_length = self.config.training.max_length
         report = validate_file(path, display_name=quest["name"], config=self.config, verdicts=verdicts,
                                count_tokens_batch=lambda examples: measure_batch(examples, self.tokenizer,
-                                                                                 max_length))
+                                                                                 max_length),
+                               school=stage_school_of(self.ledger, quest["name"]))
         report_path = self.queue.report_path_of(quest)
         write_report(report, report_path)
         info = report.to_dict()

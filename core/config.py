@@ -418,8 +418,9 @@ class CampaignStage(_Section):
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}$", description="Shown in status and the Tavern.")
     school: str = Field("sft", description="The stage's school, one of SCHOOL_NAMES (sft, dpo, ipo, orpo, kto, "
-                        "fortune_teller); shown in status and the Guild. Which school trains a quest is still "
-                        "decided by its `schools` rule.")
+                        "fortune_teller, grpo); the quests the stage generates (idle generation of its skills) "
+                        "train with it: sft/fortune_teller on SFT records, grpo on prompt records scored by the "
+                        "skill. Its other quests keep the school of their `schools` rule.")
     skills: dict[str, float] = Field(default_factory=dict, description="Skill -> weight practised in this stage "
                                      "(replaces skills.priorities for idle generation while it lasts).")
     quests: list[str] = Field(default_factory=list, description="Glob(s) of quest file names trained first in "
@@ -434,6 +435,9 @@ class CampaignStage(_Section):
         problems = [] if self.school in SCHOOL_NAMES else [
             f"school {self.school!r} is not one of {', '.join(SCHOOL_NAMES)}"]
         problems += [_skill_name_problem(n) for n in self.skills if _skill_name_problem(n)]
+        if self.skills and self.school not in STAGE_SKILL_SCHOOLS and self.school in SCHOOL_NAMES:
+            problems.append(f"school {self.school} cannot practise skills (their items have no rejected or rated "
+                            f"answers): a stage with skills uses {', '.join(STAGE_SKILL_SCHOOLS)}")
         problems += [f"weight of {n!r} must be > 0" for n, w in self.skills.items() if not w > 0]
         if not self.skills and not self.quests:
             problems.append("a stage names skills and/or quests")
@@ -487,6 +491,9 @@ def _skill_name_problem(name: str) -> str | None:
 
 
 SCHOOL_NAMES = ("sft", "dpo", "ipo", "orpo", "kto", "fortune_teller")
+SCHOOL_NAMES += ("grpo",)
+STAGE_SKILL_SCHOOLS = ("sft", "fortune_teller", "grpo")
+"""Schools that can train the quests a campaign stage generates from its skills."""
 """Schools a quest rule may name (:mod:`core.schools`)."""
 
 
@@ -498,9 +505,9 @@ class QuestRule(_Section):
     ``school`` null: chosen by the file's format (SFT formats -> ``sft``, paired preferences -> ``dpo``,
     unpaired ratings -> ``kto``), see :mod:`core.schools`."""
 
-    school: Literal["sft", "dpo", "ipo", "orpo", "kto", "fortune_teller"] | None = Field(
+    school: Literal["sft", "dpo", "ipo", "orpo", "kto", "fortune_teller", "grpo"] | None = Field(
         None, description="sft (Scribe), dpo / ipo / orpo / kto (Judge), fortune_teller (surprise-weighted "
-        "SFT); null: by the file's format.")
+        "SFT), grpo (Champion: its records are prompts); null: by the file's format.")
     beta: float = Field(0.1, gt=0, le=100, description="DPO/IPO/KTO: strength of the reference constraint "
                         "(TRL's beta; IPO's tau). ORPO: weight lambda of the odds-ratio term.")
     loss_type: Literal["sigmoid", "ipo"] | None = Field(
@@ -512,11 +519,39 @@ class QuestRule(_Section):
                                       "completions' losses.")
     weighting: Literal["entropy", "confidence", "margin"] = Field(
         "entropy", description="fortune_teller: which surprise weighs each token's loss (mean weight 1).")
+    rewards: dict[str, float | dict] | None = Field(
+        None, description="grpo: the reward, a weighted sum (core.rewards.build_reward), e.g. {\"numeric_answer\": "
+        "1.0, \"regex_format\": {\"weight\": 0.2, \"pattern\": \".*#### -?[0-9]+\"}}; names: exact_match, "
+        "numeric_answer, regex_format, length_penalty, json_valid, skill:NAME, file:PATH.py (sandboxed). null: "
+        "each record's skill scorer (its `skill` and `answer` fields, as skill quests have).")
+    num_generations: int = Field(8, ge=2, le=256, description="grpo: completions sampled per prompt (the "
+                                 "group G; TRL's num_generations).")
+    max_completion_length: int = Field(128, ge=1, le=32_768, description="grpo: most tokens generated per "
+                                       "completion (TRL's max_completion_length).")
+    temperature: float = Field(1.0, gt=0, le=10, description="grpo: sampling temperature (also divides the "
+                               "logits of the loss, as TRL does).")
+    epsilon: float = Field(0.2, gt=0, le=10, description="grpo: clip range of the probability ratio (TRL's "
+                           "epsilon).")
+    scale_rewards: Literal["group", "none"] = Field(
+        "group", description="grpo: advantages (r - group mean) divided by the group's std (group) or not "
+        "(none, Dr. GRPO). The KL term to the quest-start hero is on when `beta` is set for a grpo rule "
+        "(TRL's default beta 0.0: off).")
     epochs: int = Field(1, ge=1, le=10_000, description="Passes over the quest's train examples (held-out "
                         "records are never trained); progress and ETA count all of them.")
     shuffle: bool = Field(False, description="Train each epoch in a seeded random order: the permutation of "
                           "epoch e is seeded by the quest's content SHA-256 and e, so it survives restarts (the "
                           "cursor stays exact). A shuffled quest holds its normalized records in memory.")
+
+    @field_validator("rewards")
+    @classmethod
+    def _reward_names(cls, value):
+        from core.rewards.combine import BUILTIN_REWARDS
+
+        bad = [k for k in value or {} if k not in BUILTIN_REWARDS and not k.startswith(("skill:", "file:"))]
+        if bad:
+            raise ValueError(f"unknown reward(s) {bad}: built in are {', '.join(BUILTIN_REWARDS)}; or skill:NAME, "
+                             "file:PATH.py")
+        return value
 
     @field_validator("loss_type")
     @classmethod

@@ -57,7 +57,7 @@ from core.distributed import GroupOutOfSync, Ranks, is_peer_lost
 from core.engine import CheckpointSkipped, Engine
 from core.faults import TrainingRolledBack
 from core.feedback import FeedbackLoop
-from core.formats import ALL_FORMATS
+from core.formats import EVERY_FORMAT
 from core.fsutil import ExclusiveLock, sha256_file
 from core.ledger import CommandState, Ledger, QuestState
 from core.quest_queue import QuestQueue, QuestStateError
@@ -73,8 +73,8 @@ from core.skills.loop import HeroLoop, is_generated
 
 log = logging.getLogger("realm.daemon")
 
-#: Every format has a school now (:mod:`core.schools`): SFT formats, paired preferences, unpaired ratings.
-TRAINABLE_FORMATS = set(ALL_FORMATS)
+#: Every format has a school now (:mod:`core.schools`): SFT formats, paired preferences, unpaired ratings, prompts.
+TRAINABLE_FORMATS = set(EVERY_FORMAT)
 
 
 class AlreadyRunning(RuntimeError):

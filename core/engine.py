@@ -477,6 +477,7 @@ class Engine:
             train: Iterable = iter(items[examples_done:])
         else:
             train = (encode(line, ex) for _, line, ex in in_order(examples_done))
+        school.begin_quest(self, quest_id, reference_path, examples_done)
         cursor, steps, evaluated_at = examples_done, 0, None
         self.cursor = {ckpt.KEY_QUEST_ID: quest_id, ckpt.KEY_EXAMPLES_DONE: cursor, ckpt.KEY_QUEST_DONE: False,
                        ckpt.KEY_HOLDOUT_EVERY: every, ckpt.KEY_EPOCHS: epochs, ckpt.KEY_SHUFFLE: shuffle}

@@ -16,6 +16,9 @@ Formats follow TRL's dataset types and their standard field names:
                             (LLaMA-Factory's KTO data)
 ``alpaca``                  ``{"instruction", "input"?, "output", "system"?, "history"?}``
 ``sharegpt``                ``{"conversations": [{"from", "value"}, ...], "system"?}``
+``prompt_only``             ``{"prompt", ...}``: a prompt (string or list of messages) and any other columns
+                            (e.g. ``answer``), TRL's prompt-only type for GRPO (the columns go to the rewards);
+                            never detected: a file is prompt-only when its school is ``grpo``
 ==========================  ==================================================================
 
 :func:`normalize` turns a record into exactly one canonical example shape:
@@ -25,6 +28,7 @@ Formats follow TRL's dataset types and their standard field names:
   sharegpt all become ``messages``; the loss is then on every assistant message).
 - preference: ``{"prompt": str | list[message] | None, "chosen": str | list, "rejected": str | list}``.
 - unpaired preference: ``{"prompt": str | list[message], "completion": str | list[message], "label": bool}``.
+- prompt only: ``{"prompt": str | list[message], **columns}`` (the other fields as written).
 
 Every problem with a record raises :class:`RecordError` with a human reason. Files are read by
 :func:`open_text_lines` (plain or gzip by magic bytes, UTF-8 with optional BOM, CRLF tolerated, one
@@ -55,12 +59,19 @@ SHAREGPT = "sharegpt"
 PREFERENCE_SHAREGPT = "preference_sharegpt"
 UNPAIRED_PREFERENCE = "unpaired_preference"
 MESSAGES_RATED = "messages_rated"
+PROMPT_ONLY = "prompt_only"
 
 SFT_FORMATS = frozenset({TEXT, MESSAGES, PROMPT_COMPLETION, ALPACA, SHAREGPT})
 PREFERENCE_FORMATS = frozenset({PREFERENCE, PREFERENCE_IMPLICIT, PREFERENCE_SHAREGPT})
 UNPAIRED_FORMATS = frozenset({UNPAIRED_PREFERENCE, MESSAGES_RATED})
+PROMPT_FORMATS = frozenset({PROMPT_ONLY})
 ALL_FORMATS = (PREFERENCE, PREFERENCE_SHAREGPT, PREFERENCE_IMPLICIT, UNPAIRED_PREFERENCE, MESSAGES_RATED, MESSAGES,
                SHAREGPT, PROMPT_COMPLETION, ALPACA, TEXT)
+"""The formats detected from a record's fields, in detection order. ``prompt_only`` is not among them (a lone
+``prompt`` is more often an SFT record missing its ``completion``): a file is read as prompt-only when its
+school trains prompts (GRPO, :mod:`core.schools.champion`), see :func:`parse_record`."""
+EVERY_FORMAT = (*ALL_FORMATS, PROMPT_ONLY)
+"""Every format a quest can have: the detected ones and ``prompt_only``."""
 
 #: Fields that identify each format (all required), in detection order (first match wins).
 FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
@@ -74,6 +85,7 @@ FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
     PROMPT_COMPLETION: ("prompt", "completion"),
     ALPACA: ("instruction", "output"),
     TEXT: ("text",),
+    PROMPT_ONLY: ("prompt",),
 }
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -385,6 +397,29 @@ def _normalize_messages_rated(record: dict) -> dict:
     return {"prompt": messages[:-1], "completion": messages[-1:], "label": label}
 
 
+def _normalize_prompt_only(record: dict) -> dict:
+    """TRL's prompt-only type: the prompt (a string, or messages ending with a user turn) and every other
+    column unchanged (rewards read them, e.g. ``answer``)."""
+    prompt = record["prompt"]
+    if isinstance(prompt, str):
+        out_prompt: str | list = _text(prompt, "prompt")
+    elif isinstance(prompt, list):
+        out_prompt = _messages(prompt, "prompt", need_assistant=False)
+        if out_prompt[-1]["role"] != "user":
+            raise RecordError("prompt (a list of messages) must end with a user message: the completion is "
+                              "generated after it")
+    else:
+        raise RecordError(f"prompt must be a string or a list of messages, got {_type_name(prompt)}")
+    return {**{k: v for k, v in record.items() if k != "prompt"}, "prompt": out_prompt}
+
+
+def prompt_as_sft(example: dict) -> dict:
+    """A normalized prompt-only example's prompt as an SFT-shaped example (``text`` or ``messages``), e.g. to
+    measure its token length."""
+    prompt = example["prompt"]
+    return {"text": prompt} if isinstance(prompt, str) else {"messages": prompt}
+
+
 def _sharegpt_answer(value: Any, name: str) -> list[dict[str, str]]:
     """A sharegpt answer: one turn ``{"from": "gpt", "value": ...}`` or a list of turns, as messages."""
     turns = value if isinstance(value, list) else [value]
@@ -416,6 +451,7 @@ _NORMALIZERS = {
     PREFERENCE_SHAREGPT: _normalize_preference_sharegpt,
     UNPAIRED_PREFERENCE: _normalize_unpaired,
     MESSAGES_RATED: _normalize_messages_rated,
+    PROMPT_ONLY: lambda r: _normalize_prompt_only(r),
 }
 
 
@@ -538,7 +574,13 @@ def parse_record(record: dict, mapping: dict[str, str], expected_format: str | N
         record = apply_field_map(record, mapping)
     if json_cells:
         record = decode_json_cells(record)
-    fmt = detect_format(record)  # a record has one format wherever it is in the file
+    if expected_format == PROMPT_ONLY:  # chosen by the file's school, not detected
+        if "prompt" not in record:
+            raise RecordError(f"missing field 'prompt' (found fields {sorted(str(k) for k in record)[:20]}; "
+                              "school grpo reads a prompt per record and passes the other fields to the rewards)")
+        fmt = PROMPT_ONLY
+    else:
+        fmt = detect_format(record)  # a record has one format wherever it is in the file
     if expected_format is not None and fmt != expected_format:
         raise RecordError(f"record is format '{fmt}' but the file's format is '{expected_format}' "
                           f"(needs fields {list(FORMAT_FIELDS[expected_format])})")

@@ -44,16 +44,18 @@ from core import containers
 from core.config import RealmConfig
 from core.formats import (
     PREFERENCE_FORMATS,
+    PROMPT_ONLY,
     SFT_FORMATS,
     UNPAIRED_FORMATS,
     CorruptFileError,
     RecordError,
     field_map_for,
     preference_as_sft,
+    prompt_as_sft,
 )
 from core.fsutil import sha256_file, write_text_atomic
 from core.records import RecordVerdicts
-from core.schools import school_for, school_problem
+from core.schools import SCHOOL_DATA, school_for, school_problem
 
 #: At most this many bad lines (and, separately, dropped lines) are stored in a report.
 MAX_LISTED_LINES = 10_000
@@ -62,6 +64,13 @@ ACCEPTED_SUFFIXES = containers.ACCEPTED_SUFFIXES
 REASON_EXAMPLES = 3
 #: Formats measured as their SFT-shaped sides (:func:`core.formats.preference_as_sft`).
 _SIDED_FORMATS = PREFERENCE_FORMATS | UNPAIRED_FORMATS
+
+
+def _sides(example: dict, fmt: str) -> tuple[dict, ...]:
+    """The SFT-shaped examples measured for one normalized example of format ``fmt``."""
+    if fmt in _SIDED_FORMATS:
+        return preference_as_sft(example)
+    return (prompt_as_sft(example),) if fmt == PROMPT_ONLY else (example,)
 
 #: Examples (and bytes of their JSON lines) measured per ``count_tokens_batch`` call.
 TOKEN_BATCH_EXAMPLES = 256
@@ -170,9 +179,8 @@ def measure_example(example: dict, fmt: str, count_tokens: CountTokens) -> tuple
     are; a preference example is measured as its longer side (prompt + chosen, or prompt + rejected, as
     SFT-shaped examples, see :func:`core.formats.preference_as_sft`). Raises whatever ``count_tokens``
     raises."""
-    if fmt in _SIDED_FORMATS:
-        sides = [count_tokens(side) for side in preference_as_sft(example)]
-        tokens, trainable = max(sides)
+    if fmt in _SIDED_FORMATS or fmt == PROMPT_ONLY:
+        tokens, trainable = max(count_tokens(side) for side in _sides(example, fmt))
     else:
         tokens, trainable = count_tokens(example)
     return int(tokens), int(trainable)
@@ -235,7 +243,7 @@ class _Measurer:
         owners: list[int] = []
         for k, (_, example, fmt) in enumerate(self.pending):
             if example is not None:
-                sides = preference_as_sft(example) if fmt in _SIDED_FORMATS else (example,)
+                sides = _sides(example, fmt)
                 parts.extend(sides)
                 owners.extend([k] * len(sides))
         try:
@@ -374,7 +382,7 @@ def _first_bad(tally: _Tally, unit: str = "line") -> str:
 def validate_file(path: Path, *, display_name: str | None = None, config: RealmConfig,
                   count_tokens: CountTokens | None = None,
                   count_tokens_batch: CountTokensBatch | None = None,
-                  verdicts: RecordVerdicts | None = None) -> ValidationReport:
+                  verdicts: RecordVerdicts | None = None, school: str | None = None) -> ValidationReport:
     """Validate the quest file at ``path`` and return its report (never raises for bad content).
 
     ``display_name``: the user's file name (default ``path.name``); it decides the accepted suffix and the
@@ -384,6 +392,10 @@ def validate_file(path: Path, *, display_name: str | None = None, config: RealmC
     does the same for a list (up to :data:`TOKEN_BATCH_EXAMPLES`; faster with a fast tokenizer's batch
     encoding) and wins when both are given. Neither: no token statistics, no length policy. An exception
     from the counter makes that line bad (a failing batch is retried one example at a time).
+
+    ``school``: the quest's school when something other than its ``schools`` rule chose it (a campaign
+    stage's, :mod:`core.campaigns`); a file whose school trains prompts (``grpo``) is read as
+    ``prompt_only`` records (:func:`core.formats.parse_record`).
 
     ``verdicts``: an empty :class:`core.records.RecordVerdicts`, filled with the lines that train (the
     ``examples`` kept records) and how the file was read; left empty for a file rejected as a whole before
@@ -410,7 +422,8 @@ def validate_file(path: Path, *, display_name: str | None = None, config: RealmC
     if verdicts is not None:
         tally.verdicts = verdicts
     hasher = hashlib.sha256()
-    fmt: str | None = None
+    chosen = school or school_for(name, None, config)[0]
+    fmt: str | None = PROMPT_ONLY if SCHOOL_DATA.get(chosen) == "prompts" else None
     if count_tokens_batch is None and count_tokens is not None:
         count_tokens_batch = _batched(count_tokens)
     measurer = None if count_tokens_batch is None else _Measurer(tally, count_tokens_batch, max_length,
@@ -465,7 +478,7 @@ def validate_file(path: Path, *, display_name: str | None = None, config: RealmC
     report.tokens = tally.token_stats()
     if report.tokens is not None and report.tokens.total:
         report.trainable_token_ratio = report.tokens.trainable / report.tokens.total
-    report.school, _ = school_for(name, fmt, config)
+    report.school = school or school_for(name, fmt, config)[0]
     school_reason = school_problem(report.school, fmt)
     report.trainable = fmt is not None and school_reason is None
 

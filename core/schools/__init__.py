@@ -18,6 +18,7 @@ school             formats              module
 ``orpo``           paired preferences   :mod:`core.schools.judge` (reference-free ORPO)
 ``kto``            unpaired ratings     :mod:`core.schools.kto` (Judge: KTO)
 ``fortune_teller`` SFT formats          :mod:`core.schools.fortune_teller` (surprise-weighted SFT)
+``grpo``           prompts + columns    :mod:`core.schools.champion` (Champion: GRPO, sampled on the fly)
 =================  ===================  =================================================================
 
 **Which school trains a quest** (:func:`school_for`): the first glob of ``config.schools`` matching the
@@ -35,7 +36,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from core.config import QuestRule, RealmConfig, quest_rule_for
-from core.formats import PREFERENCE_FORMATS, SFT_FORMATS, UNPAIRED_FORMATS
+from core.formats import PREFERENCE_FORMATS, PROMPT_FORMATS, SFT_FORMATS, UNPAIRED_FORMATS
 
 if TYPE_CHECKING:
     from core.schools.base import School
@@ -45,12 +46,15 @@ REFERENCE_SUFFIX = ".reference.safetensors"
 #: school name -> what it trains ("sft", "paired", "unpaired")
 SCHOOL_DATA = {"sft": "sft", "fortune_teller": "sft", "dpo": "paired", "ipo": "paired", "orpo": "paired",
                "kto": "unpaired"}
+SCHOOL_DATA["grpo"] = "prompts"
 #: Names the Tavern shows (tavern/game.py maps schools to the original's RPG names).
 SCHOOL_TITLES = {"sft": "Scribe", "fortune_teller": "Fortune Teller", "dpo": "Judge", "ipo": "Judge",
                  "orpo": "Judge", "kto": "Judge"}
+SCHOOL_TITLES["grpo"] = "Champion"
 _DATA_WORDS = {"sft": "SFT records (text, messages, prompt/completion, alpaca, sharegpt)",
                "paired": "paired preferences (prompt/chosen/rejected)",
                "unpaired": "unpaired ratings (prompt/completion/label)"}
+_DATA_WORDS["prompts"] = "prompts (prompt + columns for the rewards, format prompt_only)"
 
 
 def rule_for(file_name: str, config: RealmConfig) -> QuestRule:
@@ -67,6 +71,8 @@ def school_by_format(fmt: str | None) -> str:
         return "dpo"
     if fmt in UNPAIRED_FORMATS:
         return "kto"
+    if fmt in PROMPT_FORMATS:
+        return "grpo"
     return "sft"
 
 
@@ -86,7 +92,7 @@ def school_problem(school: str, fmt: str | None) -> str | None:
     if data is None:
         return f"unknown school {school!r}; schools are {', '.join(SCHOOL_DATA)}"
     have = "sft" if fmt in SFT_FORMATS else "paired" if fmt in PREFERENCE_FORMATS else \
-        "unpaired" if fmt in UNPAIRED_FORMATS else None
+        "unpaired" if fmt in UNPAIRED_FORMATS else "prompts" if fmt in PROMPT_FORMATS else None
     if fmt is None or have == data:
         return None
     return (f"school {school} trains {_DATA_WORDS[data]}, but this file is format {fmt} ({_DATA_WORDS[have]}); "
@@ -109,4 +115,7 @@ def make_school(name: str, rule: QuestRule | None = None) -> School:
     if name == "kto":
         from core.schools.kto import KTO
         return KTO(rule)
+    if name == "grpo":
+        from core.schools.champion import Champion
+        return Champion(rule)
     raise ValueError(f"unknown school {name!r}; schools are {', '.join(SCHOOL_DATA)}")

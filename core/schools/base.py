@@ -96,6 +96,10 @@ class School:
             engine.model.train()
         return total / n if n else float("nan")
 
+    def begin_quest(self, engine: Engine, quest_id: int, reference_path: Any, examples_done: int) -> None:
+        """Called once per :meth:`core.engine.Engine.train_quest` before any step, with the quest's reference
+        sidecar path (None: in memory only) and its cursor (Champion's quest-start reference weights)."""
+
     def prepare_items(self, items: list[Any], group: int) -> None:
         """Called once per quest (reference schools) with the items in train order and the records per step."""
 

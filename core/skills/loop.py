@@ -16,7 +16,8 @@ generated quests waiting (files in the inbox, quests validating, queued or train
 quest not failed (a skill whose items fail validation would otherwise fill ``queue/failed/``: a
 ``quest_generation_paused`` warning instead) and a skill of ``skills.priorities`` not yet mastered, the loop
 writes ``idle_generation.examples_per_quest`` items of one
-skill as a quest ``inbox/<idle_generation.priority>/skill-<SKILL>-L<level>-idle<n>.jsonl``
+skill as a quest ``inbox/<idle_generation.priority>/skill-<SKILL>-L<level>-idle<n>.jsonl`` (in the records of
+the campaign stage's school, which trains it: :mod:`core.campaigns`)
 (:func:`core.skills.quests.write_quest`: atomic, so the watcher sees all of it or nothing); from there it is
 validated, queued, trained and traced like any dropped quest. The skill is picked by weight, deterministically:
 the one with the fewest generated quests per unit of weight (``(count + 1) / weight``, ties by name), so
@@ -55,12 +56,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from core.campaigns import record_stage_school
 from core.config import RealmConfig
 from core.ledger import Ledger, QuestState
 from core.realm import PRIORITIES, Realm
 from core.skills.base import Skill, derive_seed
 from core.skills.quests import (
     mixed_items,
+    prompt_record,
     quest_file_name,
     quest_record,
     skill_quest_globs,
@@ -176,6 +179,11 @@ class HeroLoop:
             return dict(self.registry.priorities)
         return {name: w for name, w in stage.items() if name in self.registry.skills}
 
+    def stage_school(self) -> str | None:
+        """The school of the campaign stage in progress (it trains the quests generated now), else None."""
+        stage = self.campaign.current if self.campaign is not None else None
+        return None if stage is None else stage.school
+
     def levels(self) -> dict[str, int]:
         """The hero's level of each skill practised (:meth:`priorities`; 0 before any trial)."""
         return {name: self.ledger.skill_level(self.hero, name) for name in self.priorities()}
@@ -200,10 +208,14 @@ class HeroLoop:
         number = int(counts.get("total", 0)) + 1
         key = f"idle{number:06d}"
         path = self.realm.inbox / idle.priority / quest_file_name(name, level, key)
+        school = self.stage_school()
+        record = prompt_record if school == "grpo" else quest_record
         try:
             items = generated_items(skill, level, idle.examples_per_quest, idle.review_share, key)
             path.parent.mkdir(parents=True, exist_ok=True)
-            write_quest(path, (quest_record(it) for it in items))
+            if school is not None:  # before the file appears: validation reads it (core.campaigns)
+                record_stage_school(self.ledger, path.name, school)
+            write_quest(path, (record(it) for it in items))
         except Exception as exc:  # a custom skill that raises, a full disk: reported, the daemon lives
             self.log.error("idle generation of %s level %d failed: %s", name, level, exc)
             self.ledger.event("quest_generation_failed", f"idle generation of {name} level {level} failed: "

@@ -36,6 +36,12 @@ def quest_record(item: SkillItem) -> dict:
             "skill": item.skill, "level": item.level}
 
 
+def prompt_record(item: SkillItem) -> dict:
+    """The prompt record of an item for GRPO (TRL's prompt-only type, :mod:`core.schools.champion`): the
+    prompt, the ``answer`` the skill's scorer checks, ``skill`` and ``level``."""
+    return {"prompt": prompt_messages(item), "answer": item.answer, "skill": item.skill, "level": item.level}
+
+
 def training_items(skill: Skill, level: int, n: int, key: object) -> list[SkillItem]:
     """``n`` training items of ``skill`` at ``level``, from the seed ``derive_seed("train", skill, level,
     key)``: ``key`` (e.g. a quest counter) makes each batch different and reproducible; never a trial item

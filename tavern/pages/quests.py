@@ -26,7 +26,7 @@ from typing import Any
 from flask import Blueprint, jsonify, render_template, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from core.formats import ALL_FORMATS, PREFERENCE_FORMATS, SFT_FORMATS
+from core.formats import EVERY_FORMAT, PREFERENCE_FORMATS, SFT_FORMATS
 from core.ledger import QuestState
 from core.quest_queue import QuestStateError, folder_name
 from core.realm import PRIORITIES, RealmError
@@ -67,7 +67,7 @@ def trainable_formats() -> frozenset[str]:
     published = current_ledger().daemon_status().get("trainable_formats")
     if isinstance(published, list) and all(isinstance(f, str) for f in published):
         return frozenset(published)
-    return frozenset(ALL_FORMATS)
+    return frozenset(EVERY_FORMAT)
 
 
 def public_quest(quest: dict[str, Any], trainable: frozenset[str] = SFT_FORMATS) -> dict[str, Any]:

@@ -237,3 +237,55 @@ def test_a_stage_naming_an_unknown_skill_is_reported(tmp_path):
         assert loop.priorities() == {}  # nothing to generate for a skill nobody has
     finally:
         ledger.close()
+
+
+@pytest.mark.parametrize("school", ["grpo", "fortune_teller"])
+def test_the_stage_school_trains_the_quests_the_stage_generates(make_realm, school):
+    realm = make_realm(
+        training={"micro_batch_size": 2, "eval_holdout_every": 0},
+        idle_generation={"enabled": True, "examples_per_quest": 6},
+        # a rule matching the name gives the school's settings; the stage, not the rule, picks the school
+        schools={"skill-*": {"school": "sft", "num_generations": 2, "max_completion_length": 4}},
+        campaign={"enabled": True, "stages": [
+            {"name": "champion", "school": school, "skills": {"BIN": 1.0}, "until": {"steps": 100}}]})
+    config = realm.load_config()
+    ledger = Ledger(realm.ledger_path)
+    try:
+        loop = HeroLoop(realm, config, ledger, idle_check_interval_seconds=0)
+        loop.campaign = Campaign(config.campaign, ledger, "hero", realm.inbox)
+        loop.campaign.start(0)
+        loop.start(0)
+        path = loop.when_idle()
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        if school == "grpo":  # prompt records the skill's scorer checks
+            assert set(records[0]) == {"prompt", "answer", "skill", "level"} and records[0]["skill"] == "BIN"
+        else:
+            assert set(records[0]) == {"prompt", "completion", "skill", "level"}
+        from core.campaigns import stage_school_of
+        assert stage_school_of(ledger, path.name) == school and stage_school_of(ledger, "other.jsonl") is None
+    finally:
+        ledger.close()
+    from core.daemon import Daemon
+
+    assert Daemon(realm, config, until_idle=True).run() == 0
+    ledger = Ledger(realm.ledger_path)
+    try:
+        quest = ledger.list_quests()[0]
+        assert (quest["name"], quest["state"], quest["school"]) == (path.name, "completed", school)
+        assert quest["format"] == ("prompt_only" if school == "grpo" else "prompt_completion")
+        assert quest["steps"] == (3 if school == "grpo" else quest["steps"]) and quest["steps"] >= 1  # SFT packs rows
+        metrics = ledger.step_metrics()
+        if school == "grpo":  # scored by each record's skill (no rewards in the rule)
+            assert {"reward", "rewards/skill/mean"} <= set(metrics[1])
+    finally:
+        ledger.close()
+    status = json.loads(cli(realm, "status", "--json").stdout)
+    assert status["quests"][0]["school"] == school and status["campaign"]["school"] == school
+
+
+def test_a_stage_with_skills_needs_a_school_that_can_practise_them(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"campaign": {"stages": [
+        {"name": "a", "school": "dpo", "skills": {"BIN": 1.0}, "until": {"steps": 1}}]}}))
+    with pytest.raises(ConfigError, match="cannot practise skills"):
+        load_config(path)

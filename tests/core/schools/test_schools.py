@@ -41,7 +41,7 @@ def test_school_by_format_and_rules():
 
 def test_rules_are_validated_all_at_once():
     with pytest.raises(ConfigError) as err:
-        parse_config({"schools": {"a*": {"school": "kto", "loss_type": "ipo"}, "b*": {"school": "grpo"},
+        parse_config({"schools": {"a*": {"school": "kto", "loss_type": "ipo"}, "b*": {"school": "alchemy"},
                                   "c*": {"beta": 0, "teacher": "x"}}})
     text = str(err.value)
     for needle in ("schools.a*.loss_type", "schools.b*.school", "schools.c*.beta", "schools.c*.teacher"):

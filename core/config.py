@@ -418,7 +418,7 @@ class CampaignStage(_Section):
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}$", description="Shown in status and the Tavern.")
     school: str = Field("sft", description="The stage's school, one of SCHOOL_NAMES (sft, dpo, ipo, orpo, kto, "
-                        "fortune_teller); shown in status and the Guild. Which school trains a quest is still "
+                        "fortune_teller, distill); shown in status and the Guild. Which school trains a quest is still "
                         "decided by its `schools` rule.")
     skills: dict[str, float] = Field(default_factory=dict, description="Skill -> weight practised in this stage "
                                      "(replaces skills.priorities for idle generation while it lasts).")
@@ -486,7 +486,7 @@ def _skill_name_problem(name: str) -> str | None:
     return f"skill name {name!r}: letters, digits, '_', '.', '-', a letter first, at most 32 characters"
 
 
-SCHOOL_NAMES = ("sft", "dpo", "ipo", "orpo", "kto", "fortune_teller")
+SCHOOL_NAMES = ("sft", "dpo", "ipo", "orpo", "kto", "fortune_teller", "distill")
 """Schools a quest rule may name (:mod:`core.schools`)."""
 
 
@@ -498,20 +498,31 @@ class QuestRule(_Section):
     ``school`` null: chosen by the file's format (SFT formats -> ``sft``, paired preferences -> ``dpo``,
     unpaired ratings -> ``kto``), see :mod:`core.schools`."""
 
-    school: Literal["sft", "dpo", "ipo", "orpo", "kto", "fortune_teller"] | None = Field(
+    school: Literal["sft", "dpo", "ipo", "orpo", "kto", "fortune_teller", "distill"] | None = Field(
         None, description="sft (Scribe), dpo / ipo / orpo / kto (Judge), fortune_teller (surprise-weighted "
-        "SFT); null: by the file's format.")
+        "SFT), distill (Whisper: distillation from `teacher`); null: by the file's format.")
     beta: float = Field(0.1, gt=0, le=100, description="DPO/IPO/KTO: strength of the reference constraint "
-                        "(TRL's beta; IPO's tau). ORPO: weight lambda of the odds-ratio term.")
-    loss_type: Literal["sigmoid", "ipo"] | None = Field(
+                        "(TRL's beta; IPO's tau). ORPO: weight lambda of the odds-ratio term. distill with "
+                        "loss_type jsd: the generalized JSD's mixture weight in (0, 1] (TRL GKD's beta; 1 is "
+                        "reverse KL), 0.5 when not set.")
+    loss_type: Literal["sigmoid", "ipo", "kl", "jsd"] | None = Field(
         None, description="With school dpo: sigmoid (DPO, Rafailov et al. 2023, the default) or ipo (Azar et "
-        "al. 2023; the same as school ipo).")
+        "al. 2023; the same as school ipo). With school distill: kl (forward KL at `temperature`, Hinton et al. "
+        "2015, the default) or jsd (generalized Jensen-Shannon divergence with `beta`, GKD, Agarwal et al. 2024).")
     desirable_weight: float = Field(1.0, gt=0, le=100, description="KTO: weight of the good (label true) "
                                     "completions' losses.")
     undesirable_weight: float = Field(1.0, gt=0, le=100, description="KTO: weight of the bad (label false) "
                                       "completions' losses.")
     weighting: Literal["entropy", "confidence", "margin"] = Field(
         "entropy", description="fortune_teller: which surprise weighs each token's loss (mean weight 1).")
+    teacher: str | None = Field(
+        None, max_length=1000, description="distill: the teacher model, with the hero's tokenizer: a model folder "
+        "(absolute or relative to the realm), a checkpoint of the hero (step-00001234), a named version "
+        "(models/<hero>/versions/<name>) or a hub id in the local Hugging Face cache (never downloaded).")
+    temperature: float = Field(1.0, gt=0, le=100, description="distill: softmax temperature T of teacher and "
+                               "student in the distillation term (scaled by T^2, Hinton et al. 2015).")
+    alpha: float = Field(0.5, ge=0, le=1, description="distill: loss = alpha * distillation + (1 - alpha) * "
+                         "cross-entropy on the data (1: distillation only, 0: plain SFT).")
     epochs: int = Field(1, ge=1, le=10_000, description="Passes over the quest's train examples (held-out "
                         "records are never trained); progress and ETA count all of them.")
     shuffle: bool = Field(False, description="Train each epoch in a seeded random order: the permutation of "
@@ -521,9 +532,29 @@ class QuestRule(_Section):
     @field_validator("loss_type")
     @classmethod
     def _loss_type_for_dpo(cls, value, info):
+        if value in ("kl", "jsd"):
+            if info.data.get("school") != "distill":
+                raise ValueError(f"loss_type {value} is a setting of school distill, not {info.data.get('school')}")
+            return value
         if value is not None and info.data.get("school") not in ("dpo", None):
             raise ValueError(f"loss_type is a setting of school dpo, not {info.data.get('school')}")
         return value
+
+    @field_validator("teacher")
+    @classmethod
+    def _teacher_for_distill(cls, value, info):
+        if value is not None and info.data.get("school") != "distill":
+            raise ValueError(f"teacher is a setting of school distill, not {info.data.get('school')}")
+        if value is not None and not value.strip():
+            raise ValueError("teacher is empty: name a model folder, checkpoint, version or cached hub id")
+        return value
+
+    @model_validator(mode="after")
+    def _jsd_beta(self) -> QuestRule:
+        if self.school == "distill" and self.loss_type == "jsd" and "beta" in self.model_fields_set \
+                and not 0 < self.beta <= 1:
+            raise ValueError(f"beta {self.beta} with loss_type jsd must be in (0, 1] (0 would be loss_type kl)")
+        return self
 
 
 def quest_rule_for(file_name: str, schools: dict[str, QuestRule]) -> QuestRule:

@@ -1,6 +1,7 @@
 """Whisper's teacher: which model folder a ``teacher`` setting names, and whether its tokenizer is the hero's.
 
-Torch-free (validation and the CLI's ``validate`` run it; only tokenizers are loaded, never weights).
+Validation and the CLI's ``validate`` run it: importing it costs no torch, and a check loads the teacher's
+tokenizer (transformers) and reads its ``config.json``, never its weights.
 :mod:`core.schools.whisper` loads the teacher's weights once per quest through :func:`resolve_teacher`.
 
 ``schools.<glob>.teacher`` (:class:`core.config.QuestRule`) is tried as, in this order:

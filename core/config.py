@@ -18,6 +18,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from core.checkpoint_layout import EXAMPLE_NAME
+
 CONFIG_FILENAME = "config.json"
 
 
@@ -517,7 +519,7 @@ class QuestRule(_Section):
         "entropy", description="fortune_teller: which surprise weighs each token's loss (mean weight 1).")
     teacher: str | None = Field(
         None, max_length=1000, description="distill: the teacher model, with the hero's tokenizer: a model folder "
-        "(absolute or relative to the realm), a checkpoint of the hero (step-00001234), a named version "
+        f"(absolute or relative to the realm), a checkpoint of the hero ({EXAMPLE_NAME}), a named version "
         "(models/<hero>/versions/<name>) or a hub id in the local Hugging Face cache (never downloaded).")
     temperature: float = Field(1.0, gt=0, le=100, description="distill: softmax temperature T of teacher and "
                                "student in the distillation term (scaled by T^2, Hinton et al. 2015).")

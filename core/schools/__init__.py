@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from core.checkpoint_layout import EXAMPLE_NAME
 from core.config import QuestRule, RealmConfig, quest_rule_for
 from core.formats import PREFERENCE_FORMATS, SFT_FORMATS, UNPAIRED_FORMATS
 
@@ -94,7 +95,7 @@ def school_problem(school: str, fmt: str | None, rule: QuestRule | None = None) 
     if fmt is None or have == data:
         if school == "distill" and rule is not None and not rule.teacher:
             return ("school distill (Whisper) needs a teacher: set schools.<glob>.teacher in config.json to a "
-                    "model folder, a checkpoint of the hero (step-00001234), a named version or a cached hub id")
+                    f"model folder, a checkpoint of the hero ({EXAMPLE_NAME}), a named version or a cached hub id")
         return None
     return (f"school {school} trains {_DATA_WORDS[data]}, but this file is format {fmt} ({_DATA_WORDS[have]}); "
             f"change config.json schools for this file name, or drop it without a rule (format {fmt} goes to "

@@ -32,6 +32,7 @@ from typing import Any
 
 from core.checkpoint_layout import (
     ADAPTER_CONFIG_FILE,
+    EXAMPLE_NAME,
     MODEL_CONFIG_FILE,
     VERSION_NAME_RE,
     checkpoint_name,
@@ -62,7 +63,7 @@ def resolve_teacher(realm: Realm, config: RealmConfig, spec: str | None) -> tupl
     hero = config.hero.name
     if spec in MOVING_TAGS:
         raise TeacherError(f"teacher {spec!r} moves while the hero trains (the teacher of a quest must stay "
-                           f"fixed): name the checkpoint (e.g. step-00001234) or promote it to a version")
+                           f"fixed): name the checkpoint (e.g. {EXAMPLE_NAME}) or promote it to a version")
     try:
         step = parse_step_argument(spec)
     except ValueError:

@@ -39,6 +39,7 @@ from core.ledger import Ledger, QuestState
 from core.quest_queue import QuestQueue, printable_name
 from core.realm import Realm
 from core.records import RecordVerdicts, count_train_examples
+from core.schools.teacher import school_check
 from core.validation import ValidationReport, validate_file, write_report
 
 log = logging.getLogger("realm.admission")
@@ -226,7 +227,8 @@ class Admission(BaseThread):
         report = validate_file(path, display_name=quest["name"], config=self.config, verdicts=verdicts,
                                count_tokens_batch=lambda examples: measure_batch(examples, self.tokenizer,
                                                                                  max_length),
-                               school=stage_school_of(self.ledger, quest["name"]))
+                               school=stage_school_of(self.ledger, quest["name"]),
+                               school_check=school_check(self.realm, self.config, self.tokenizer))
         report_path = self.queue.report_path_of(quest)
         write_report(report, report_path)
         info = report.to_dict()

@@ -40,6 +40,10 @@ CHECKPOINT_NAME_RE = re.compile(rf"^{re.escape(CHECKPOINT_PREFIX)}([0-9]{{{STEP_
 #: What a user may type for a checkpoint: the name, or the bare global step (1 to 8 ASCII digits).
 _STEP_ARGUMENT_RE = re.compile(rf"{re.escape(CHECKPOINT_PREFIX)}([0-9]{{{STEP_DIGITS}}})|([0-9]{{1,{STEP_DIGITS}}})")
 
+#: A named version's folder name (``models/<hero>/versions/<name>``, :meth:`core.realm.Realm.versions_dir`,
+#: written by ``management.versions``).
+VERSION_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
 # sibling folders that are not checkpoints (see the module docstring)
 TMP_PREFIX = ".tmp-"
 OLD_PREFIX = ".old-"

@@ -18,6 +18,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from core.checkpoint_layout import EXAMPLE_NAME
+
 CONFIG_FILENAME = "config.json"
 
 
@@ -418,7 +420,7 @@ class CampaignStage(_Section):
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}$", description="Shown in status and the Tavern.")
     school: str = Field("sft", description="The stage's school, one of SCHOOL_NAMES (sft, dpo, ipo, orpo, kto, "
-                        "fortune_teller, grpo); the quests the stage generates (idle generation of its skills) "
+                        "fortune_teller, grpo, distill); the quests the stage generates (idle generation of its skills) "
                         "train with it: sft/fortune_teller on SFT records, grpo on prompt records scored by the "
                         "skill. Its other quests keep the school of their `schools` rule.")
     skills: dict[str, float] = Field(default_factory=dict, description="Skill -> weight practised in this stage "
@@ -490,8 +492,7 @@ def _skill_name_problem(name: str) -> str | None:
     return f"skill name {name!r}: letters, digits, '_', '.', '-', a letter first, at most 32 characters"
 
 
-SCHOOL_NAMES = ("sft", "dpo", "ipo", "orpo", "kto", "fortune_teller")
-SCHOOL_NAMES += ("grpo",)
+SCHOOL_NAMES = ("sft", "dpo", "ipo", "orpo", "kto", "fortune_teller", "grpo", "distill")
 STAGE_SKILL_SCHOOLS = ("sft", "fortune_teller", "grpo")
 """Schools that can train the quests a campaign stage generates from its skills."""
 """Schools a quest rule may name (:mod:`core.schools`)."""
@@ -505,14 +506,18 @@ class QuestRule(_Section):
     ``school`` null: chosen by the file's format (SFT formats -> ``sft``, paired preferences -> ``dpo``,
     unpaired ratings -> ``kto``), see :mod:`core.schools`."""
 
-    school: Literal["sft", "dpo", "ipo", "orpo", "kto", "fortune_teller", "grpo"] | None = Field(
+    school: Literal["sft", "dpo", "ipo", "orpo", "kto", "fortune_teller", "grpo", "distill"] | None = Field(
         None, description="sft (Scribe), dpo / ipo / orpo / kto (Judge), fortune_teller (surprise-weighted "
-        "SFT), grpo (Champion: its records are prompts); null: by the file's format.")
+        "SFT), grpo (Champion: its records are prompts), distill (Whisper: distillation from `teacher`); null: by "
+        "the file's format.")
     beta: float = Field(0.1, gt=0, le=100, description="DPO/IPO/KTO: strength of the reference constraint "
-                        "(TRL's beta; IPO's tau). ORPO: weight lambda of the odds-ratio term.")
-    loss_type: Literal["sigmoid", "ipo"] | None = Field(
+                        "(TRL's beta; IPO's tau). ORPO: weight lambda of the odds-ratio term. distill with "
+                        "loss_type jsd: the generalized JSD's mixture weight in (0, 1] (TRL GKD's beta; 1 is "
+                        "reverse KL), 0.5 when not set.")
+    loss_type: Literal["sigmoid", "ipo", "kl", "jsd"] | None = Field(
         None, description="With school dpo: sigmoid (DPO, Rafailov et al. 2023, the default) or ipo (Azar et "
-        "al. 2023; the same as school ipo).")
+        "al. 2023; the same as school ipo). With school distill: kl (forward KL at `temperature`, Hinton et al. "
+        "2015, the default) or jsd (generalized Jensen-Shannon divergence with `beta`, GKD, Agarwal et al. 2024).")
     desirable_weight: float = Field(1.0, gt=0, le=100, description="KTO: weight of the good (label true) "
                                     "completions' losses.")
     undesirable_weight: float = Field(1.0, gt=0, le=100, description="KTO: weight of the bad (label false) "
@@ -528,14 +533,21 @@ class QuestRule(_Section):
                                  "group G; TRL's num_generations).")
     max_completion_length: int = Field(128, ge=1, le=32_768, description="grpo: most tokens generated per "
                                        "completion (TRL's max_completion_length).")
-    temperature: float = Field(1.0, gt=0, le=10, description="grpo: sampling temperature (also divides the "
-                               "logits of the loss, as TRL does).")
+    temperature: float = Field(1.0, gt=0, le=100, description="grpo: sampling temperature (also divides the "
+                               "logits of the loss, as TRL does). distill: softmax temperature T of teacher and "
+                               "student in the distillation term (scaled by T^2, Hinton et al. 2015).")
     epsilon: float = Field(0.2, gt=0, le=10, description="grpo: clip range of the probability ratio (TRL's "
                            "epsilon).")
     scale_rewards: Literal["group", "none"] = Field(
         "group", description="grpo: advantages (r - group mean) divided by the group's std (group) or not "
         "(none, Dr. GRPO). The KL term to the quest-start hero is on when `beta` is set for a grpo rule "
         "(TRL's default beta 0.0: off).")
+    teacher: str | None = Field(
+        None, max_length=1000, description="distill: the teacher model, with the hero's tokenizer: a model folder "
+        f"(absolute or relative to the realm), a checkpoint of the hero ({EXAMPLE_NAME}), a named version "
+        "(models/<hero>/versions/<name>) or a hub id in the local Hugging Face cache (never downloaded).")
+    alpha: float = Field(0.5, ge=0, le=1, description="distill: loss = alpha * distillation + (1 - alpha) * "
+                         "cross-entropy on the data (1: distillation only, 0: plain SFT).")
     epochs: int = Field(1, ge=1, le=10_000, description="Passes over the quest's train examples (held-out "
                         "records are never trained); progress and ETA count all of them.")
     shuffle: bool = Field(False, description="Train each epoch in a seeded random order: the permutation of "
@@ -556,9 +568,29 @@ class QuestRule(_Section):
     @field_validator("loss_type")
     @classmethod
     def _loss_type_for_dpo(cls, value, info):
+        if value in ("kl", "jsd"):
+            if info.data.get("school") != "distill":
+                raise ValueError(f"loss_type {value} is a setting of school distill, not {info.data.get('school')}")
+            return value
         if value is not None and info.data.get("school") not in ("dpo", None):
             raise ValueError(f"loss_type is a setting of school dpo, not {info.data.get('school')}")
         return value
+
+    @field_validator("teacher")
+    @classmethod
+    def _teacher_for_distill(cls, value, info):
+        if value is not None and info.data.get("school") != "distill":
+            raise ValueError(f"teacher is a setting of school distill, not {info.data.get('school')}")
+        if value is not None and not value.strip():
+            raise ValueError("teacher is empty: name a model folder, checkpoint, version or cached hub id")
+        return value
+
+    @model_validator(mode="after")
+    def _jsd_beta(self) -> QuestRule:
+        if self.school == "distill" and self.loss_type == "jsd" and "beta" in self.model_fields_set \
+                and not 0 < self.beta <= 1:
+            raise ValueError(f"beta {self.beta} with loss_type jsd must be in (0, 1] (0 would be loss_type kl)")
+        return self
 
 
 def quest_rule_for(file_name: str, schools: dict[str, QuestRule]) -> QuestRule:

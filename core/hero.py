@@ -182,21 +182,23 @@ def resolve_model_source(realm: Realm, hero_config: HeroConfig, *, create: bool 
     return _from_hub_cache(source, realm), False
 
 
-def _from_hub_cache(repo_id: str, realm: Realm) -> str:
+def _from_hub_cache(repo_id: str, realm: Realm, setting: str = "hero.base_model") -> str:
+    """The local snapshot folder of hub id ``repo_id`` (``local_files_only``: never a download). Raises
+    :class:`HeroError` naming ``setting`` (the config key that named it) with the fix."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError
 
     try:
         return snapshot_download(repo_id, local_files_only=True)
     except HFValidationError as exc:
-        raise HeroError(f"hero.base_model {repo_id!r} is neither an existing folder nor a valid hub id: "
+        raise HeroError(f"{setting} {repo_id!r} is neither an existing folder nor a valid hub id: "
                         f"{exc}") from None
     except Exception as exc:  # LocalEntryNotFoundError and friends: not in the cache
         raise HeroError(
-            f"hero.base_model {repo_id!r} is neither a folder (looked in {realm.root}) nor a model in the local "
+            f"{setting} {repo_id!r} is neither a folder (looked in {realm.root}) nor a model in the local "
             "Hugging Face cache, and downloads are off. "
             f"On a machine with network run `hf download {repo_id}` (or save the model to a folder and set "
-            f"hero.base_model to that folder). ({type(exc).__name__})") from None
+            f"{setting} to that folder). ({type(exc).__name__})") from None
 
 
 def resolve_tokenizer_source(realm: Realm, config) -> str:

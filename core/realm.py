@@ -92,6 +92,10 @@ class Realm:
     def checkpoints_dir(self, hero_name: str) -> Path:
         return self.hero_dir(hero_name) / "checkpoints"
 
+    def versions_dir(self, hero_name: str) -> Path:
+        """``models/<hero>/versions``: the hero's named versions (``management.versions``)."""
+        return self.hero_dir(hero_name) / "versions"
+
     def pid_file(self, process_name: str) -> Path:
         return self.run_dir / f"{process_name}.pid"
 

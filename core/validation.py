@@ -41,7 +41,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from core import containers
-from core.config import RealmConfig
+from core.config import QuestRule, RealmConfig
 from core.formats import (
     PREFERENCE_FORMATS,
     PROMPT_ONLY,
@@ -382,7 +382,8 @@ def _first_bad(tally: _Tally, unit: str = "line") -> str:
 def validate_file(path: Path, *, display_name: str | None = None, config: RealmConfig,
                   count_tokens: CountTokens | None = None,
                   count_tokens_batch: CountTokensBatch | None = None,
-                  verdicts: RecordVerdicts | None = None, school: str | None = None) -> ValidationReport:
+                  verdicts: RecordVerdicts | None = None, school: str | None = None,
+                  school_check: Callable[[str, QuestRule], str | None] | None = None) -> ValidationReport:
     """Validate the quest file at ``path`` and return its report (never raises for bad content).
 
     ``display_name``: the user's file name (default ``path.name``); it decides the accepted suffix and the
@@ -400,6 +401,10 @@ def validate_file(path: Path, *, display_name: str | None = None, config: RealmC
     ``verdicts``: an empty :class:`core.records.RecordVerdicts`, filled with the lines that train (the
     ``examples`` kept records) and how the file was read; left empty for a file rejected as a whole before
     its lines are read (type, compression, encoding).
+
+    ``school_check(school, rule) -> reason | None``: what the quest's school cannot do with its settings
+    beyond the format (e.g. Whisper's teacher, :func:`core.schools.teacher.school_check`); a reason
+    rejects the file.
 
     Raises ``OSError`` only when the file itself cannot be opened, stat'ed or read (missing, permissions,
     I/O error); every problem with its content is reported in the returned :class:`ValidationReport`.
@@ -478,8 +483,11 @@ def validate_file(path: Path, *, display_name: str | None = None, config: RealmC
     report.tokens = tally.token_stats()
     if report.tokens is not None and report.tokens.total:
         report.trainable_token_ratio = report.tokens.trainable / report.tokens.total
-    report.school = school or school_for(name, fmt, config)[0]
-    school_reason = school_problem(report.school, fmt)
+    report.school, rule = school_for(name, fmt, config)
+    report.school = school or report.school  # a campaign stage's school wins; the matching rule gives settings
+    school_reason = school_problem(report.school, fmt, rule)
+    if school_reason is None and fmt is not None and school_check is not None:
+        school_reason = school_check(report.school, rule)
     report.trainable = fmt is not None and school_reason is None
 
     notes = []

@@ -9,7 +9,6 @@ and ``metadata.json`` (base model, quests seen, metrics, file hashes). Errors: :
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -34,6 +33,7 @@ from core.checkpoint_layout import (
     TMP_PREFIX,
     TRAINER_STATE_JSON,
     TRAINER_STATE_PT,
+    VERSION_NAME_RE,
     checkpoint_name,
 )
 from core.config import RealmConfig
@@ -52,11 +52,9 @@ from management.vault_ops import (
     verify_copy,
 )
 
-VERSION_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
 
 def versions_dir(realm: Realm, hero: str) -> Path:
-    return realm.hero_dir(hero) / "versions"
+    return realm.versions_dir(hero)
 
 
 def quests_seen(ledger: Ledger, global_step: int) -> list[dict[str, Any]]:

@@ -505,6 +505,7 @@ def cmd_status(args, realm: Realm, config: RealmConfig, environ) -> int:
 
 def cmd_validate(args, realm: Realm, config: RealmConfig, environ) -> int:
     from core.chat import measure_batch
+    from core.schools.teacher import school_check
     from core.validation import format_report_text, validate_file
     from training.hero_tokenizer import hero_tokenizer
 
@@ -513,7 +514,8 @@ def cmd_validate(args, realm: Realm, config: RealmConfig, environ) -> int:
         raise FileNotFoundError(f"no such file: {path}")
     tokenizer = hero_tokenizer(realm, config)
     report = validate_file(path, display_name=path.name, config=config,
-                           count_tokens_batch=lambda exs: measure_batch(exs, tokenizer, config.training.max_length))
+                           count_tokens_batch=lambda exs: measure_batch(exs, tokenizer, config.training.max_length),
+                           school_check=school_check(realm, config, tokenizer))
     print(json.dumps(report.to_dict(), indent=2) if args.json else format_report_text(report))
     return ExitCode.OK if report.accepted else ExitCode.REJECTED
 

@@ -19,6 +19,7 @@ school             formats              module
 ``kto``            unpaired ratings     :mod:`core.schools.kto` (Judge: KTO)
 ``fortune_teller`` SFT formats          :mod:`core.schools.fortune_teller` (surprise-weighted SFT)
 ``grpo``           prompts + columns    :mod:`core.schools.champion` (Champion: GRPO, sampled on the fly)
+``distill``        SFT formats          :mod:`core.schools.whisper` (Whisper: distillation from a teacher)
 =================  ===================  =================================================================
 
 **Which school trains a quest** (:func:`school_for`): the first glob of ``config.schools`` matching the
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from core.checkpoint_layout import EXAMPLE_NAME
 from core.config import QuestRule, RealmConfig, quest_rule_for
 from core.formats import PREFERENCE_FORMATS, PROMPT_FORMATS, SFT_FORMATS, UNPAIRED_FORMATS
 
@@ -45,12 +47,10 @@ if TYPE_CHECKING:
 REFERENCE_SUFFIX = ".reference.safetensors"
 #: school name -> what it trains ("sft", "paired", "unpaired")
 SCHOOL_DATA = {"sft": "sft", "fortune_teller": "sft", "dpo": "paired", "ipo": "paired", "orpo": "paired",
-               "kto": "unpaired"}
-SCHOOL_DATA["grpo"] = "prompts"
+               "kto": "unpaired", "grpo": "prompts", "distill": "sft"}
 #: Names the Tavern shows (tavern/game.py maps schools to the original's RPG names).
 SCHOOL_TITLES = {"sft": "Scribe", "fortune_teller": "Fortune Teller", "dpo": "Judge", "ipo": "Judge",
-                 "orpo": "Judge", "kto": "Judge"}
-SCHOOL_TITLES["grpo"] = "Champion"
+                 "orpo": "Judge", "kto": "Judge", "grpo": "Champion", "distill": "Whisper"}
 _DATA_WORDS = {"sft": "SFT records (text, messages, prompt/completion, alpaca, sharegpt)",
                "paired": "paired preferences (prompt/chosen/rejected)",
                "unpaired": "unpaired ratings (prompt/completion/label)"}
@@ -86,14 +86,18 @@ def school_for(file_name: str, fmt: str | None, config: RealmConfig) -> tuple[st
     return name, rule
 
 
-def school_problem(school: str, fmt: str | None) -> str | None:
-    """Why ``school`` cannot train a file of format ``fmt`` (None when it can)."""
+def school_problem(school: str, fmt: str | None, rule: QuestRule | None = None) -> str | None:
+    """Why ``school`` cannot train a file of format ``fmt`` with the settings ``rule`` (None when it can;
+    a teacher that does not resolve is checked by :func:`core.schools.teacher.teacher_problem`)."""
     data = SCHOOL_DATA.get(school)
     if data is None:
         return f"unknown school {school!r}; schools are {', '.join(SCHOOL_DATA)}"
     have = "sft" if fmt in SFT_FORMATS else "paired" if fmt in PREFERENCE_FORMATS else \
         "unpaired" if fmt in UNPAIRED_FORMATS else "prompts" if fmt in PROMPT_FORMATS else None
     if fmt is None or have == data:
+        if school == "distill" and rule is not None and not rule.teacher:
+            return ("school distill (Whisper) needs a teacher: set schools.<glob>.teacher in config.json to a "
+                    f"model folder, a checkpoint of the hero ({EXAMPLE_NAME}), a named version or a cached hub id")
         return None
     return (f"school {school} trains {_DATA_WORDS[data]}, but this file is format {fmt} ({_DATA_WORDS[have]}); "
             f"change config.json schools for this file name, or drop it without a rule (format {fmt} goes to "
@@ -118,4 +122,7 @@ def make_school(name: str, rule: QuestRule | None = None) -> School:
     if name == "grpo":
         from core.schools.champion import Champion
         return Champion(rule)
+    if name == "distill":
+        from core.schools.whisper import Whisper
+        return Whisper(rule)
     raise ValueError(f"unknown school {name!r}; schools are {', '.join(SCHOOL_DATA)}")

@@ -410,15 +410,42 @@ def test_browser_chat_streams_text_regenerates_and_records_choices(app, server_u
     assert rows[0]["prompt"][-1]["content"] == "Tell me a story <img src=x onerror=alert(1)>"
 
     page.click(".msg.assistant .regenerate")
-    _wait_until(lambda: page.locator(".msg.assistant .pick").count() == 2, 60, "a second answer to pick from")
+    _wait_until(lambda: page.locator(".msg.assistant .pick, .msg.assistant .no-pair").count(), 60,
+                "a second answer to pick from")
     texts = page.locator(".msg.assistant .answer .text").all_text_contents()
-    if texts[0] != texts[1]:  # sampling at temperature 0.7 almost always differs; a tie cannot be a pair
+    pairable = texts[0] != texts[1] and texts[1].strip()
+    # sampling at temperature 0.7 almost always differs; a tie or a blank answer cannot be a pair and is not offered
+    assert page.locator(".msg.assistant .pick").count() == (2 if pairable else 0)
+    if pairable:
         page.locator(".msg.assistant .pick").nth(1).click()
         _wait_until(lambda: page.locator(".answer.chosen").count(), 10, "the choice to be saved")
         pair = list_preferences(ledger, kind="pair")[0]
         assert (pair["chosen"], pair["rejected"]) == (texts[1], texts[0])
     assert page.console_errors == []
     save_screenshot(page, "oracle")
+
+
+def test_browser_offers_no_choice_between_two_equal_answers(app, server_url, page):
+    """Greedy decoding (temperature 0) answers the same twice: the server would refuse that pair, so the page
+    offers no "Keep this one" button and says why, and nothing is written."""
+    from tavern.context import tavern_state
+
+    pairs_before = list_preferences(tavern_state(app).ledger, kind="pair")
+    page.goto(f"{server_url}/oracle")
+    _wait_until(lambda: page.locator("#oracle-model option[value='hero']").count(), 10, "the model list")
+    page.fill("#oracle-max-new-tokens", "8")
+    page.locator("#oracle-temperature").fill("0")
+    page.fill("#chat-input", "Once upon a time")
+    page.press("#chat-input", "Enter")
+    _wait_until(lambda: page.locator(".msg.assistant .regenerate").count(), 60, "the first answer")
+    page.click(".msg.assistant .regenerate")
+    _wait_until(lambda: page.locator(".msg.assistant .no-pair").count(), 60, "the second answer")
+    texts = page.locator(".msg.assistant .answer .text").all_text_contents()
+    assert texts[0] == texts[1]
+    assert page.locator(".msg.assistant .pick").count() == 0
+    assert "same answer twice" in page.locator(".msg.assistant .no-pair").inner_text()
+    assert list_preferences(tavern_state(app).ledger, kind="pair") == pairs_before
+    assert page.console_errors == []
 
 
 # access token ---------------------------------------------------------------------------------------------

@@ -194,15 +194,20 @@
     const [a, b] = turn.answers;
     turn.answers.forEach((ans) => {
       const buttons = [];
-      if (ans.status === "done") {
+      if (ans.status === "done" && ans.text.trim() !== "") {
         buttons.push(el("button", {type: "button", class: "rate-up", title: "good answer", "aria-pressed": String(ans.rating > 0),
                                    onclick: () => rate(ans, 1)}, "👍 good"));
         buttons.push(el("button", {type: "button", class: "rate-down", title: "bad answer", "aria-pressed": String(ans.rating < 0),
                                    onclick: () => rate(ans, -1)}, "👎 bad"));
       }
       const bothDone = b && a.status === "done" && b.status === "done";
-      if (bothDone && turn.picked === null && !active) {
+      // the server refuses a pair of equal or blank answers: no button that cannot work
+      const pairable = bothDone && a.text.trim() !== "" && b.text.trim() !== "" && a.text !== b.text;
+      if (pairable && turn.picked === null && !active) {
         buttons.push(el("button", {type: "button", class: "pick primary", onclick: () => pick(turn, ans)}, "Keep this one"));
+      } else if (bothDone && !pairable && ans === b) {
+        buttons.push(el("span", {class: "muted no-pair"}, a.text === b.text ? "same answer twice: no choice to keep"
+                                                                           : "an empty answer: no choice to keep"));
       }
       if (turn.last && !active && ans.status === "error") {
         buttons.push(el("button", {type: "button", class: "retry", onclick: () => retry(turn, ans)}, "Retry"));

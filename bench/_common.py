@@ -30,6 +30,24 @@ def require(path: Path) -> None:
         sys.exit(f"{path} is absent: the benchmarks need ../shared (models/stories260K, data/gsm8k_train.jsonl)")
 
 
+def gsm8k_examples(n: int, offset: int = 0) -> list[dict]:
+    """GSM8K records ``offset`` .. ``offset + n - 1`` as prompt/completion (question + newline -> answer)."""
+    out = []
+    with open(GSM8K, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if len(out) == n:
+                break
+            if i >= offset:
+                r = json.loads(line)
+                out.append({"prompt": r["question"] + "\n", "completion": r["answer"]})
+    return out
+
+
+def gsm8k_jsonl(n: int, offset: int = 0) -> str:
+    """:func:`gsm8k_examples` as JSONL text, one record per line."""
+    return "".join(json.dumps(r) + "\n" for r in gsm8k_examples(n, offset))
+
+
 def median(xs: list[float]) -> float:
     return float(statistics.median(xs)) if xs else float("nan")
 

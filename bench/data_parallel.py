@@ -39,6 +39,7 @@ from _common import (  # noqa: E402
     ROOT,
     STORIES260K,
     emit_json,
+    gsm8k_jsonl,
     machine,
     median,
     print_table,
@@ -53,18 +54,9 @@ TRAINING = {"save_steps": 1000, "eval_steps": 0, "eval_holdout_every": 0, "max_l
             "micro_batch_size": 4, "gradient_accumulation_steps": 2}
 
 
-def write_quest(path: Path, n: int) -> None:
-    with open(GSM8K, encoding="utf-8") as f, open(path, "w", encoding="utf-8") as out:
-        for i, line in enumerate(f):
-            if i >= n:
-                break
-            r = json.loads(line)
-            out.write(json.dumps({"prompt": r["question"] + "\n", "completion": r["answer"]}) + "\n")
-
-
 def run(work: Path, name: str, processes: int, examples: int, threads: int | None = None) -> dict:
     realm = init_realm(work / name, base_model=str(STORIES260K), overrides={"training": TRAINING})
-    write_quest(realm.inbox / "gsm8k.jsonl", examples)
+    (realm.inbox / "gsm8k.jsonl").write_text(gsm8k_jsonl(examples), encoding="utf-8")
     launcher = ["-m", *launch_command(processes)] if processes > 1 else []
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     if threads:

@@ -22,7 +22,6 @@ Prints a table and one JSON line (also bench/out/ingest_latency.json).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -39,6 +38,7 @@ from _common import (
     ROOT,
     STORIES260K,
     emit_json,
+    gsm8k_jsonl,
     machine,
     median,
     percentile,
@@ -92,16 +92,7 @@ class DaemonProcess:
 
 def quest_lines(k: int) -> str:
     """RECORDS_PER_FILE GSM8K records as prompt/completion, distinct per ``k`` (no duplicate skipping)."""
-    out = []
-    with open(GSM8K, encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if i < k * RECORDS_PER_FILE:
-                continue
-            r = json.loads(line)
-            out.append(json.dumps({"prompt": r["question"] + "\n", "completion": r["answer"]}) + "\n")
-            if len(out) == RECORDS_PER_FILE:
-                break
-    return "".join(out)
+    return gsm8k_jsonl(RECORDS_PER_FILE, offset=k * RECORDS_PER_FILE)
 
 
 def drop(realm_root: Path, name: str, text: str) -> float:

@@ -94,7 +94,8 @@ def trl(train: list[dict], args, work: Path) -> tuple[Path, float]:
                        per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
                        num_train_epochs=args.epochs, max_length=args.max_length, weight_decay=0.0, adam_beta1=0.9,
                        adam_beta2=0.95, max_grad_norm=1.0, save_strategy="no", report_to=[], logging_steps=50,
-                       use_cpu=True, bf16=False, fp16=False, seed=0, dataloader_num_workers=0)
+                       use_cpu=True, bf16=False, fp16=False, seed=0, dataloader_num_workers=0,
+                       train_sampling_strategy="sequential")  # the same order as ours (the default shuffles)
     trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(train),
                          processing_class=tokenizer)
     started = time.perf_counter()
@@ -106,25 +107,35 @@ def trl(train: list[dict], args, work: Path) -> tuple[Path, float]:
     return out, seconds
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train", type=int, default=1500)
-    parser.add_argument("--heldout", type=int, default=300)
+def add_judge_arguments(parser: argparse.ArgumentParser) -> None:
+    """The training settings both Judge benchmarks share (the same for our engine and for TRL)."""
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--loss-type", choices=["sigmoid", "ipo"], default="sigmoid")
+
+
+def heldout_measure(held: list[dict], work: Path, max_length: int):
+    """Write ``held`` to ``work/heldout.jsonl``; return ``model folder -> evaluate_preferences(...)`` on it."""
+    heldout_file = write(work / "heldout.jsonl", held)
+    config = parse_config({"hero": {"base_model": str(STORIES260K)}, "training": {"max_length": max_length}})
+    return lambda folder: evaluate_preferences(folder, heldout_file, config, max_examples=len(held))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train", type=int, default=1500)
+    parser.add_argument("--heldout", type=int, default=300)
+    add_judge_arguments(parser)
     parser.add_argument("--skip-trl", action="store_true")
     args = parser.parse_args()
     require(STORIES260K)
     require(GSM8K)
     train, held = pairs(0, args.train), pairs(args.train, args.heldout)
     work = Path(tempfile.mkdtemp(prefix="judge-gsm8k-"))
-    heldout_file = write(work / "heldout.jsonl", held)
-    config = parse_config({"hero": {"base_model": str(STORIES260K)}, "training": {"max_length": args.max_length}})
-    measure = lambda d: evaluate_preferences(d, heldout_file, config, max_examples=len(held))  # noqa: E731
+    measure = heldout_measure(held, work, args.max_length)
     report = {"settings": vars(args), "train_pairs": len(train), "heldout_pairs": len(held),
               "base": measure(STORIES260K)}
     folder, seconds = ours(train, args, work)

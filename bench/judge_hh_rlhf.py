@@ -21,10 +21,8 @@ import tempfile
 from pathlib import Path
 
 from _common import SHARED, STORIES260K, require  # noqa: I001 - puts the repository root on sys.path
-from judge_gsm8k import ours, trl, write  # noqa: E402
+from judge_gsm8k import add_judge_arguments, heldout_measure, ours, trl  # noqa: E402
 
-from core.config import parse_config  # noqa: E402
-from core.evaluation import evaluate_preferences  # noqa: E402
 from core.formats import detect_format, normalize  # noqa: E402
 
 HH_RLHF = SHARED / "data" / "hh_rlhf_harmless_base_test.jsonl.gz"
@@ -34,12 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train", type=int, default=2000)
     parser.add_argument("--heldout", type=int, default=None, help="held-out pairs to measure (default: all the rest)")
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--beta", type=float, default=0.1)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--loss-type", choices=["sigmoid", "ipo"], default="sigmoid")
+    add_judge_arguments(parser)
     parser.add_argument("--trl", action="store_true", help="also train TRL's DPOTrainer on the same pairs")
     args = parser.parse_args()
     require(STORIES260K)
@@ -48,9 +41,7 @@ def main() -> None:
         raw = [json.loads(line) for line in f if line.strip()]
     train_raw, held_raw = raw[:args.train], raw[args.train:][:args.heldout]
     work = Path(tempfile.mkdtemp(prefix="judge-hh-rlhf-"))
-    heldout_file = write(work / "heldout.jsonl", held_raw)
-    config = parse_config({"hero": {"base_model": str(STORIES260K)}, "training": {"max_length": args.max_length}})
-    measure = lambda d: evaluate_preferences(d, heldout_file, config, max_examples=len(held_raw))  # noqa: E731
+    measure = heldout_measure(held_raw, work, args.max_length)
     report = {"settings": vars(args), "train_pairs": len(train_raw), "heldout_pairs": len(held_raw),
               "base": measure(STORIES260K)}
     train = [normalize(r, detect_format(r)) for r in train_raw]  # prompt None: the Judge splits the shared prefix

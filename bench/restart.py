@@ -19,7 +19,6 @@ Prints a table and one JSON line (also bench/out/restart.json).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -37,6 +36,7 @@ from _common import (
     ROOT,
     STORIES260K,
     emit_json,
+    gsm8k_jsonl,
     machine,
     median,
     print_table,
@@ -46,17 +46,6 @@ from _common import (
 from core.realm import init_realm  # noqa: E402
 
 TRAINING = {"save_steps": 5, "eval_steps": 0, "eval_holdout_every": 0, "max_length": 512, "micro_batch_size": 8}
-
-
-def write_quest(path: Path, n: int, offset: int = 0) -> None:
-    with open(GSM8K, encoding="utf-8") as f, open(path, "w", encoding="utf-8") as out:
-        for i, line in enumerate(f):
-            if i < offset:
-                continue
-            r = json.loads(line)
-            out.write(json.dumps({"prompt": r["question"] + "\n", "completion": r["answer"]}) + "\n")
-            if i + 1 - offset >= n:
-                break
 
 
 def save_restore(work: Path, repeats: int) -> dict:
@@ -69,7 +58,7 @@ def save_restore(work: Path, repeats: int) -> dict:
     config = realm.load_config()
     ledger = Ledger(realm.ledger_path)
     src = realm.root / "q.jsonl"
-    write_quest(src, 40)
+    src.write_text(gsm8k_jsonl(40), encoding="utf-8")
     qq = QuestQueue(realm, ledger)
     qid = qq.admit(src, "normal")
     path = qq.path_of(ledger.get_quest(qid))
@@ -116,7 +105,7 @@ def kill_restart(work: Path, cycles: int) -> list[dict]:
     from core.ledger import Ledger
 
     realm = init_realm(work / "kill", base_model=str(STORIES260K), overrides={"training": TRAINING})
-    write_quest(realm.inbox / "gsm8k.jsonl", 3000)
+    (realm.inbox / "gsm8k.jsonl").write_text(gsm8k_jsonl(3000), encoding="utf-8")
     log = realm.root / "bench-daemon.log"
     d = Daemon(realm.root, log)
     out = []

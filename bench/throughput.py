@@ -66,6 +66,7 @@ from _common import (
     ROOT,
     STORIES260K,
     emit_json,
+    gsm8k_examples,
     machine,
     matmul_peak_gflops,
     median,
@@ -120,18 +121,6 @@ def materialize(spec: dict, workdir: Path) -> Path:
     model.save_pretrained(dest)
     tokenizer.save_pretrained(dest)
     return dest
-
-
-def gsm8k_examples(n: int) -> list[dict]:
-    """The first ``n`` GSM8K records as prompt/completion (question + newline -> answer)."""
-    out = []
-    with open(GSM8K, encoding="utf-8") as f:
-        for line in f:
-            r = json.loads(line)
-            out.append({"prompt": r["question"] + "\n", "completion": r["answer"]})
-            if len(out) == n:
-                break
-    return out
 
 
 def flops_per_token(model_dir: Path, seq_len: int) -> tuple[int, float]:

@@ -498,6 +498,25 @@ STAGE_SKILL_SCHOOLS = ("sft", "fortune_teller", "grpo")
 """Schools a quest rule may name (:mod:`core.schools`)."""
 
 
+#: Which schools read each per-school setting of a :class:`QuestRule` (``loss_type``: by its value, in
+#: :meth:`QuestRule._settings_of_the_school`); the settings of every school (``epochs``, ``shuffle``) are absent.
+SCHOOL_SETTINGS: dict[str, tuple[str, ...]] = {
+    "beta": ("dpo", "ipo", "orpo", "kto", "grpo", "distill"),
+    "loss_type": ("dpo", "distill"),
+    "desirable_weight": ("kto",),
+    "undesirable_weight": ("kto",),
+    "weighting": ("fortune_teller",),
+    "rewards": ("grpo",),
+    "num_generations": ("grpo",),
+    "max_completion_length": ("grpo",),
+    "temperature": ("grpo", "distill"),
+    "epsilon": ("grpo",),
+    "scale_rewards": ("grpo",),
+    "teacher": ("distill",),
+    "alpha": ("distill",),
+}
+
+
 class QuestRule(_Section):
     """Rules for the quests whose file name matches a glob (``schools: {"<glob>": {...}}``; the first
     matching glob wins, in the order written; the name is matched as ``validation.field_map`` matches it).
@@ -565,24 +584,28 @@ class QuestRule(_Section):
                              "file:PATH.py")
         return value
 
-    @field_validator("loss_type")
-    @classmethod
-    def _loss_type_for_dpo(cls, value, info):
-        if value in ("kl", "jsd"):
-            if info.data.get("school") != "distill":
-                raise ValueError(f"loss_type {value} is a setting of school distill, not {info.data.get('school')}")
-            return value
-        if value is not None and info.data.get("school") not in ("dpo", None):
-            raise ValueError(f"loss_type is a setting of school dpo, not {info.data.get('school')}")
-        return value
-
     @field_validator("teacher")
     @classmethod
-    def _teacher_for_distill(cls, value, info):
-        if value is not None and info.data.get("school") != "distill":
-            raise ValueError(f"teacher is a setting of school distill, not {info.data.get('school')}")
+    def _teacher_not_blank(cls, value):
         if value is not None and not value.strip():
             raise ValueError("teacher is empty: name a model folder, checkpoint, version or cached hub id")
+        return value
+
+    @field_validator(*SCHOOL_SETTINGS)
+    @classmethod
+    def _setting_of_the_school(cls, value, info):
+        """A setting written for a school that does not read it is an error naming its key
+        (:data:`SCHOOL_SETTINGS`). With ``school`` null the school comes from the file's format, so any
+        setting may apply, except those of ``distill`` alone (never chosen by format)."""
+        key, school = info.field_name, info.data.get("school")
+        schools, name = SCHOOL_SETTINGS[key], key
+        if key == "loss_type":
+            if value is None:
+                return value
+            schools, name = ("distill",) if value in ("kl", "jsd") else ("dpo",), f"loss_type {value}"
+        if (school is not None or schools == ("distill",)) and school not in schools:
+            raise ValueError(f"{name} is a setting of school {' / '.join(schools)}, " + (
+                f"not {school}" if school else "and this rule names no school (distill is never chosen by format)"))
         return value
 
     @model_validator(mode="after")

@@ -444,10 +444,18 @@ class Engine:
         passes the sidecar beside the quest's file; None keeps them in memory only, no exact resume).
         Raises :class:`core.schools.reference.ReferenceError` when a started quest's reference is missing.
         """
-        t = self.config.training
         quest = self.ledger.get_quest(quest_id)
-        base_steps = int(quest["steps"]) if quest else 0
         school = self.school_of(quest)
+        try:
+            return self._run_quest(quest_id, quest, school, records, examples_done, should_stop, reference_path)
+        finally:
+            school.end_quest()
+
+    def _run_quest(self, quest_id: int, quest: dict | None, school: School, records, examples_done: int,
+                   should_stop: Callable[[], bool], reference_path: Path | None) -> QuestResult:
+        """The body of :meth:`train_quest`, with the quest's ledger row and school."""
+        t = self.config.training
+        base_steps = int(quest["steps"]) if quest else 0
         every = self._holdout_every(quest_id)
         epochs, shuffle = self._quest_order(quest_id, quest)
         factory = records if callable(records) else None
@@ -498,7 +506,7 @@ class Engine:
                                str(self.last_checkpoint) if self.last_checkpoint else None,
                                None if split.train_total is None else split.train_total * epochs)
 
-        self._check_memory(quest_id)
+        self._check_memory(quest_id, school)
         if self.probe_memory if self.probe_memory is not None else self.accelerator.device.type == "cuda":
             self._probe_memory()
         pending = school.steps(train, rows_per_step, t.max_length, t.packing)
@@ -683,13 +691,18 @@ class Engine:
                    f"{math.ceil(rows / self.micro_batch_size)} (same {rows} rows per optimizer step)",
                    micro_batch_size=self.micro_batch_size, previous_micro_batch_size=old, error=error[:500])
 
-    def _check_memory(self, quest_id: int) -> None:
+    def _check_memory(self, quest_id: int, school: School) -> None:
         """At a quest's start: a ``memory_warning`` event (never an error) when the training memory estimate
-        (:mod:`core.memory`) exceeds what this process can use on its device."""
+        (:mod:`core.memory`), with the models the quest's school holds beside the hero (a teacher, a frozen
+        reference copy), exceeds what this process can use on its device."""
         device = self.accelerator.device.type
         try:
             est = memory.estimate_for_realm(self.realm, self.config, device=device,
                                             bf16_supported=self.mixed_precision == "bf16" or device != "cuda")
+            extra = school.other_model_bytes(self)
+            if extra:
+                est = est.with_other_models(extra, {"distill": "the teacher"}.get(school.name,
+                                                                  "the quest-start reference copy"))
             problem = memory.fit_problem(est, memory.available_bytes(device))
         except Exception as exc:  # noqa: BLE001 - an estimate that cannot be made must not stop training
             self.log.info("no memory estimate: %s: %s", type(exc).__name__, exc)

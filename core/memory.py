@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -229,6 +229,14 @@ class MemoryEstimate:
     allocator_bytes: int
     total_bytes: int
     source: str = ""
+    other_models_bytes: int = 0
+    other_models: str = ""
+
+    def with_other_models(self, n_bytes: int, what: str) -> MemoryEstimate:
+        """This estimate plus ``n_bytes`` of models held beside the hero (``what``: e.g. "the teacher")."""
+        return replace(self, other_models_bytes=self.other_models_bytes + int(n_bytes),
+                       total_bytes=self.total_bytes + int(n_bytes),
+                       other_models=f"{self.other_models}; {what}" if self.other_models else what)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -248,7 +256,9 @@ class MemoryEstimate:
                 f"(gradient checkpointing {'on' if self.gradient_checkpointing else 'off'}; "
                 f"{'off' if self.gradient_checkpointing else 'on'}: {g(other)}), loss and logits "
                 f"{g(self.loss_bytes)}" + (f", freed blocks the CPU allocator keeps {g(self.allocator_bytes)}"
-                                           if self.allocator_bytes else "")]
+                                           if self.allocator_bytes else "")] + (
+                    [f"  other models held beside the hero {g(self.other_models_bytes)} ({self.other_models})"]
+                    if self.other_models_bytes else [])
 
 
 def _layer_activation_bytes(s: ModelShape, b: int, frozen: bool, targets: list[str], r: int,
@@ -333,6 +343,7 @@ def fit_problem(est: MemoryEstimate, available: int) -> str | None:
     if est.adapter is None:
         tips.append('training.adapter "lora" (or "qlora" on a GPU)')
     where = "GPU memory" if est.device == "cuda" else "RAM"
-    return (f"the training memory estimate {est.total_bytes / GIB:.2f} GiB exceeds the {where} available "
+    others = f" (with {est.other_models} {est.other_models_bytes / GIB:.2f} GiB)" if est.other_models_bytes else ""
+    return (f"the training memory estimate {est.total_bytes / GIB:.2f} GiB{others} exceeds the {where} available "
             f"({available / GIB:.2f} GiB): expect {'an out-of-memory halving of the micro-batch' if est.device == 'cuda' else 'swapping or the OOM killer'}; "
             f"consider {'; '.join(tips)}, or a preset (`python -m training init DIR --preset ...`)")

@@ -100,6 +100,15 @@ class School:
         """Called once per :meth:`core.engine.Engine.train_quest` before any step, with the quest's reference
         sidecar path (None: in memory only) and its cursor (Champion's quest-start reference weights)."""
 
+    def other_model_bytes(self, engine: Engine) -> int:
+        """Bytes of the models this school holds beside the hero during a quest (a teacher, a frozen reference
+        copy) and of their per-micro-batch outputs, for the engine's memory estimate (:mod:`core.memory`)."""
+        return 0
+
+    def end_quest(self) -> None:
+        """Called once when :meth:`core.engine.Engine.train_quest` returns or raises: release what the quest
+        held (Champion: its frozen reference copy and sandboxed reward workers)."""
+
     def prepare_items(self, items: list[Any], group: int) -> None:
         """Called once per quest (reference schools) with the items in train order and the records per step."""
 

@@ -163,6 +163,20 @@ class Champion(School):
             self.metric_names = self.metric_names[:5] + names
         return self.reward
 
+    def other_model_bytes(self, engine: Engine) -> int:
+        """With ``beta`` set and no adapter: a frozen copy of the hero's weights (bytes as held)."""
+        if not self.beta or engine.adapter is not None:
+            return 0
+        return sum(p.numel() * p.element_size() for p in engine._raw_model.parameters())
+
+    def end_quest(self) -> None:
+        """Stop the sandboxed ``file:`` reward workers and drop the frozen reference copy now, not at garbage
+        collection."""
+        close = getattr(self.reward, "close", None)
+        if close is not None:
+            close()
+        self.reward, self.reference = None, None
+
     # --- a step ---------------------------------------------------------------------------------------
     def collate(self, engine: Engine, rows: list[list[PromptItem]]) -> GroupBatch:
         items = [row[0] for row in rows]

@@ -144,6 +144,23 @@ class Whisper(Scribe):
                             f"{size / 2 ** 20:,.1f} MiB {str(dtype).removeprefix('torch.')} on {engine.device})",
                             teacher=str(folder), parameters=n, bytes=size)
 
+    def other_model_bytes(self, engine: Engine) -> int:
+        """The teacher's weights in the training precision (from its folder's shape when not loaded yet) and
+        its fp32 logits of one micro-batch (``micro_batch_size x max_length x vocab`` x 4 bytes). Raises what
+        :func:`core.schools.teacher.resolve_teacher` or :func:`core.memory.shape_from_folder` raise."""
+        from core.memory import shape_from_folder
+
+        if self.teacher is not None:
+            weights = sum(p.numel() * p.element_size() for p in self.teacher.parameters())
+            vocab = self.teacher.config.vocab_size
+        else:
+            folder, _ = resolve_teacher(engine.realm, engine.config, self.rule.teacher)
+            shape = shape_from_folder(folder)
+            weights = shape.parameters * (2 if engine.mixed_precision in ("bf16", "fp16") else 4)
+            vocab = shape.vocab_size
+        t = engine.config.training
+        return int(weights + t.micro_batch_size * t.max_length * vocab * 4)
+
     def teacher_logits(self, engine: Engine, b: Batch) -> torch.Tensor:
         """The teacher's logits ``(B, L, V_teacher)`` for a batch on the engine's device (no grad)."""
         self.load_teacher(engine)

@@ -288,6 +288,26 @@ def test_a_sigkilled_rank_restarts_the_group_and_resume_is_exact(tmp_path, one_p
     assert_same_training(steps(realm), one_process)
 
 
+def run_two_ranks_with(tmp_path, script_text: str, training: dict) -> tuple[str, list[dict], list[dict]]:
+    """A realm with ``training`` settings and 29 text records, ``daemon --until-idle`` launched on 2 ranks
+    through ``script_text`` (a fault injected into the engine); returns the group's log, the
+    ledger's events and trained steps. AssertionError (with the log's tail) when the group fails."""
+    realm = init_realm(tmp_path / "realm", overrides=deep_update(FAST_CONFIG, deep_update(SETTINGS,
+                                                                                            {"training": training})))
+    write_text_quest(realm.inbox / "a.jsonl", 29, prefix="a")
+    script = tmp_path / "inject.py"
+    script.write_text(script_text)
+    log = realm.root / "daemon-2.log"
+    status = run_group([PYTHON, "-m", *launch_command(2), str(script), "--realm", str(realm.root), "daemon",
+                        "--until-idle"], log)
+    assert status == 0, log.read_text()[-3000:]
+    ledger = Ledger(realm.ledger_path)
+    try:
+        return log.read_text(), ledger.events(limit=10000), ledger.steps()
+    finally:
+        ledger.close()
+
+
 INJECT_NAN_ON_RANK_1 = '''
 import sys
 from core.engine import Engine
@@ -313,21 +333,8 @@ sys.exit(main(sys.argv[1:]))
 
 @pytest.mark.slow
 def test_a_nan_on_one_rank_rolls_back_every_rank_together(tmp_path):
-    realm = init_realm(tmp_path / "realm", overrides=deep_update(FAST_CONFIG, deep_update(SETTINGS, {
-        "training": {"max_nonfinite_steps": 2, "nonfinite_lr_factor": 0.5}})))
-    write_text_quest(realm.inbox / "a.jsonl", 29, prefix="a")
-    script = tmp_path / "inject.py"
-    script.write_text(INJECT_NAN_ON_RANK_1)
-    log = realm.root / "daemon-2.log"
-    status = run_group([PYTHON, "-m", *launch_command(2), str(script), "--realm", str(realm.root), "daemon",
-                        "--until-idle"], log)
-    assert status == 0, log.read_text()[-3000:]
-    ledger = Ledger(realm.ledger_path)
-    try:
-        events = ledger.events(limit=10000)
-        trained = ledger.steps()
-    finally:
-        ledger.close()
+    _, events, trained = run_two_ranks_with(tmp_path, INJECT_NAN_ON_RANK_1,
+                                            {"max_nonfinite_steps": 2, "nonfinite_lr_factor": 0.5})
     assert [e["kind"] for e in events].count("nonfinite_loss") == 2  # the all-reduced loss: NaN for the group
     rollback = [json.loads(e["data"]) for e in events if e["kind"] == "nonfinite_rollback"]
     assert len(rollback) == 1 and rollback[0]["to_step"] == 3  # both ranks back at the checkpoint of step 3
@@ -364,23 +371,10 @@ sys.exit(main(sys.argv[1:]))
 
 @pytest.mark.slow
 def test_an_out_of_memory_probe_on_one_rank_halves_every_ranks_micro_batch(tmp_path):
-    realm = init_realm(tmp_path / "realm", overrides=deep_update(FAST_CONFIG, deep_update(SETTINGS, {
-        "training": {"micro_batch_size": 2, "gradient_accumulation_steps": 2}})))
-    write_text_quest(realm.inbox / "a.jsonl", 29, prefix="a")
-    script = tmp_path / "inject.py"
-    script.write_text(INJECT_PROBE_OOM_ON_RANK_1)
-    log = realm.root / "daemon-2.log"
-    status = run_group([PYTHON, "-m", *launch_command(2), str(script), "--realm", str(realm.root), "daemon",
-                        "--until-idle"], log)
-    assert status == 0, log.read_text()[-3000:]
-    text = log.read_text()
+    text, events, trained = run_two_ranks_with(tmp_path, INJECT_PROBE_OOM_ON_RANK_1,
+                                               {"micro_batch_size": 2, "gradient_accumulation_steps": 2})
     assert "realm.rank1: out of memory at the memory probe" in text  # rank 1 ran out itself
-    ledger = Ledger(realm.ledger_path)
-    try:
-        events = [json.loads(e["data"]) for e in ledger.events(limit=10000) if e["kind"] == "out_of_memory"]
-        trained = ledger.steps()
-    finally:
-        ledger.close()
+    events = [json.loads(e["data"]) for e in events if e["kind"] == "out_of_memory"]
     assert [(e["previous_micro_batch_size"], e["micro_batch_size"]) for e in events] == [(2, 1)]  # rank 0 too
     assert [s["global_step"] for s in trained] == list(range(1, 9))
     assert sorted(ln for s in trained for ln in json.loads(s["examples_json"])) == list(range(1, 30))

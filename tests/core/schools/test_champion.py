@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+from unittest import mock
 
 import pytest
 import torch
 
+from core.config import QuestRule
 from core.daemon import Daemon
 from core.engine import Engine
 from core.formats import RecordError, parse_record
@@ -98,6 +100,11 @@ def test_a_step_on_the_live_hero_matches_the_hand_computation(make_realm):
         assert metrics[3].tolist() == pytest.approx([sum(n_tok), 12.0])
         loss.backward()
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in engine.model.parameters())
+        # the memory estimate: a frozen copy of the hero's weights only when beta sets the KL term
+        assert school.other_model_bytes(engine) == 0
+        with_kl = make_school("grpo", QuestRule(**{**RULES["sums*.jsonl"], "beta": 0.05}))
+        weights = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+        assert with_kl.beta == 0.05 and with_kl.other_model_bytes(engine) == weights
     finally:
         engine.cleanup()
 
@@ -152,3 +159,46 @@ def test_a_grpo_quest_trains_through_the_daemon(make_realm):
         assert m["reward"] == pytest.approx(m["rewards/numeric_answer/mean"] + 0.5 * m["rewards/length_penalty/mean"],
                                             abs=1e-5)
     assert all(math.isfinite(s["loss"]) for s in steps)
+
+
+def sandbox_workers() -> list:
+    import psutil
+
+    out = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if any("_sandbox_worker" in part for part in child.cmdline()):
+                out.append(child)
+        except psutil.Error:
+            pass
+    return out
+
+
+def test_a_quests_sandboxed_reward_workers_stop_when_the_quest_ends(make_realm):
+    realm = make_realm(training=SETTINGS["training"], schools={"sums*.jsonl": {
+        "school": "grpo", "rewards": {"file:rewards/short.py": 1.0}, "num_generations": 2,
+        "max_completion_length": 4}})
+    (realm.root / "rewards").mkdir()
+    (realm.root / "rewards" / "short.py").write_text(
+        "def reward(prompt, completion, **refs):\n    return 1.0 if len(completion) < 8 else 0.0\n")
+    write_prompts(realm.inbox / "sums.jsonl", 4)
+    seen, made = [], []
+    real_collate, real_school_of = type(make_school("grpo")).collate, Engine.school_of
+
+    def collate(self, engine, rows):  # the worker is alive while the quest trains
+        batch = real_collate(self, engine, rows)
+        seen.append(len(sandbox_workers()))
+        return batch
+
+    def school_of(self, quest):  # hold the school: its workers must not wait for the garbage collector
+        made.append(real_school_of(self, quest))
+        return made[-1]
+
+    with mock.patch.object(type(make_school("grpo")), "collate", collate), \
+            mock.patch.object(Engine, "school_of", school_of):
+        assert Daemon(realm, realm.load_config(), until_idle=True).run() == 0
+    assert seen and all(n == 1 for n in seen)
+    ledger = Ledger(realm.ledger_path)
+    assert ledger.list_quests()[0]["state"] == "completed" and len(ledger.steps()) == 2
+    ledger.close()
+    assert made and sandbox_workers() == []  # stopped when the quest ended, not left for the garbage collector

@@ -4,16 +4,12 @@ same final loss as an uninterrupted run."""
 
 from __future__ import annotations
 
-import json
-import signal
-import subprocess
-
 import pytest
 
 from core.daemon import Daemon
 from core.ledger import Ledger
-from tests.conftest import PYTHON, python_env, wait_for
 from tests.core.schools.test_champion import write_prompts
+from tests.resume import finish_until_idle, kill_daemon_at, trained_steps
 
 pytestmark = pytest.mark.slow
 
@@ -25,49 +21,26 @@ SETTINGS = dict(training={"micro_batch_size": 2, "gradient_accumulation_steps": 
 PROMPTS = 36
 
 
-def trained(ledger):
-    return [(r["global_step"], r["quest_id"], tuple(json.loads(r["examples_json"])), r["loss"])
-            for r in ledger.steps()]
-
-
 def test_grpo_quest_killed_mid_quest_resumes_exactly(make_realm):
     ref = make_realm("reference", **SETTINGS)
     write_prompts(ref.inbox / "sums.jsonl", PROMPTS)
     assert Daemon(ref, ref.load_config(), until_idle=True).run() == 0
     ref_ledger = Ledger(ref.ledger_path)
-    expected, expected_metrics = trained(ref_ledger), ref_ledger.step_metrics()
+    expected, expected_metrics = trained_steps(ref_ledger), ref_ledger.step_metrics()
     assert len(expected) == PROMPTS // 2
     assert ref_ledger.list_quests()[0]["school"] == "grpo"
     assert all("kl" in m for m in expected_metrics.values())  # beta set: the KL to the quest-start hero
 
     realm = make_realm("killed", **SETTINGS)
     write_prompts(realm.inbox / "sums.jsonl", PROMPTS)
-    env = python_env()
-    with open(realm.root / "daemon.log", "wb") as log:
-        proc = subprocess.Popen([PYTHON, "-m", "training", "--realm", str(realm.root), "daemon"], env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
-    ledger = None
-
-    def reached():
-        nonlocal ledger
-        if ledger is None and realm.ledger_path.exists():
-            ledger = Ledger(realm.ledger_path)
-        last = ledger.last_step() if ledger else None
-        return last and last["global_step"] >= 6
-
-    try:
-        wait_for(reached, timeout=180, what="global step 6")
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+    kill_daemon_at(realm, 6, timeout=180)
+    ledger = Ledger(realm.ledger_path)
     quest = ledger.list_quests()[0]
     assert quest["state"] == "processing" and 6 <= quest["steps"] < PROMPTS // 2  # killed mid-quest
     ledger.close()
-    done = subprocess.run([PYTHON, "-m", "training", "--realm", str(realm.root), "daemon", "--until-idle"],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    finish_until_idle(realm)
     got_ledger = Ledger(realm.ledger_path)
-    got = trained(got_ledger)
+    got = trained_steps(got_ledger)
     assert [g[:3] for g in got] == [e[:3] for e in expected]        # same global steps, same prompts, same order
     lines = [ln for _, _, lns, _ in got for ln in lns]
     assert sorted(lines) == list(range(1, PROMPTS + 1))              # each prompt consumed once

@@ -48,6 +48,22 @@ def test_rules_are_validated_all_at_once():
         assert needle in text
 
 
+def test_a_setting_of_another_school_is_refused_naming_its_key():
+    with pytest.raises(ConfigError) as err:
+        parse_config({"schools": {
+            "a*": {"school": "sft", "rewards": {"exact_match": 1.0}, "alpha": 0.3, "weighting": "margin"},
+            "b*": {"school": "grpo", "beta": 0.05, "temperature": 0.7, "num_generations": 4, "epochs": 2},
+            "c*": {"desirable_weight": 2.0, "beta": 0.2},  # no school: KTO or DPO by the file's format
+            "d*": {"school": "fortune_teller", "weighting": "margin", "shuffle": True}}})
+    text = str(err.value)
+    assert "3 problem(s)" in text
+    for needle in ("schools.a*.rewards: Value error, rewards is a setting of school grpo, not sft",
+                   "schools.a*.alpha: Value error, alpha is a setting of school distill, not sft",
+                   "schools.a*.weighting: Value error, weighting is a setting of school fortune_teller, not sft"):
+        assert needle in text
+    assert not any(f"schools.{k}*" in text for k in "bcd")
+
+
 def test_school_problem_names_the_mismatch():
     assert school_problem("dpo", "preference") is None and school_problem("sft", "text") is None
     assert school_problem("kto", "messages_rated") is None and school_problem("fortune_teller", "alpaca") is None

@@ -150,6 +150,32 @@ def test_loss_is_the_alpha_mix_of_distillation_and_scribes_cross_entropy(teacher
     engine.cleanup()
 
 
+def test_the_teacher_counts_in_the_quests_memory_estimate(teacher_realm, monkeypatch):
+    from core import memory
+
+    realm = teacher_realm()
+    config = realm.load_config()
+    ledger = Ledger(realm.ledger_path)
+    engine = Engine(realm, config, ledger)
+    engine.setup()
+    school = make_school("distill", config.schools[TEACHER_ID])
+    before = school.other_model_bytes(engine)  # from the teacher folder's shape, nothing loaded
+    school.load_teacher(engine)
+    logits = 2 * 48 * school.teacher.config.vocab_size * 4  # micro_batch_size x max_length x vocab, fp32
+    weights = sum(p.numel() * 4 for p in school.teacher.parameters())
+    assert before == school.other_model_bytes(engine) == weights + logits
+    assert make_school("sft").other_model_bytes(engine) == 0
+    hero_only = memory.estimate_for_realm(realm, config)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: hero_only.total_bytes + weights // 2)
+    engine._check_memory(1, make_school("sft"))  # the hero alone fits
+    engine._check_memory(1, school)  # with the teacher it does not
+    warnings = [e for e in ledger.latest_events(20) if e["kind"] == "memory_warning"]
+    assert len(warnings) == 1 and json.loads(warnings[0]["data"])["estimate_bytes"] == hero_only.total_bytes + before
+    assert "the teacher" in warnings[0]["message"]
+    engine.cleanup()
+    ledger.close()
+
+
 def _validate(realm, name="quest_a.jsonl", **rule):
     config = realm.load_config()
     if rule:

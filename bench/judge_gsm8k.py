@@ -5,8 +5,11 @@ wrong final answer (``#### X`` -> ``#### X+d``, d in 1..9). Training pairs from 
 records of ``gsm8k_train.jsonl``, held-out pairs from the next ``--heldout`` records (never trained).
 Held-out preference accuracy is measured with :func:`core.evaluation.evaluate_preferences` (what
 ``python -m training eval`` prints) on the base model and on each trained model, the same rule for both.
-Both trainers: the same pairs in the same order, ``--epochs``, ``--beta``, ``--lr`` (constant, no warmup),
-batch ``--batch``, AdamW (0.9, 0.95), no weight decay, grad clip 1.0, fp32, ``--max-length``.
+Both trainers: the same pairs in the same order (TRL's sampler set to ``sequential``), ``--epochs``, ``--beta``,
+``--lr`` (constant, no warmup), batch ``--batch`` (in ``--accumulation`` micro-batches), AdamW (0.9, 0.95), no
+weight decay, grad clip 1.0, fp32, ``--max-length``. The report gives each trainer's loss and gradient norm of its
+first steps: the same to about 4 digits when the two compute the same update; they drift apart later, as
+floating-point sums in another order do through many steps at a high learning rate.
 
     python bench/judge_gsm8k.py --train 1500 --heldout 300 [--skip-trl] [--loss-type sigmoid|ipo]
 """
@@ -49,7 +52,12 @@ def write(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def ours(train: list[dict], args, work: Path) -> tuple[Path, float]:
+FIRST_STEPS = 5  # steps whose loss and grad norm are reported for both trainers
+
+
+def ours(train: list[dict], args, work: Path) -> tuple[Path, float, list[list[float]]]:
+    """Train the pairs as one Judge quest; returns the checkpoint, training seconds and ``[loss, grad_norm]`` of
+    the first :data:`FIRST_STEPS` steps."""
     from core.engine import Engine
     from core.ledger import Ledger
     from core.quest_queue import QuestQueue
@@ -58,7 +66,8 @@ def ours(train: list[dict], args, work: Path) -> tuple[Path, float]:
     realm = init_realm(work / "realm", overrides={
         "hero": {"base_model": str(STORIES260K)},
         "training": {"learning_rate": args.lr, "lr_scheduler_type": "constant", "warmup_steps": 0,
-                     "micro_batch_size": args.batch, "gradient_accumulation_steps": 1, "max_length": args.max_length,
+                     "micro_batch_size": args.batch // args.accumulation,
+                     "gradient_accumulation_steps": args.accumulation, "max_length": args.max_length,
                      "eval_holdout_every": 0, "save_steps": 1_000_000, "save_interval_minutes": 1e6,
                      "weight_decay": 0.0, "adam_beta1": 0.9, "adam_beta2": 0.95, "max_grad_norm": 1.0},
         "schools": {"*.jsonl": {"school": "dpo", "loss_type": args.loss_type, "beta": args.beta}}})
@@ -74,11 +83,13 @@ def ours(train: list[dict], args, work: Path) -> tuple[Path, float]:
     result = engine.train_quest(qid, records, reference_path=work / "reference.safetensors")
     seconds = time.perf_counter() - started
     engine.cleanup()
+    first = [[round(r["loss"], 5), round(r["grad_norm"], 5)] for r in ledger.steps()[:FIRST_STEPS]]
     ledger.close()
-    return Path(result.checkpoint), seconds
+    return Path(result.checkpoint), seconds, first
 
 
-def trl(train: list[dict], args, work: Path) -> tuple[Path, float]:
+def trl(train: list[dict], args, work: Path) -> tuple[Path, float, list[list[float]]]:
+    """TRL's ``DPOTrainer`` on the same pairs, order and settings; returns as :func:`ours` does."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -91,9 +102,10 @@ def trl(train: list[dict], args, work: Path) -> tuple[Path, float]:
         tokenizer.pad_token = tokenizer.eos_token
     config = DPOConfig(output_dir=str(work / "trl"), beta=args.beta, loss_type=[args.loss_type],
                        learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
-                       per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
+                       per_device_train_batch_size=args.batch // args.accumulation,
+                       gradient_accumulation_steps=args.accumulation,
                        num_train_epochs=args.epochs, max_length=args.max_length, weight_decay=0.0, adam_beta1=0.9,
-                       adam_beta2=0.95, max_grad_norm=1.0, save_strategy="no", report_to=[], logging_steps=50,
+                       adam_beta2=0.95, max_grad_norm=1.0, save_strategy="no", report_to=[], logging_steps=1,
                        use_cpu=True, bf16=False, fp16=False, seed=0, dataloader_num_workers=0,
                        train_sampling_strategy="sequential")  # the same order as ours (the default shuffles)
     trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(train),
@@ -104,7 +116,8 @@ def trl(train: list[dict], args, work: Path) -> tuple[Path, float]:
     out = work / "trl-final"
     trainer.save_model(str(out))
     tokenizer.save_pretrained(str(out))
-    return out, seconds
+    logged = [e for e in trainer.state.log_history if "loss" in e and "grad_norm" in e]
+    return out, seconds, [[round(e["loss"], 5), round(e["grad_norm"], 5)] for e in logged[:FIRST_STEPS]]
 
 
 def add_judge_arguments(parser: argparse.ArgumentParser) -> None:
@@ -112,7 +125,9 @@ def add_judge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=8, help="pairs per optimizer step")
+    parser.add_argument("--accumulation", type=int, default=1, help="the step in this many micro-batches of "
+                        "batch/accumulation pairs (the same update, another floating-point summation order)")
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--loss-type", choices=["sigmoid", "ipo"], default="sigmoid")
 
@@ -138,11 +153,11 @@ def main() -> None:
     measure = heldout_measure(held, work, args.max_length)
     report = {"settings": vars(args), "train_pairs": len(train), "heldout_pairs": len(held),
               "base": measure(STORIES260K)}
-    folder, seconds = ours(train, args, work)
-    report["ours"] = {**measure(folder), "train_seconds": round(seconds, 1)}
+    folder, seconds, first = ours(train, args, work)
+    report["ours"] = {**measure(folder), "train_seconds": round(seconds, 1), "first_steps_loss_grad_norm": first}
     if not args.skip_trl:
-        folder, seconds = trl(train, args, work)
-        report["trl"] = {**measure(folder), "train_seconds": round(seconds, 1)}
+        folder, seconds, first = trl(train, args, work)
+        report["trl"] = {**measure(folder), "train_seconds": round(seconds, 1), "first_steps_loss_grad_norm": first}
     print(json.dumps(report, indent=2))
 
 

@@ -45,10 +45,10 @@ def main() -> None:
     report = {"settings": vars(args), "train_pairs": len(train_raw), "heldout_pairs": len(held_raw),
               "base": measure(STORIES260K)}
     train = [normalize(r, detect_format(r)) for r in train_raw]  # prompt None: the Judge splits the shared prefix
-    folder, seconds = ours(train, args, work)
+    folder, seconds, _ = ours(train, args, work)
     report["ours"] = {**measure(folder), "train_seconds": round(seconds, 1)}
     if args.trl:
-        folder, seconds = trl(train_raw, args, work)  # TRL extracts the implicit prompt itself
+        folder, seconds, _ = trl(train_raw, args, work)  # TRL extracts the implicit prompt itself
         report["trl"] = {**measure(folder), "train_seconds": round(seconds, 1)}
     print(json.dumps(report, indent=2))
 

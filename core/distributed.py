@@ -19,8 +19,9 @@ stop before each optimizer step.
 **Same examples per global step for any N.** Every rank builds the same step plan from the same stored
 quest file (the plan depends only on the cursor, :mod:`core.packing`); rank ``r`` of ``N`` computes the
 loss of rows ``r, r + N, r + 2N, ...`` of each step (:func:`forward_backward`). Each rank back-propagates
-``loss_sum x N / denominator`` where the denominator is the whole step's (SFT: its trainable tokens),
-computed by every rank from the whole step, and DDP averages the gradients over the N ranks: the update
+``loss_sum x N / denominator`` where the denominator is the whole step's (SFT: its trainable tokens):
+each rank collates its own rows once and the ranks sum their parts (:func:`collate_local`; a school whose
+``start_step`` reads the whole step, KTO, collates all rows for it), and DDP averages the gradients over the N ranks: the update
 is the sum of the step's per-row gradients over the step's denominator -- the 1-process update up to the
 order of float additions. The step's summed loss and school metrics are all-reduced, so every rank takes
 the same non-finite / rollback decision (:mod:`core.faults`). Only the last micro-batch of a step
@@ -182,17 +183,27 @@ def micro_batches_per_rank(n_rows: int, micro_batch_size: int, world_size: int) 
     return max(1, -(-first // micro_batch_size))
 
 
-def forward_backward(engine: Engine, school: School, rows: list[list[Any]], denominator: int
-                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A group's version of ``Engine._forward_backward``: this rank's rows of the step (:func:`local_rows`)
-    in micro-batches of ``engine.micro_batch_size``, each back-propagating ``loss_sum x world_size /
-    denominator`` (DDP averages over the ranks), gradients synchronized at the last pass only. Returns the
-    step's summed loss (fp32 scalar) and school metrics (``(M, 2)`` sums and counts, or None), all-reduced
-    over the ranks: the same values on every rank."""
+def collate_local(engine: Engine, school: School, rows: list[list[Any]]) -> tuple[list[Any], int, int]:
+    """This rank's micro-batches of a step (its :func:`local_rows` in micro-batches of
+    ``engine.micro_batch_size``), each collated once, and the whole step's denominator and tokens: this
+    rank's summed over the ranks (an all-reduce every rank joins)."""
     ranks: Ranks = engine.ranks
-    mbs = engine.micro_batch_size
-    mine = [school.collate(engine, mb) for mb in micro_batches(local_rows(rows, ranks), mbs)]
-    passes = micro_batches_per_rank(len(rows), mbs, ranks.world_size)
+    mine = [school.collate(engine, mb) for mb in micro_batches(local_rows(rows, ranks), engine.micro_batch_size)]
+    totals = torch.tensor([school.denominator(mine), school.tokens(mine)], dtype=torch.float64,
+                          device=_collective_device())
+    ranks.sum(totals)
+    return mine, int(totals[0].item()), int(totals[1].item())
+
+
+def forward_backward(engine: Engine, school: School, rows: list[list[Any]], mine: list[Any], denominator: int
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A group's version of ``Engine._forward_backward``: this rank's micro-batches ``mine`` of the step
+    (:func:`collate_local`), each back-propagating ``loss_sum x world_size / denominator`` (DDP averages over
+    the ranks), gradients synchronized at the last pass only. Returns the step's summed loss (fp32 scalar)
+    and school metrics (``(M, 2)`` sums and counts, or None), all-reduced over the ranks: the same values on
+    every rank."""
+    ranks: Ranks = engine.ranks
+    passes = micro_batches_per_rank(len(rows), engine.micro_batch_size, ranks.world_size)
     scale = ranks.world_size / denominator
     device = engine.device
     loss_total = torch.zeros((), device=device)

@@ -68,7 +68,7 @@ from core import checkpoint as ckpt
 from core.chat import TokenizedExample, count_tokens
 from core.config import ConfigError, RealmConfig, quest_rule_for
 from core.config_diff import config_changes, format_changes
-from core.distributed import Ranks, forward_backward, sharded_backend_problem
+from core.distributed import Ranks, collate_local, forward_backward, sharded_backend_problem
 from core.epochs import ordered_examples
 from core.faults import NonFiniteLossError, TrainingRolledBack, free_memory, load_lr_scale, store_lr_scale
 from core.hero import NEWBORN_HINT, describe_model, load_tokenizer
@@ -602,17 +602,22 @@ class Engine:
         non-finite loss or gradient norm, fp16 overflow); warnings name the examples [start, end) of the quest."""
         t = self.config.training
         while True:  # once, unless CUDA runs out of memory: then again with half the micro-batch
-            batches = [school.collate(self, mb) for mb in micro_batches(rows, self.micro_batch_size)]
-            n_trainable = school.denominator(batches)
+            if self.ranks.distributed:  # this rank's rows of the step; sums all-reduced (core.distributed)
+                batches, n_trainable, n_tokens = collate_local(self, school, rows)
+            else:
+                batches = [school.collate(self, mb) for mb in micro_batches(rows, self.micro_batch_size)]
+                n_trainable, n_tokens = school.denominator(batches), school.tokens(batches)
             if n_trainable == 0:
                 self._warn("empty_step", f"examples {start}-{end - 1} of quest {quest_id} carry no trainable "
                            "token (all masked or truncated away); skipped", quest_id=quest_id)
                 return None
             try:
-                school.start_step(self, batches)
-                if self.ranks.distributed:  # this rank's rows of the step; sums all-reduced (core.distributed)
-                    loss_total, metric_total = forward_backward(self, school, rows, n_trainable)
+                if self.ranks.distributed:
+                    school.start_step(self, [school.collate(self, mb) for mb in micro_batches(
+                        rows, self.micro_batch_size)] if school.start_step_reads_all_rows else batches)
+                    loss_total, metric_total = forward_backward(self, school, rows, batches, n_trainable)
                 else:
+                    school.start_step(self, batches)
                     loss_total, metric_total = self._forward_backward(school, batches, n_trainable)
                 break
             except torch.OutOfMemoryError as exc:
@@ -650,7 +655,7 @@ class Engine:
             return None
         self.scheduler.step()
         self.nonfinite_streak = self.rollbacks_in_a_row = 0
-        return loss, norm, learning_rate, school.tokens(batches), school_metrics
+        return loss, norm, learning_rate, n_tokens, school_metrics
 
     def _forward_backward(self, school: School, batches: list[Any], n_trainable: int
                           ) -> tuple[torch.Tensor, torch.Tensor | None]:

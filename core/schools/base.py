@@ -69,8 +69,14 @@ class School:
         """Tokens the step computed (for tokens/s)."""
         return sum(len(seq.input_ids) for rows in batches for row in rows for item in row for seq in item.sequences)
 
+    #: :meth:`start_step` reads the whole step's rows (KTO's KL estimate): in a data-parallel group every rank
+    #: then collates all of them for it; otherwise each rank collates only its own rows, once
+    #: (:func:`core.distributed.collate_local`), e.g. Champion samples completions for its own prompts only.
+    start_step_reads_all_rows = False
+
     def start_step(self, engine: Engine, batches: list[Any]) -> None:
-        """Called before the step's micro-batches (e.g. KTO's KL estimate over the whole step)."""
+        """Called before the step's micro-batches with them (with :attr:`start_step_reads_all_rows`, the whole
+        step's; else, in a data-parallel group, this rank's)."""
 
     def loss_sum(self, engine: Engine, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(summed loss, metrics)``: a fp32 scalar with grad, and a ``(len(metric_names), 2)`` fp32 tensor

@@ -91,6 +91,7 @@ class KTO(School):
 
     name = "kto"
     needs_reference = True
+    start_step_reads_all_rows = True  # the KL estimate mismatches completions across the whole step
     metric_names = METRICS
 
     def __init__(self, rule):

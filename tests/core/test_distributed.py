@@ -378,3 +378,35 @@ def test_an_out_of_memory_probe_on_one_rank_halves_every_ranks_micro_batch(tmp_p
     assert [(e["previous_micro_batch_size"], e["micro_batch_size"]) for e in events] == [(2, 1)]  # rank 0 too
     assert [s["global_step"] for s in trained] == list(range(1, 9))
     assert sorted(ln for s in trained for ln in json.loads(s["examples_json"])) == list(range(1, 30))
+
+
+def grpo_realm(root: Path, prompts: int) -> Realm:
+    """A realm whose ``sums*.jsonl`` quests train with Champion (GRPO): 4 completions sampled per prompt, a
+    numeric reward; ``prompts`` prompts, 4 per step (2 per rank of 2: each rank samples for its own)."""
+    from tests.core.schools.test_champion import RULES, write_prompts
+
+    realm = init_realm(root, overrides=deep_update(FAST_CONFIG, deep_update(SETTINGS, {"schools": RULES})))
+    write_prompts(realm.inbox / "sums.jsonl", prompts)
+    return realm
+
+
+def step_metrics(realm: Realm) -> dict[int, dict[str, float]]:
+    ledger = Ledger(realm.ledger_path)
+    try:
+        return ledger.step_metrics()
+    finally:
+        ledger.close()
+
+
+@pytest.mark.slow
+def test_a_grpo_quest_on_two_processes_equals_one(tmp_path):
+    one, two = grpo_realm(tmp_path / "one", 10), grpo_realm(tmp_path / "two", 10)
+    run_daemon(one, 1)
+    run_daemon(two, 2)
+    want, got = steps(one), steps(two)
+    assert [s[0] for s in want] == [1, 2, 3] and sorted(ln for s in want for ln in s[2]) == list(range(1, 11))
+    assert_same_training(got, want)  # the same completions were sampled: the same losses and gradients
+    want_metrics, got_metrics = step_metrics(one), step_metrics(two)
+    for step, metrics in want_metrics.items():
+        assert got_metrics[step] == pytest.approx(metrics, rel=LOSS_RTOL, abs=1e-6)
+        assert {"reward", "completions/mean_length"} <= set(metrics)

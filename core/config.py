@@ -262,8 +262,8 @@ class DatasetSkillConfig(_Section):
     """A skill made of a prompt/completion file: the hero answers its prompts, a verifier from the reward
     library checks the answer against the completion (see core/skills/dataset.py)."""
 
-    path: str = Field(..., min_length=1, description="The .jsonl or .jsonl.gz file, relative to the realm or "
-                      "absolute (read in place, never copied).")
+    path: str = Field(..., min_length=1, description="The file of records, relative to the realm or absolute "
+                      "(read in place, never copied): .jsonl, .json, .csv, .tsv (also .gz) or .parquet.")
     field_map: dict[str, str] = Field(default_factory=dict, description="Rename fields so records have "
                                       'prompt and completion strings, e.g. {"question": "prompt", '
                                       '"answer": "completion"}.')

@@ -25,7 +25,8 @@ bytes; a name/content mismatch is refused). Parquet compresses inside, so ``.par
 
 **CSV/TSV cells are strings** (``csv`` module, UTF-8 with an optional BOM, RFC 4180 quoting, fields may hold
 newlines). Columns with an empty header name (a pandas index) are ignored; duplicate names refuse the file;
-a row with more or fewer fields than the header is a bad record. After ``field_map``, a cell of a column
+a row with more or fewer fields than the header, or with bytes that are not UTF-8, is a bad record (a header
+that is not UTF-8 refuses the file). After ``field_map``, a cell of a column
 that holds structured data is read as JSON (:func:`core.formats.decode_json_cells`): ``messages``,
 ``conversations``, ``history`` always (an empty cell is null); ``prompt``, ``completion``, ``chosen``,
 ``rejected`` when the cell is a JSON array of message objects (``[{"role": ..., "content": ...}]``), and as a
@@ -305,13 +306,18 @@ def _json_items(path: Path, max_line_bytes: int | None, hasher) -> Iterator[Item
             raise CorruptFileError(f"not valid UTF-8 at record {number + 1:,}: {exc.reason}") from None
 
 
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" decodes a non-UTF-8 byte to
+
+
 def _csv_items(path: Path, container: str, max_line_bytes: int | None, hasher) -> Iterator[Item]:
     limit = max_line_bytes if max_line_bytes is not None else sys.maxsize
     csv.field_size_limit(max(csv.field_size_limit(), min(limit + 1, sys.maxsize)))
     dialect = "excel-tab" if container == TSV else "excel"
     number = 0
     with _open_bytes(path, hasher) as stream:
-        text = io.TextIOWrapper(stream, encoding="utf-8-sig", newline="")  # type: ignore[arg-type]
+        # bytes that are not UTF-8 become lone surrogates: the row that holds them is a bad record, not the file
+        text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape",  # type: ignore[arg-type]
+                                newline="")
         reader = csv.reader(text, dialect=dialect)
         try:
             header = next(reader, None)
@@ -319,6 +325,8 @@ def _csv_items(path: Path, container: str, max_line_bytes: int | None, hasher) -
                 header = next(reader, None)  # leading blank lines
             if header is None:
                 return
+            if any(_NOT_UTF8.search(h) for h in header):
+                raise CorruptFileError("the header row is not valid UTF-8")
             names = [h.strip() for h in header]
             seen = [n for n in names if n]
             duplicates = sorted({n for n in seen if seen.count(n) > 1})
@@ -329,7 +337,9 @@ def _csv_items(path: Path, container: str, max_line_bytes: int | None, hasher) -
                 if not row or (len(row) == 1 and not row[0].strip()):
                     continue  # a blank line
                 size = sum(len(c) for c in row)
-                if len(row) != len(names):
+                if any(_NOT_UTF8.search(c) for c in row):
+                    yield Item(number, None, "row is not valid UTF-8", size)
+                elif len(row) != len(names):
                     yield Item(number, None, f"row has {len(row)} fields, the header has {len(names)}", size)
                 elif size > limit:
                     yield Item(number, None, f"row is longer than max_line_bytes ({size:,} > {limit:,} bytes)",
@@ -338,8 +348,6 @@ def _csv_items(path: Path, container: str, max_line_bytes: int | None, hasher) -
                     yield Item(number, CsvRow((n, c) for n, c in zip(names, row, strict=True) if n), None, size)
         except csv.Error as exc:
             raise CorruptFileError(f"CSV syntax error at row {number:,}: {exc}") from None
-        except UnicodeDecodeError as exc:
-            raise CorruptFileError(f"not valid UTF-8 near row {number + 1:,}: {exc.reason}") from None
 
 
 def _parquet_items(path: Path, max_line_bytes: int | None, hasher) -> Iterator[Item]:

@@ -6,9 +6,10 @@ Configured under ``skills.datasets`` (:class:`core.config.DatasetSkillConfig`), 
                                       "field_map": {"question": "prompt", "answer": "completion"},
                                       "verifier": "numeric_answer"}}}
 
-The file (``.jsonl`` or ``.jsonl.gz``, read in place) is read once when the skill is built. After
+The file (read in place: JSON Lines, a JSON array, CSV/TSV with a header row or Parquet, as quests are read by
+:mod:`core.containers`, gzip'd too except Parquet) is read once when the skill is built. After
 ``field_map`` each record needs ``prompt`` and ``completion`` strings (and, with ``level_key``, a
-non-negative integer level); other lines are skipped and counted (:attr:`DatasetSkill.skipped`, shown
+non-negative integer level; a CSV cell of digits counts); other records are skipped and counted (:attr:`DatasetSkill.skipped`, shown
 as a load problem). An item's answer is the record's completion; the hero's answer is right when the
 verifier scores it 1.0 against it (``numeric_answer``: the same final number; ``exact_match``: the same
 normalised text).
@@ -27,13 +28,15 @@ import random
 from pathlib import Path
 
 from core.config import DatasetSkillConfig
-from core.formats import CorruptFileError, apply_field_map, open_text_lines
+from core.containers import CSV, JSON, JSONL, PARQUET, TSV, Unsupported, detect, iter_items
+from core.formats import CorruptFileError, apply_field_map
 from core.rewards.combine import BUILTIN_REWARDS
 from core.rewards.numeric import final_number
 from core.rewards.text import normalize_text
 from core.skills.base import TRAIN, TRIAL, Skill, SkillError, SkillItem, prompt_held_out
 
 MAX_LINE_BYTES = 8 * 1024 * 1024
+RECORD_CONTAINERS = (JSONL, JSON, CSV, TSV, PARQUET)
 
 
 class DatasetSkill(Skill):
@@ -59,24 +62,30 @@ class DatasetSkill(Skill):
     def _load(self) -> None:
         c = self.config
         try:
-            for number, text, error in open_text_lines(self.path, max_line_bytes=MAX_LINE_BYTES):
+            container = detect(self.path, self.path.name)
+            if container not in RECORD_CONTAINERS:
+                raise SkillError(f"dataset skill {self.name}: {self.path.name} is {container} text; a dataset skill "
+                                 "needs prompt/completion records (.jsonl, .json, .csv, .tsv or .parquet)")
+            for number, record, error, _size in iter_items(self.path, container, max_line_bytes=MAX_LINE_BYTES):
                 if error is not None:
                     self._skip(number, error)
                     continue
-                item = self._parse(number, text)
+                item = self._parse(number, record)
                 if item is not None:
                     split = TRIAL if prompt_held_out(self.name, item.prompt, c.holdout_every) else TRAIN
                     self._items.setdefault(item.level, {TRAIN: [], TRIAL: []})[split].append(item)
-        except (OSError, CorruptFileError) as exc:
+        except (OSError, CorruptFileError, Unsupported) as exc:
             raise SkillError(f"dataset skill {self.name}: cannot read {self.path}: {exc}") from None
         if not self._items:
             raise SkillError(f"dataset skill {self.name}: no usable record in {self.path} "
                              f"({self.skipped_count} skipped; first: {'; '.join(self.skipped[:3]) or '-'})")
 
-    def _parse(self, number: int, text: str) -> SkillItem | None:
+    def _parse(self, number: int, record: str | dict) -> SkillItem | None:
+        """A record (a JSON line's text, or a JSON/CSV/Parquet record) as a :class:`SkillItem`; None, counted
+        as skipped with the reason, when it is not one."""
         c = self.config
         try:
-            record = json.loads(text)
+            record = json.loads(record) if isinstance(record, str) else dict(record)
             if not isinstance(record, dict):
                 raise ValueError("not a JSON object")
             record = apply_field_map(record, c.field_map)
@@ -90,6 +99,8 @@ class DatasetSkill(Skill):
         level = 0
         if c.level_key is not None:
             level = record.get(c.level_key)
+            if isinstance(level, str) and level.strip().isdigit():  # a CSV/TSV cell
+                level = int(level)
             if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= 1000:
                 self._skip(number, f"{c.level_key} must be an integer 0..1000, got {level!r}")
                 return None

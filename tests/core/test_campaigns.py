@@ -244,8 +244,10 @@ def test_the_stage_school_trains_the_quests_the_stage_generates(make_realm, scho
     realm = make_realm(
         training={"micro_batch_size": 2, "eval_holdout_every": 0},
         idle_generation={"enabled": True, "examples_per_quest": 6},
-        # a rule matching the name gives the school's settings; the stage, not the rule, picks the school
-        schools={"skill-*": {"school": "sft", "num_generations": 2, "max_completion_length": 4}},
+        # a rule matching the name gives the school's settings (grpo's here: a rule naming school sft may not
+        # hold them); the stage, not the rule, picks the school (fortune_teller over the rule's sft)
+        schools={"skill-*": {"num_generations": 2, "max_completion_length": 4} if school == "grpo" else
+                 {"school": "sft"}},
         campaign={"enabled": True, "stages": [
             {"name": "champion", "school": school, "skills": {"BIN": 1.0}, "until": {"steps": 100}}]})
     config = realm.load_config()

@@ -154,6 +154,17 @@ def test_iter_valid_records_and_trainable_records_agree_on_every_container(tmp_p
         assert examples == expected, name
 
 
+def test_a_csv_row_that_is_not_utf8_is_a_bad_record_not_a_bad_file(tmp_path):
+    (tmp_path / "a.csv").write_bytes(b"text,n\nfirst,1\n\"caf\xe9 \xff\",2\nthird \xc3\xa9,3\nfourth,4\n")
+    report, verdicts = validate(tmp_path / "a.csv", max_bad_line_ratio=0.5)
+    assert report.accepted and report.records_valid == 3, report.reason
+    assert [(b.line, b.reason) for b in report.bad_lines] == [(2, "row is not valid UTF-8")]
+    assert [ex["text"] for _, ex in kept(tmp_path / "a.csv", verdicts)] == ["first", "third \u00e9", "fourth"]
+    (tmp_path / "h.tsv").write_bytes(b"te\xffxt\nfirst\n")
+    report, _ = validate(tmp_path / "h.tsv")
+    assert not report.accepted and "header row is not valid UTF-8" in report.reason
+
+
 @pytest.mark.parametrize(("name", "content", "needle"), [
     ("object.json", b'{\n  "data": [{"text": "a"}]\n}\n', "a JSON object, not an array of records"),
     ("truncated.json", b'[{"text": "a"}, {"text": "b"}, {"text": "c', "invalid or truncated JSON at record 3"),

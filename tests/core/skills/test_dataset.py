@@ -54,6 +54,38 @@ def test_the_held_out_split_ignores_file_order_and_reads_gzip(tmp_path):
     assert a.score("  c5 ", "c5") == 1.0 and a.score("c55", "c5") == 0.0  # exact_match, whitespace normalised
 
 
+def test_json_csv_tsv_and_parquet_files_give_the_same_skill(tmp_path):
+    import csv
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = [{"q": f"what is {i} + 1?", "a": f"#### {i + 1}", "level": i % 2} for i in range(120)]
+    write_jsonl(tmp_path / "s.jsonl", records)
+    (tmp_path / "s.json").write_text(json.dumps(records), encoding="utf-8")
+    for name, delimiter in (("s.csv", ","), ("s.tsv", "\t")):
+        with open(tmp_path / name, "w", encoding="utf-8", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["q", "a", "level"], delimiter=delimiter)
+            writer.writeheader()
+            writer.writerows(records)
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "s.parquet")
+
+    def items(name):
+        skill = DatasetSkill("S", DatasetSkillConfig(path=name, field_map={"q": "prompt", "a": "completion"},
+                                                     verifier="numeric_answer", level_key="level"), tmp_path)
+        assert skill.skipped_count == 0, skill.skipped
+        return {(lv, split, it.prompt, it.answer) for lv, splits in skill._items.items()
+                for split, its in splits.items() for it in its}
+
+    want = items("s.jsonl")
+    assert len(want) == 120 and {lv for lv, *_ in want} == {0, 1}
+    for name in ("s.json", "s.csv", "s.tsv", "s.parquet"):
+        assert items(name) == want, name
+    (tmp_path / "s.txt").write_text("what is 1 + 1?\n\n#### 2\n")
+    with pytest.raises(SkillError, match="needs prompt/completion records"):
+        DatasetSkill("S", DatasetSkillConfig(path="s.txt"), tmp_path)
+
+
 def test_unreadable_or_empty_files_raise(tmp_path):
     with pytest.raises(SkillError, match="cannot read"):
         DatasetSkill("D", DatasetSkillConfig(path="missing.jsonl"), tmp_path)

@@ -29,10 +29,11 @@ summed over every completion token of the step and divided by their number (the 
 exact under gradient accumulation and OOM halving; TRL: ``num_items_in_batch``).
 
 **Reference** (``beta`` > 0 only; TRL's default ``beta`` 0.0 needs none): the hero at the quest's start. With an
-adapter (LoRA) it is the base model with the adapter disabled (TRL's choice with PEFT); else a frozen copy of
-the weights, written at the quest's start beside its file (``<stored name>.reference.safetensors``) and read
-back on resume, so the KL term after a SIGKILL is the uninterrupted run's. Costs one more copy of the weights in
-memory for the quest.
+adapter (LoRA) it is the adapter's weights as the quest started (the base plus the adapter trained by earlier
+quests; the base alone when the adapter is new, as TRL's disabled adapter), swapped into the live adapter for
+each reference forward (megabytes); else a frozen copy of the weights (one more copy in memory for the quest).
+Either is written at the quest's start beside its file (``<stored name>.reference.safetensors``) and read back on
+resume, so the KL term after a SIGKILL is the uninterrupted run's.
 
 **Metrics** (TRL's names): ``reward``, ``reward_std`` (mean of the groups' std), ``rewards/<name>/mean`` per
 reward, ``kl`` (mean per token), ``completions/mean_length`` (tokens), ``completions/clipped_ratio`` (share cut
@@ -43,6 +44,8 @@ greedy completion per prompt (lower is better, as for the other schools).
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -248,31 +251,39 @@ class Champion(School):
         :class:`core.schools.reference.ReferenceError` when a started quest's stored reference is missing."""
         if not self.beta:
             return
-        if engine.adapter is not None:
-            self.reference = "adapter"
-            return
         from core.schools.reference import ReferenceError, _load, save_reference
 
-        model = copy.deepcopy(engine._raw_model).eval().requires_grad_(False)
+        lora = engine.adapter is not None
+        if lora:  # the adapter's quest-start weights (megabytes), swapped in for the reference's forward
+            from core.adapters import adapter_state
+
+            model, state = None, adapter_state(engine._raw_model)
+        else:
+            model = copy.deepcopy(engine._raw_model).eval().requires_grad_(False)
+            state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         if path is not None and path.exists():
             tensors, meta = _load(path)
             if meta.get("quest_id") != str(quest_id) or meta.get("school") != self.name:
                 raise ReferenceError(f"{path.name} holds the reference of quest {meta.get('quest_id')} "
                                      f"({meta.get('school')}), not of quest {quest_id} ({self.name})")
-            model.load_state_dict(tensors, strict=False)
+            if lora:
+                state = tensors
+            else:
+                model.load_state_dict(tensors, strict=False)
         elif examples_done > 0:
             raise ReferenceError(f"quest {quest_id} trained {examples_done} prompts already but its reference "
                                  "weights are missing: it cannot resume exactly; drop the file again as a new quest")
         elif path is not None:
-            state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
             save_reference(path, _untied(state), {"quest_id": quest_id, "school": self.name,
                                                   "global_step": engine.global_step})
-        self.reference = model
+        self.reference = _AdapterReference(state) if lora else model
 
     @torch.no_grad()
     def _reference_logps(self, engine: Engine, batch: Any) -> torch.Tensor:
-        if self.reference == "adapter":
-            with engine._raw_model.disable_adapter():
+        """``(N,)`` token log-probs of the quest-start hero (called in :meth:`collate`, before any forward
+        pass of the step keeps a graph: the adapter swap writes the adapter's weights in place)."""
+        if isinstance(self.reference, _AdapterReference):
+            with self.reference.swapped_in(engine._raw_model):
                 logps, _ = self._token_logps(engine, batch)
             return logps.detach().cpu()
         if self.reference is None:  # no quest start seen (e.g. a bare evaluate): the current weights
@@ -329,6 +340,28 @@ def _sequence(item: PromptItem, completion: list[int]) -> TokenizedExample:
 
 def _completion_text(tokenizer, ids: list[int], stops: list[int]) -> str:
     return tokenizer.decode([t for t in ids if t not in stops], skip_special_tokens=True)
+
+
+class _AdapterReference:
+    """The quest-start hero under LoRA: the adapter's weights as the quest started (PEFT's
+    ``get_peft_model_state_dict``; zero updates when the adapter is new, i.e. the base), written into the live
+    adapter for a reference forward and the live weights written back bit for bit after it."""
+
+    def __init__(self, state: dict[str, torch.Tensor]):
+        self.state = state
+
+    @contextmanager
+    def swapped_in(self, model) -> Iterator[None]:
+        from peft import set_peft_model_state_dict
+
+        from core.adapters import adapter_state
+
+        live = adapter_state(model)
+        set_peft_model_state_dict(model, self.state)
+        try:
+            yield
+        finally:
+            set_peft_model_state_dict(model, live)
 
 
 def _untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

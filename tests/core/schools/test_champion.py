@@ -202,3 +202,52 @@ def test_a_quests_sandboxed_reward_workers_stop_when_the_quest_ends(make_realm):
     assert ledger.list_quests()[0]["state"] == "completed" and len(ledger.steps()) == 2
     ledger.close()
     assert made and sandbox_workers() == []  # stopped when the quest ended, not left for the garbage collector
+
+
+def test_under_lora_the_kl_reference_is_the_adapter_as_the_quest_started(make_realm, tmp_path):
+    """beta set, a LoRA adapter already trained by an SFT quest: the reference is the hero as the GRPO quest
+    starts (base plus that adapter), stays so while the adapter trains, is read back on resume, and swapping
+    it in leaves the live adapter bit for bit as it was."""
+    from core.adapters import adapter_disabled, adapter_state
+    from core.quest_queue import QuestQueue
+
+    realm = make_realm(training={"micro_batch_size": 2, "eval_holdout_every": 0, "adapter": "lora",
+                                 "learning_rate": 1e-2, "warmup_steps": 0})
+    ledger = Ledger(realm.ledger_path)
+    sft = [(i + 1, {"prompt": f"{i}+1=", "completion": str(i + 1)}) for i in range(8)]
+    path = realm.root / "s.jsonl"
+    path.write_text("".join(json.dumps(ex) + "\n" for _, ex in sft))
+    qid = QuestQueue(realm, ledger).admit(path, "normal")
+    ledger.update_quest(qid, format="prompt_completion", school="sft")
+    engine = Engine(realm, realm.load_config(), ledger)
+    engine.setup()
+    try:
+        assert engine.train_quest(qid, sft).status == "completed"
+        rule = QuestRule(**{**RULES["sums*.jsonl"], "beta": 0.05})
+        school = make_school("grpo", rule)
+        sidecar = tmp_path / "q.reference.safetensors"
+        school.begin_quest(engine, 7, sidecar, 0)
+        items = [school.encode({"prompt": f"{i}+1=", "answer": str(i + 1)}, engine.tokenizer, 64, i + 1)
+                 for i in range(2)]
+        start = school.collate(engine, [[it] for it in items])
+        at_start = school._token_logps(engine, start.batch)[0].detach().cpu()
+        with torch.no_grad(), adapter_disabled(engine._raw_model):
+            bare = school._token_logps(engine, start.batch)[0].detach().cpu()
+        assert torch.allclose(start.ref, at_start, atol=1e-5)  # the hero as the quest starts ...
+        assert (start.ref - bare).abs().max() > 1e-3           # ... not the base without its adapter
+        loss, _ = school.loss_sum(engine, start)
+        loss.backward()
+        engine.optimizer.step()
+        engine.optimizer.zero_grad(set_to_none=True)
+        live = adapter_state(engine._raw_model)
+        again = school.collate(engine, [[it] for it in items])  # the adapter moved; the reference did not
+        assert all(torch.equal(v, adapter_state(engine._raw_model)[k]) for k, v in live.items())
+        moved = school._token_logps(engine, again.batch)[0].detach().cpu()
+        assert torch.allclose(school._reference_logps(engine, start.batch), start.ref, atol=1e-5)
+        assert (moved - at_start).abs().max() > 1e-4
+        resumed = make_school("grpo", rule)
+        resumed.begin_quest(engine, 7, sidecar, 4)  # after a restart: read back from the sidecar
+        assert torch.equal(resumed._reference_logps(engine, start.batch), school._reference_logps(engine, start.batch))
+    finally:
+        engine.cleanup()
+        ledger.close()

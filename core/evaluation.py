@@ -1,5 +1,6 @@
 """Held-out loss of any model folder (a checkpoint, the base model) on a quest file; on a preference file,
-preference accuracy and mean margin (:func:`evaluate_preferences`).
+preference accuracy and mean margin (:func:`evaluate_preferences`); on a file of prompts (a Champion quest),
+the mean reward of greedy completions (:func:`evaluate_prompts`).
 
 Used by ``python -m training eval FILE [--checkpoint NAME]``: the same records, tokenization and loss mask
 as training (:mod:`core.records`, :mod:`core.chat`), one example per row (no packing), fp32.
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 
 from core.chat import TokenizedExample, measure_batch, tokenize_example
 from core.config import RealmConfig
-from core.formats import PREFERENCE_FORMATS, SFT_FORMATS, UNPAIRED_FORMATS
+from core.formats import PREFERENCE_FORMATS, PROMPT_FORMATS, SFT_FORMATS, UNPAIRED_FORMATS
 from core.fsutil import sha256_file
 from core.hero import load_model, load_tokenizer
 from core.ledger import Ledger
@@ -77,13 +78,16 @@ def stored_verdicts(realm: Realm, path: Path) -> RecordVerdicts | None:
 
 def file_verdicts(path: Path, config: RealmConfig, tokenizer, realm: Realm | None = None) -> RecordVerdicts:
     """The records of ``path`` validation keeps: the realm's stored verdict for the same content, else
-    validated now with ``tokenizer`` and the realm's config (as the daemon would)."""
+    validated now with ``tokenizer`` and the realm's config (as the daemon would). Raises
+    :class:`EvaluationError` with validation's reason when it rejects the file."""
     verdicts = stored_verdicts(realm, path) if realm is not None else None
     if verdicts is None:
         verdicts = RecordVerdicts()
         max_length = config.training.max_length
-        validate_file(path, display_name=path.name, config=config, verdicts=verdicts,
-                      count_tokens_batch=lambda exs: measure_batch(exs, tokenizer, max_length))
+        report = validate_file(path, display_name=path.name, config=config, verdicts=verdicts,
+                               count_tokens_batch=lambda exs: measure_batch(exs, tokenizer, max_length))
+        if not report.accepted:
+            raise EvaluationError(f"{path.name} does not pass validation: {report.reason}")
     return verdicts
 
 
@@ -153,11 +157,52 @@ def preference_metrics(model, tokenizer, items: list) -> dict[str, float | int]:
 
 
 def file_kind(path: Path, config: RealmConfig, model_dir: Path | str, realm: Realm | None = None) -> str:
-    """``"preference"`` for a file of paired preferences, ``"unpaired"`` for ratings, else ``"sft"``."""
+    """``"preference"`` for a file of paired preferences, ``"unpaired"`` for ratings, ``"prompts"`` for
+    prompt-only records, else ``"sft"``."""
     verdicts = file_verdicts(path, config, load_tokenizer(model_dir, config.hero), realm)
     if verdicts.format in PREFERENCE_FORMATS:
         return "preference"
+    if verdicts.format in PROMPT_FORMATS:
+        return "prompts"
     return "unpaired" if verdicts.format in UNPAIRED_FORMATS else "sft"
+
+
+def evaluate_prompts(model_dir: Path | str, path: Path, config: RealmConfig, realm: Realm, *,
+                     max_examples: int = 256, every: int = 1) -> dict[str, float | int]:
+    """``{"mean_reward", "prompts"}``: the mean reward of one greedy completion per prompt of a prompt-only
+    file (records chosen as :func:`evaluate_file` chooses them), scored by the reward of the ``schools`` rule
+    matching the file's name, or each record's ``skill`` scorer when the rule names none -- what a Champion
+    quest's held-out evaluation measures (:meth:`core.schools.champion.Champion.greedy_reward`; completions of
+    at most the rule's ``max_completion_length`` tokens). Raises :class:`EvaluationError` for another format
+    or a reward that cannot score the records, :class:`core.hero.HeroError` when the model cannot be loaded.
+    """
+    from core.config import quest_rule_for
+    from core.formats import RecordError
+    from core.rewards import RewardSpecError
+    from core.schools import make_school
+    from core.schools.champion import rule_reward
+
+    tokenizer = load_tokenizer(model_dir, config.hero)
+    verdicts = file_verdicts(path, config, tokenizer, realm)
+    if verdicts.format not in PROMPT_FORMATS:
+        raise EvaluationError(f"{path.name} holds {verdicts.format or 'no valid'} records, not prompts")
+    rule = quest_rule_for(path.name, config.schools)
+    champion = make_school("grpo", rule)
+    items = [champion.encode(ex, tokenizer, config.training.max_length, line)
+             for line, ex in held_out_records(path, verdicts, every, max_examples)]
+    if not items:
+        raise EvaluationError(f"{path.name} has no prompt to evaluate")
+    try:
+        reward = rule_reward(rule, realm.root, config.skills)
+        try:
+            value = champion.greedy_reward(load_model(model_dir, config.hero), tokenizer, items, reward)
+        finally:
+            close = getattr(reward, "close", None)
+            if close is not None:
+                close()
+    except (RecordError, RewardSpecError) as exc:
+        raise EvaluationError(str(exc)) from None
+    return {"mean_reward": value, "prompts": len(items)}
 
 
 def evaluate_file(model_dir: Path | str, path: Path, config: RealmConfig, *, max_examples: int = 256,

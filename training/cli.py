@@ -103,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("validate", help="validate a file and print its report (exit 0 accepted, 1 rejected)")
     s.add_argument("file")
     s.add_argument("--json", action="store_true", help="print the JSON report")
-    s = sub.add_parser("eval", help="held-out loss (SFT file) or preference accuracy and mean margin (preference "
-                       "file) of a checkpoint or the base model")
+    s = sub.add_parser("eval", help="held-out loss (SFT file), preference accuracy and mean margin (preference file) or "
+                       "mean reward of greedy completions (prompt file) of a checkpoint or the base model")
     s.add_argument("file")
     s.add_argument("--checkpoint", default="latest",
                    help=f"checkpoint name ({EXAMPLE_NAME}), its global step (1234), 'latest' or 'base'")
@@ -549,13 +549,23 @@ def _eval_model_dir(name: str, realm: Realm, config: RealmConfig) -> Path:
 
 
 def cmd_eval(args, realm: Realm, config: RealmConfig, environ) -> int:
-    from core.evaluation import EvaluationError, evaluate_file, evaluate_preferences, file_kind
+    from core.evaluation import (
+        EvaluationError,
+        evaluate_file,
+        evaluate_preferences,
+        evaluate_prompts,
+        file_kind,
+    )
 
     path = Path(args.file)
     if not path.exists():
         raise FileNotFoundError(f"no such file: {path}")
     model_dir = _eval_model_dir(args.checkpoint, realm, config)
-    kind = file_kind(path, config, model_dir, realm)
+    try:
+        kind = file_kind(path, config, model_dir, realm)
+    except EvaluationError as exc:  # validation rejects the file
+        print(f"error: {exc}", file=sys.stderr)
+        return ExitCode.REJECTED
     if kind == "unpaired":
         print(f"error: {path.name} holds unpaired ratings (prompt/completion/label): eval compares pairs "
               "(prompt/chosen/rejected) or measures the loss of SFT records", file=sys.stderr)
@@ -565,6 +575,8 @@ def cmd_eval(args, realm: Realm, config: RealmConfig, environ) -> int:
         if kind == "preference":
             return evaluate_preferences(folder, path, config, max_examples=args.max_examples, every=args.every,
                                         realm=realm)
+        if kind == "prompts":
+            return evaluate_prompts(folder, path, config, realm, max_examples=args.max_examples, every=args.every)
         loss, n = evaluate_file(folder, path, config, max_examples=args.max_examples, every=args.every,
                                 realm=realm)
         return {"loss": loss, "examples": n}
@@ -573,6 +585,8 @@ def cmd_eval(args, realm: Realm, config: RealmConfig, environ) -> int:
         if kind == "preference":
             return (f"{name}: preference accuracy {r['preference_accuracy']:.2%}, mean margin "
                     f"{r['mean_margin']:+.4f} nats on {r['pairs']} pairs")
+        if kind == "prompts":
+            return f"{name}: mean reward {r['mean_reward']:.4f} of greedy completions on {r['prompts']} prompts"
         return f"{name}: loss {r['loss']:.4f} nats/token on {r['examples']} examples"
 
     try:
@@ -580,7 +594,8 @@ def cmd_eval(args, realm: Realm, config: RealmConfig, environ) -> int:
         if args.compare_base:
             base_dir = _eval_model_dir("base", realm, config)
             base = measure(base_dir)
-            keys = ("preference_accuracy", "mean_margin") if kind == "preference" else ("loss",)
+            keys = {"preference": ("preference_accuracy", "mean_margin"), "prompts": ("mean_reward",)}.get(
+                kind, ("loss",))
             result["base"] = base
             result["delta"] = {k: result[k] - base[k] for k in keys}
     except EvaluationError as exc:

@@ -154,14 +154,7 @@ class Champion(School):
 
     def _rewards(self, engine: Engine):
         if self.reward is None:
-            from core.rewards import build_reward
-            from core.skills.registry import build_registry
-
-            registry = build_registry(engine.realm.root, engine.config.skills)
-            if self.rule.rewards is None:
-                self.reward = _RecordSkillReward(registry.skills)
-            else:
-                self.reward = build_reward(self.rule.rewards, realm_root=engine.realm.root, skills=registry.skills)
+            self.reward = rule_reward(self.rule, engine.realm.root, engine.config.skills)
             names = tuple(f"rewards/{n}/mean" for n, _, _ in self.reward.components)
             self.metric_names = self.metric_names[:5] + names
         return self.reward
@@ -302,16 +295,35 @@ class Champion(School):
         """Minus the mean reward of one greedy completion per held-out prompt; NaN without prompts."""
         if not items:
             return float("nan")
-        reward, tok = self._rewards(engine), engine.tokenizer
-        stops = stop_token_ids(tok)
+        return -self.greedy_reward(engine._raw_model, engine.tokenizer, items, self._rewards(engine))
+
+    @torch.no_grad()
+    def greedy_reward(self, model, tokenizer, items: list[PromptItem], reward) -> float:
+        """The mean reward (``reward``: :func:`rule_reward`) of one greedy completion of at most
+        ``max_completion_length`` tokens per prompt of ``items`` (non-empty). Raises :class:`RecordError`
+        when the reward cannot score a record."""
+        stops = stop_token_ids(tokenizer)
         total = 0.0
-        with generating(engine._raw_model):
+        with generating(model):
             for item in items:
-                ((ids, _),) = sample_group(engine._raw_model, item.prompt_ids, 1, do_sample=False, seed=0,
+                ((ids, _),) = sample_group(model, item.prompt_ids, 1, do_sample=False, seed=0,
                                            max_new_tokens=self.rule.max_completion_length, temperature=1.0,
-                                           stops=stops, pad_token_id=tok.pad_token_id)
-                total += self._score(reward, item, _completion_text(tok, ids, stops))["total"]
-        return -total / len(items)
+                                           stops=stops, pad_token_id=tokenizer.pad_token_id)
+                total += self._score(reward, item, _completion_text(tokenizer, ids, stops))["total"]
+        return total / len(items)
+
+
+def rule_reward(rule, realm_root: Path, skills_config) -> Any:
+    """The reward of a grpo rule: its ``rewards`` spec (:func:`core.rewards.build_reward`, ``file:`` paths
+    inside ``realm_root``), or, when it names none, each record's ``skill`` scorer on its ``answer``. Raises
+    :class:`core.rewards.RewardSpecError` for a bad spec."""
+    from core.rewards import build_reward
+    from core.skills.registry import build_registry
+
+    registry = build_registry(realm_root, skills_config)
+    if rule.rewards is None:
+        return _RecordSkillReward(registry.skills)
+    return build_reward(rule.rewards, realm_root=realm_root, skills=registry.skills)
 
 
 class _RecordSkillReward:

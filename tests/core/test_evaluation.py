@@ -105,3 +105,45 @@ def test_eval_on_a_preference_file_gives_accuracy_margin_and_pairs(make_realm, t
     rated.write_text(json.dumps({"prompt": "q", "completion": "a", "label": True}) + "\n")
     refused = cli(realm, "eval", str(rated), "--checkpoint", "base", "--json")
     assert refused.returncode == 1 and "unpaired ratings" in refused.stderr
+
+
+def test_eval_on_a_prompt_file_gives_the_mean_reward_of_greedy_completions(make_realm, tmp_path):
+    """A Champion (GRPO) prompt file: the mean reward of one greedy completion per prompt, scored by the
+    file's rule -- the same number the engine's held-out evaluation of a grpo quest computes."""
+    from core.engine import Engine
+    from core.evaluation import evaluate_prompts, file_verdicts
+    from core.records import held_out_records
+    from core.schools import make_school
+
+    realm = make_realm(schools={"sums*.jsonl": {"school": "grpo", "max_completion_length": 6, "rewards": {
+        "numeric_answer": 1.0, "length_penalty": {"weight": 0.5, "max_chars": 3}}}, "plain*": {"school": "grpo"}})
+    source = tmp_path / "sums.jsonl"
+    source.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(10)))
+    config = realm.load_config()
+    base_dir = realm.hero_dir("hero") / "base"
+    ledger = Ledger(realm.ledger_path)
+    engine = Engine(realm, config, ledger)
+    engine.setup()  # creates the newborn base
+    champion = make_school("grpo", config.schools["sums*.jsonl"])
+    verdicts = file_verdicts(source, config, engine.tokenizer)
+    items = [champion.encode(ex, engine.tokenizer, config.training.max_length, line)
+             for line, ex in held_out_records(source, verdicts, 1)]
+    want = -champion.evaluate(engine, items)  # the engine's own held-out evaluation
+    engine.cleanup()
+    ledger.close()
+    got = evaluate_prompts(base_dir, source, config, realm)
+    assert got["prompts"] == 10 and got["mean_reward"] == pytest.approx(want, abs=1e-6)
+    assert -0.5 <= got["mean_reward"] <= 1.0
+
+    out = cli(realm, "eval", str(source), "--checkpoint", "base", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["mean_reward"] == pytest.approx(want, abs=1e-6)
+    text = cli(realm, "eval", str(source), "--checkpoint", "base")
+    assert "mean reward" in text.stdout and "on 10 prompts" in text.stdout
+    bare = tmp_path / "plain.jsonl"  # its rule names no rewards, and the records carry no skill + answer
+    bare.write_text("".join(json.dumps({"prompt": f"say {i}"}) + "\n" for i in range(3)))
+    refused = cli(realm, "eval", str(bare), "--checkpoint", "base", "--json")
+    assert refused.returncode == 1 and "set config schools[<glob>].rewards" in refused.stderr, refused.stderr
+    shutil.copy(bare, tmp_path / "other.jsonl")  # no grpo rule: prompts alone are not a valid quest
+    refused = cli(realm, "eval", str(tmp_path / "other.jsonl"), "--checkpoint", "base", "--json")
+    assert refused.returncode == 1 and "does not pass validation: no valid records" in refused.stderr, refused.stderr

@@ -252,8 +252,7 @@ class Champion(School):
 
             model, state = None, adapter_state(engine._raw_model)
         else:
-            model = copy.deepcopy(engine._raw_model).eval().requires_grad_(False)
-            state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            model, state = copy.deepcopy(engine._raw_model).eval().requires_grad_(False), {}
         if path is not None and path.exists():
             tensors, meta = _load(path)
             if meta.get("quest_id") != str(quest_id) or meta.get("school") != self.name:
@@ -267,6 +266,8 @@ class Champion(School):
             raise ReferenceError(f"quest {quest_id} trained {examples_done} prompts already but its reference "
                                  "weights are missing: it cannot resume exactly; drop the file again as a new quest")
         elif path is not None:
+            if not lora:
+                state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
             save_reference(path, _untied(state), {"quest_id": quest_id, "school": self.name,
                                                   "global_step": engine.global_step})
         self.reference = _AdapterReference(state) if lora else model

@@ -176,12 +176,15 @@ def evaluate_prompts(model_dir: Path | str, path: Path, config: RealmConfig, rea
     at most the rule's ``max_completion_length`` tokens). Raises :class:`EvaluationError` for another format
     or a reward that cannot score the records, :class:`core.hero.HeroError` when the model cannot be loaded.
     """
+    from transformers.utils import logging as hf_logging
+
     from core.config import quest_rule_for
     from core.formats import RecordError
     from core.rewards import RewardSpecError
     from core.schools import make_school
     from core.schools.champion import rule_reward
 
+    hf_logging.disable_progress_bar()
     tokenizer = load_tokenizer(model_dir, config.hero)
     verdicts = file_verdicts(path, config, tokenizer, realm)
     if verdicts.format not in PROMPT_FORMATS:

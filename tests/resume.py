@@ -7,6 +7,8 @@ import json
 import signal
 import subprocess
 
+import pytest
+
 from core.ledger import Ledger
 from tests.conftest import PYTHON, python_env, wait_for
 
@@ -55,3 +57,17 @@ def kill_and_finish(realm, kill_at_steps, timeout: float = 300) -> None:
     for step in kill_at_steps:
         kill_daemon_at(realm, step, timeout)
     finish_until_idle(realm, timeout)
+
+
+def assert_same_steps(got: list[tuple], expected: list[tuple], *, rel: float = 0.0, abs: float = 1e-5) -> None:
+    """Two :func:`trained_steps` lists: the same global steps with the same quests and example lines in the same
+    order, and losses within ``rel`` / ``abs``."""
+    assert [g[:3] for g in got] == [e[:3] for e in expected]        # same steps, same examples, same order
+    assert [g[3] for g in got] == pytest.approx([e[3] for e in expected], rel=rel, abs=abs)
+
+
+def assert_same_step_metrics(got: dict[int, dict], expected: dict[int, dict], *, abs: float = 1e-5) -> None:
+    """Two ``Ledger.step_metrics()``: the same steps, each school metric within ``abs``."""
+    assert sorted(got) == sorted(expected)
+    for step, values in expected.items():
+        assert got[step] == pytest.approx(values, abs=abs)

@@ -13,6 +13,8 @@ import json
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -113,19 +115,26 @@ def daemon_command(realm: Realm, processes: int, *extra: str) -> list[str]:
     return [PYTHON, *launcher, "-m", "training", "--realm", str(realm.root), "daemon", *extra]
 
 
-def run_group(command: list[str], log_path: Path, timeout: float = 300) -> int:
-    """Run ``command`` (a launcher and its ranks, or one process) to its end; on a timeout kill it and every
-    rank it started (they would outlive it). Returns its exit status."""
+@contextmanager
+def group_process(command: list[str], log_path: Path) -> Iterator[subprocess.Popen]:
+    """Start ``command`` (a launcher and its ranks, or one process), its output appended to ``log_path``; when
+    the block ends with it still running, kill it and every rank it started (they would outlive it)."""
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(command, env=python_env(), stdout=log, stderr=subprocess.STDOUT)
     try:
-        return proc.wait(timeout=timeout)
+        yield proc
     finally:
         if proc.poll() is None:
             members = descendants(proc.pid)
             proc.kill()
             kill_all(members)
             proc.wait()
+
+
+def run_group(command: list[str], log_path: Path, timeout: float = 300) -> int:
+    """Run ``command`` to its end (:func:`group_process`; killed on a timeout). Returns its exit status."""
+    with group_process(command, log_path) as proc:
+        return proc.wait(timeout=timeout)
 
 
 def run_daemon(realm: Realm, processes: int, timeout: float = 300) -> None:
@@ -207,18 +216,10 @@ def train_until(realm: Realm, processes: int, step: int) -> Path:
     """Run the daemon on ``processes`` processes until the ledger reaches ``step``, then stop it warmly
     (SIGTERM; a launcher passes it on to its ranks, rank 0 stops the group). Returns its last checkpoint."""
     log = realm.root / f"daemon-{processes}.log"
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(daemon_command(realm, processes), env=python_env(), stdout=out, stderr=subprocess.STDOUT)
-    try:
+    with group_process(daemon_command(realm, processes), log) as proc:
         reach_step(realm, step)
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)  # (torchrun's own status after a SIGTERM is 1, whatever its ranks did)
-    finally:
-        if proc.poll() is None:
-            members = descendants(proc.pid)
-            proc.kill()
-            kill_all(members)
-            proc.wait()
     stopped_at = ckpt.latest_checkpoint(realm.checkpoints_dir("hero"))
     info = ckpt.read_checkpoint_info(stopped_at)
     # (its reason: "stop", or save_steps / quest_end when the stop came right after such a save)

@@ -10,7 +10,7 @@ import pytest
 from core.daemon import Daemon
 from core.ledger import Ledger
 from tests.conftest import cli, wait_for, write_text_quest
-from tests.resume import kill_and_finish, trained_steps
+from tests.resume import assert_same_steps, kill_and_finish, trained_steps
 
 pytestmark = pytest.mark.slow
 
@@ -63,10 +63,9 @@ def test_sigkill_mid_quest_resumes_exactly(make_realm):
     write_text_quest(realm.inbox / "b.jsonl", 30, prefix="bee")
     kill_and_finish(realm, (6, 13))
     got = trained_steps(Ledger(realm.ledger_path))
-    assert [g[:3] for g in got] == [e[:3] for e in expected]       # same steps, same examples, same order
+    assert_same_steps(got, expected, rel=1e-5, abs=1e-6)
     lines = [(q, ln) for _, q, lns, _ in got for ln in lns]
     assert len(lines) == len(set(lines))                            # each example exactly once
-    assert [g[3] for g in got] == pytest.approx([e[3] for e in expected], rel=1e-5, abs=1e-6)
     quests = Ledger(realm.ledger_path).list_quests()
     assert [q["state"] for q in quests] == ["completed", "completed"]
     assert sum(q["steps"] for q in quests) == got[-1][0]
@@ -116,8 +115,7 @@ def test_sigkill_mid_shuffled_three_epoch_quest_resumes_exactly(make_realm):
     kill_and_finish(realm, (9, 23, 34))
     got = trained_steps(Ledger(realm.ledger_path))
     assert len(got) == 41
-    assert [g[:3] for g in got] == [e[:3] for e in expected]       # same steps, same examples, same order
-    assert [g[3] for g in got] == pytest.approx([e[3] for e in expected], rel=1e-5, abs=1e-6)
+    assert_same_steps(got, expected, rel=1e-5, abs=1e-6)
     lines = [ln for _, _, lns, _ in got for ln in lns]
     assert sorted(set(lines)) == [ln for ln in range(1, 31) if ln % 10] and all(lines.count(ln) == 3 for ln in lines)
     assert lines[:27] != sorted(lines[:27])                          # shuffled, not file order

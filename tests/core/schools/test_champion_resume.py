@@ -9,7 +9,13 @@ import pytest
 from core.daemon import Daemon
 from core.ledger import Ledger
 from tests.core.schools.test_champion import write_prompts
-from tests.resume import finish_until_idle, kill_daemon_at, trained_steps
+from tests.resume import (
+    assert_same_step_metrics,
+    assert_same_steps,
+    finish_until_idle,
+    kill_daemon_at,
+    trained_steps,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -41,11 +47,8 @@ def test_grpo_quest_killed_mid_quest_resumes_exactly(make_realm):
     finish_until_idle(realm)
     got_ledger = Ledger(realm.ledger_path)
     got = trained_steps(got_ledger)
-    assert [g[:3] for g in got] == [e[:3] for e in expected]        # same global steps, same prompts, same order
+    assert_same_steps(got, expected)                                 # same global steps, same prompts, same order
     lines = [ln for _, _, lns, _ in got for ln in lns]
     assert sorted(lines) == list(range(1, PROMPTS + 1))              # each prompt consumed once
-    assert [g[3] for g in got] == pytest.approx([e[3] for e in expected], rel=0, abs=1e-5)
-    metrics = got_ledger.step_metrics()
-    for step, m in expected_metrics.items():                         # the same completions were sampled
-        assert metrics[step] == pytest.approx(m, abs=1e-5)
+    assert_same_step_metrics(got_ledger.step_metrics(), expected_metrics)  # the same completions were sampled
     assert got_ledger.list_quests()[0]["state"] == "completed"

@@ -9,7 +9,13 @@ import pytest
 from core.daemon import Daemon
 from core.ledger import Ledger
 from core.quest_queue import QuestQueue
-from tests.resume import finish_until_idle, kill_daemon_at, trained_steps
+from tests.resume import (
+    assert_same_step_metrics,
+    assert_same_steps,
+    finish_until_idle,
+    kill_daemon_at,
+    trained_steps,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -50,15 +56,12 @@ def test_dpo_quest_killed_mid_quest_resumes_exactly(make_realm):
     finish_until_idle(realm)
     got_ledger = Ledger(realm.ledger_path)
     got = trained_steps(got_ledger)
-    assert [g[:3] for g in got] == [e[:3] for e in expected]        # same global steps, same pairs, same order
+    assert_same_steps(got, expected)                                 # same global steps, same pairs, same order
     lines = [ln for _, _, lns, _ in got for ln in lns]
     assert len(lines) == len(set(lines))                             # each pair trained once
-    assert [g[3] for g in got] == pytest.approx([e[3] for e in expected], rel=0, abs=1e-5)
     assert got[-1][3] == pytest.approx(expected[-1][3], abs=1e-5)    # the same final loss
-    metrics = got_ledger.step_metrics()
-    assert sorted(metrics) == sorted(expected_metrics)
-    for step, values in expected_metrics.items():
+    assert_same_step_metrics(got_ledger.step_metrics(), expected_metrics)
+    for values in expected_metrics.values():
         assert set(values) >= {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"}
-        assert metrics[step] == pytest.approx(values, abs=1e-5)
     assert "quest_resumed" in [e["kind"] for e in got_ledger.events()]  # resumed from its last checkpoint
     assert [q["state"] for q in got_ledger.list_quests()] == ["completed"]
